@@ -1,0 +1,3 @@
+from icrl_lightning.cli import main
+
+main()

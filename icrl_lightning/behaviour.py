@@ -1,0 +1,74 @@
+"""Conventional RL learners that generate the offline data (SPEC "Training data").
+
+The tabular Q-learner is also the evaluation baseline that learns from scratch with the same
+episode budget and exploration schedule as the in-context agent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from icrl_lightning.envs.frozen_lake import Map, make_env
+from icrl_lightning.episodes import Episode
+
+
+class TabularQLearner:
+    """Q-learning on a table of ``n_states x 4``; ties between best actions break at random so
+    that an untrained table walks randomly instead of always going left."""
+
+    def __init__(self, n_states: int, lr: float = 0.5, gamma: float = 0.9, rng: np.random.Generator | None = None):
+        self.q = np.zeros((n_states, 4))
+        self.lr, self.gamma = lr, gamma
+        self.rng = rng if rng is not None else np.random.default_rng()
+
+    def greedy(self, obs: int) -> int:
+        row = self.q[obs]
+        return int(self.rng.choice(np.flatnonzero(row == row.max())))
+
+    def update(self, obs: int, action: int, reward: float, next_obs: int, terminated: bool) -> None:
+        target = reward + (0.0 if terminated else self.gamma * self.q[next_obs].max())
+        self.q[obs, action] += self.lr * (target - self.q[obs, action])
+
+
+def play_episode(env, choose, rng: np.random.Generator, learner: TabularQLearner | None = None) -> dict:
+    """Play one episode; ``choose(obs)`` picks the action. Returns the raw record."""
+    obs, _ = env.reset(seed=int(rng.integers(2**31)))
+    observations, actions, rewards = [int(obs)], [], []
+    terminated = truncated = False
+    while not (terminated or truncated):
+        action = choose(int(obs))
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        if learner is not None:
+            learner.update(int(obs), action, float(reward), int(next_obs), terminated)
+        observations.append(int(next_obs))
+        actions.append(int(action))
+        rewards.append(float(reward))
+        obs = next_obs
+    return {"observations": observations, "actions": actions, "rewards": rewards,
+            "terminated": bool(terminated), "truncated": bool(truncated)}
+
+
+def q_learning_run(
+    rows: Map,
+    map_id: int,
+    episodes: int,
+    seed: int | list[int],
+    epsilon: float = 0.1,
+    lr: float = 0.5,
+    gamma: float = 0.9,
+    max_episode_steps: int = 100,
+) -> list[Episode]:
+    """One epsilon-greedy Q-learning run on one map; every episode it plays is kept."""
+    rng = np.random.default_rng(seed)
+    env = make_env(rows, max_episode_steps)
+    learner = TabularQLearner(len(rows) * len(rows[0]), lr=lr, gamma=gamma, rng=rng)
+
+    def choose(obs: int) -> int:
+        return int(rng.integers(4)) if rng.random() < epsilon else learner.greedy(obs)
+
+    out = []
+    for k in range(episodes):
+        rec = play_episode(env, choose, rng, learner)
+        out.append(Episode(map_id=map_id, map_rows=tuple(rows), learner_episode=k, **rec))
+    env.close()
+    return out

@@ -1,0 +1,289 @@
+"""``ReplayDataModule``: builds the offline dataset when it is absent and streams packed token
+sequences of multi-episode sets; serves the held-out maps for in-context evaluation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from icrl_lightning.behaviour import q_learning_run
+from icrl_lightning.envs.frozen_lake import make_splits, validate_map
+from icrl_lightning.episodes import Episode, quality_weights, read_shard, write_json_atomic, write_shard
+from icrl_lightning.serialize import EncodedEpisode, Serializer
+
+log = logging.getLogger(__name__)
+
+MAPS_PER_SHARD = 25
+
+
+class ReplayStream(IterableDataset):
+    """Packed sequences of episode *sets*: a set is ``set_size`` episodes of one map drawn (with
+    quality weights, without replacement) from that map's run and shuffled; sets follow one
+    another, so sequences hold map switches. Only whole episodes are packed; the rest of a
+    sequence is padding.
+
+    Each (rank, worker) owns a disjoint slice of the maps and its own seeded generator, so the
+    stream is deterministic for a seed and no two readers produce the same sets.
+    """
+
+    def __init__(
+        self,
+        episodes: dict[int, list[EncodedEpisode]],
+        weights: dict[int, np.ndarray],
+        seq_len: int,
+        pad_id: int,
+        num_sequences: int,
+        set_size: tuple[int, int] = (20, 40),
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        batch_size: int = 1,
+    ):
+        longest = max(len(e) for eps in episodes.values() for e in eps)
+        if longest > seq_len:
+            raise ValueError(f"data.seq_len={seq_len} is shorter than the longest episode ({longest} tokens): "
+                             f"raise seq_len to at least {longest}")
+        self.episodes, self.weights = episodes, weights
+        self.seq_len, self.pad_id, self.num_sequences = seq_len, pad_id, num_sequences
+        self.set_size, self.seed, self.rank, self.world_size = set_size, seed, rank, world_size
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    def _reader(self) -> tuple[int, int, int]:
+        """(global reader index, number of readers, sequences this reader yields)."""
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        reader, readers = self.rank * nw + wid, self.world_size * nw
+        if readers > len(self.episodes):
+            raise ValueError(f"{readers} data readers (ranks x workers) but only {len(self.episodes)} maps")
+        # Workers of one rank split that rank's batches; DataLoader interleaves them in turn.
+        batches = self.num_sequences // self.batch_size
+        return reader, readers, (batches // nw + (1 if wid < batches % nw else 0)) * self.batch_size
+
+    def _sets(self, rng: np.random.Generator, maps: list[int]):
+        lo, hi = self.set_size
+        while True:
+            m = maps[rng.integers(len(maps))]
+            eps, w = self.episodes[m], self.weights[m]
+            k = min(int(rng.integers(lo, hi + 1)), len(eps))
+            yield from (eps[i] for i in rng.choice(len(eps), size=k, replace=False, p=w / w.sum()))
+
+    def __iter__(self):
+        reader, readers, count = self._reader()
+        maps = sorted(self.episodes)[reader::readers]
+        rng = np.random.default_rng([self.seed, reader])
+        episodes = self._sets(rng, maps)
+        pending = next(episodes)
+        for _ in range(count):
+            chunk: list[EncodedEpisode] = []
+            used = 0
+            while used + len(pending) <= self.seq_len:
+                chunk.append(pending)
+                used += len(pending)
+                pending = next(episodes)
+            yield self._pack(chunk)
+
+    def _pack(self, chunk: list[EncodedEpisode]) -> dict[str, torch.Tensor]:
+        L_ = self.seq_len
+        ids = np.full(L_, self.pad_id, dtype=np.int64)
+        q_mask = np.zeros(L_, dtype=bool)
+        action = np.zeros(L_, dtype=np.int64)
+        reward = np.zeros(L_, dtype=np.float32)
+        done = np.zeros(L_, dtype=bool)
+        at = 0
+        for e in chunk:
+            ids[at:at + len(e)] = e.ids
+            if len(e.q_pos):
+                pos = e.q_pos + at
+                q_mask[pos], action[pos], reward[pos] = True, e.actions, e.rewards
+                done[pos[-1]] = True  # the last action of an episode does not bootstrap
+            at += len(e)
+        return {"input_ids": torch.from_numpy(ids), "q_mask": torch.from_numpy(q_mask),
+                "action": torch.from_numpy(action), "reward": torch.from_numpy(reward),
+                "done": torch.from_numpy(done), "n_tokens": torch.tensor(at)}
+
+
+class MapList(Dataset):
+    """Evaluation maps; a batch is a list of ``(index, rows)``."""
+
+    def __init__(self, maps: list[tuple[str, ...]]):
+        self.maps = maps
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    def __getitem__(self, i: int):
+        return i, self.maps[i]
+
+
+def _as_list(batch):
+    return batch
+
+
+def load_map_file(path: str | Path) -> list[tuple[str, ...]]:
+    """A JSON file holding a list of maps, each a list of row strings (gymnasium ``desc``)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"map file {path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"map file {path} is not valid JSON: {err}") from None
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"map file {path}: expected a non-empty JSON list of maps (lists of row strings)")
+    return [validate_map(m, where=f"map file {path}, map {i}") for i, m in enumerate(data)]
+
+
+class ReplayDataModule(L.LightningDataModule):
+    """Offline Frozen Lake replay data and held-out evaluation maps.
+
+    Args:
+        data_dir: where episode datasets live (one folder per generating configuration).
+        seed: seeds maps, behaviour runs and the replay stream.
+        num_train_maps: training maps (SPEC: 250).
+        episodes_per_map: episodes of the Q-learning run on each training map; all are kept.
+        behaviour_epsilon: the Q-learner's exploration rate.
+        behaviour_lr: the Q-learner's step size.
+        behaviour_gamma: the Q-learner's discount.
+        max_episode_steps: time limit of every episode (SPEC: 100).
+        min_size: smallest map side of the in-distribution family.
+        max_size: largest map side of the in-distribution family.
+        p_hole: hole probability of a tile that is neither start nor goal.
+        min_hops: shortest start-to-goal distance a valid map must have.
+        set_size_min: fewest episodes of one map in a set (SPEC: 20).
+        set_size_max: most episodes of one map in a set (SPEC: 40).
+        quality: ``high`` / ``medium`` / ``low`` (SPEC data-quality weighting).
+        seq_len: tokens per training sequence.
+        batch_size: sequences per device batch.
+        num_workers: DataLoader worker processes.
+        eval_split: ``heldout`` (same sizes as training) or ``ood`` (6..7 x 6..7).
+        eval_maps: how many maps of the split to evaluate on (at most 200 are reserved).
+        eval_map_file: a JSON list of maps (lists of row strings) to evaluate on instead.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        seed: int = 0,
+        num_train_maps: int = 250,
+        episodes_per_map: int = 200,
+        behaviour_epsilon: float = 0.1,
+        behaviour_lr: float = 0.5,
+        behaviour_gamma: float = 0.9,
+        max_episode_steps: int = 100,
+        min_size: int = 3,
+        max_size: int = 5,
+        p_hole: float = 0.2,
+        min_hops: int = 4,
+        set_size_min: int = 20,
+        set_size_max: int = 40,
+        quality: str = "medium",
+        seq_len: int = 1024,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        eval_split: str = "heldout",
+        eval_maps: int = 50,
+        eval_map_file: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.serializer: Serializer | None = None
+
+    # --- the offline dataset -------------------------------------------------------------------
+    def _generation_settings(self) -> dict:
+        h = self.hparams
+        keys = ("seed", "num_train_maps", "episodes_per_map", "behaviour_epsilon", "behaviour_lr",
+                "behaviour_gamma", "max_episode_steps", "min_size", "max_size", "p_hole", "min_hops")
+        return {"learner": "tabular_q", "version": 1, **{k: h[k] for k in keys}}
+
+    def _split_kwargs(self) -> dict:
+        h = self.hparams
+        return {"min_size": h.min_size, "max_size": h.max_size, "p_hole": h.p_hole, "min_hops": h.min_hops}
+
+    @property
+    def dataset_dir(self) -> Path:
+        settings = json.dumps(self._generation_settings(), sort_keys=True)
+        key = hashlib.sha256(settings.encode()).hexdigest()[:12]
+        return Path(self.hparams.data_dir) / "episodes" / key
+
+    def prepare_data(self) -> None:
+        """Build the dataset when absent. Shards are written atomically and the manifest last,
+        so an interrupted build resumes from the shards it finished."""
+        out = self.dataset_dir
+        if (out / "manifest.json").exists():
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        h = self.hparams
+        splits = make_splits(h.seed, h.num_train_maps, **self._split_kwargs())
+        shards = []
+        for s, first in enumerate(range(0, len(splits.train), MAPS_PER_SHARD)):
+            path = out / f"shard-{s:05d}.parquet"
+            shards.append(path.name)
+            if path.exists():
+                continue
+            episodes: list[Episode] = []
+            for map_id in range(first, min(first + MAPS_PER_SHARD, len(splits.train))):
+                episodes += q_learning_run(
+                    splits.train[map_id], map_id, h.episodes_per_map, seed=[h.seed, 3, map_id],
+                    epsilon=h.behaviour_epsilon, lr=h.behaviour_lr, gamma=h.behaviour_gamma,
+                    max_episode_steps=h.max_episode_steps)
+            write_shard(episodes, path)
+        write_json_atomic({"settings": self._generation_settings(), "shards": shards,
+                           "maps": [list(m) for m in splits.train]}, out / "manifest.json")
+        log.info("built dataset %s (%d maps)", out, len(splits.train))
+
+    def load_episodes(self) -> list[Episode]:
+        out = self.dataset_dir
+        manifest_path = out / "manifest.json"
+        if not manifest_path.exists():
+            raise FileNotFoundError(f"dataset {out} is incomplete (no manifest.json); run prepare_data()")
+        manifest = json.loads(manifest_path.read_text())
+        return [e for name in manifest["shards"] for e in read_shard(out / name)]
+
+    # --- streams --------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.serializer is None and self.trainer is not None:
+            self.serializer = self.trainer.lightning_module.serializer
+        h = self.hparams
+        if h.eval_map_file:
+            self.eval_maps = load_map_file(h.eval_map_file)
+        else:
+            splits = make_splits(h.seed, 0, **self._split_kwargs())
+            pool = splits.heldout if h.eval_split == "heldout" else splits.ood
+            if h.eval_split not in ("heldout", "ood"):
+                raise ValueError(f"data.eval_split={h.eval_split!r}: choose 'heldout' or 'ood'")
+            if not 1 <= h.eval_maps <= len(pool):
+                raise ValueError(f"data.eval_maps={h.eval_maps}: must be in [1, {len(pool)}]")
+            self.eval_maps = pool[: h.eval_maps]
+
+    def train_stream(self, num_sequences: int, rank: int = 0, world_size: int = 1) -> ReplayStream:
+        h = self.hparams
+        by_map: dict[int, list[Episode]] = {}
+        for e in self.load_episodes():
+            by_map.setdefault(e.map_id, []).append(e)
+        encoded = {m: [self.serializer.episode(e.observations, e.actions, e.rewards, e.terminated, e.truncated)
+                       for e in eps] for m, eps in by_map.items()}
+        weights = {m: quality_weights(eps, h.quality) for m, eps in by_map.items()}
+        return ReplayStream(encoded, weights, h.seq_len, self.serializer.pad_id, num_sequences,
+                            (h.set_size_min, h.set_size_max), h.seed, rank, world_size, h.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        t = self.trainer
+        if t.max_steps is None or t.max_steps < 1:
+            raise ValueError("trainer.max_steps must be set (>= 1): the replay stream is sized from it")
+        num_sequences = t.max_steps * t.accumulate_grad_batches * self.hparams.batch_size
+        stream = self.train_stream(num_sequences, t.global_rank, t.world_size)
+        return DataLoader(stream, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        # One batch holds every map of this rank: the agent plays them in lock-step.
+        return DataLoader(MapList(self.eval_maps), batch_size=len(self.eval_maps), collate_fn=_as_list)

@@ -1,0 +1,172 @@
+"""Frozen Lake map family (SPEC "Environment") on gymnasium's own ``FrozenLake-v1``.
+
+A map is a tuple of row strings in gymnasium ``desc`` form (``S`` start, ``G`` goal,
+``H`` hole, ``F`` frozen). Maps are generated with the authors' probabilities and kept only
+when every start reaches a goal in at least ``min_hops`` moves.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+
+# gymnasium's action indices: 0 left, 1 down, 2 right, 3 up.
+ACTIONS = ("left", "down", "right", "up")
+_MOVES = ((0, -1), (1, 0), (0, 1), (-1, 0))
+TILES = frozenset("SFHG")
+
+# SPEC "Behaviour stitching": 4 wide, 6 tall.
+STITCHING_MAP = ("HHFF", "FFFF", "SFFH", "HFFF", "HFFF", "HFGF")
+
+Map = tuple[str, ...]
+
+
+def validate_map(rows: Map | list[str], where: str = "map") -> Map:
+    """Check a map's shape and letters; returns it as a tuple. ``where`` names it in errors."""
+    rows = tuple(rows)
+    if not rows or not all(isinstance(r, str) for r in rows):
+        raise ValueError(f"{where}: a map is a non-empty list of row strings, got {rows!r}")
+    width = len(rows[0])
+    for i, row in enumerate(rows):
+        if len(row) != width:
+            raise ValueError(f"{where}: row {i} has {len(row)} tiles, row 0 has {width} (ragged map)")
+        bad = set(row) - TILES
+        if bad:
+            raise ValueError(f"{where}: row {i} has unknown tile letters {sorted(bad)} (allowed: S F H G)")
+    text = "".join(rows)
+    if "S" not in text:
+        raise ValueError(f"{where}: the map has no start tile 'S'")
+    if "G" not in text:
+        raise ValueError(f"{where}: the map has no goal tile 'G'")
+    return rows
+
+
+def _neighbours(rows: Map, r: int, c: int):
+    nrow, ncol = len(rows), len(rows[0])
+    for a, (dr, dc) in enumerate(_MOVES):
+        rr, cc = min(max(r + dr, 0), nrow - 1), min(max(c + dc, 0), ncol - 1)
+        yield a, rr, cc
+
+
+def goal_distances(rows: Map) -> np.ndarray:
+    """Moves from every tile to the nearest goal avoiding holes (-1 = unreachable), by BFS."""
+    nrow, ncol = len(rows), len(rows[0])
+    dist = np.full((nrow, ncol), -1, dtype=np.int64)
+    queue: deque[tuple[int, int]] = deque()
+    for r in range(nrow):
+        for c in range(ncol):
+            if rows[r][c] == "G":
+                dist[r, c] = 0
+                queue.append((r, c))
+    # Moves are reversible on a grid, so a BFS outward from the goals gives forward distances;
+    # holes are terminal, so a path may not pass through one.
+    while queue:
+        r, c = queue.popleft()
+        for _, rr, cc in _neighbours(rows, r, c):
+            if dist[rr, cc] == -1 and rows[rr][cc] != "H":
+                dist[rr, cc] = dist[r, c] + 1
+                queue.append((rr, cc))
+    return dist
+
+
+def shortest_path_actions(rows: Map) -> np.ndarray:
+    """For every tile index, an action on a shortest path to a goal (-1 where none exists)."""
+    dist = goal_distances(rows)
+    nrow, ncol = dist.shape
+    best = np.full(nrow * ncol, -1, dtype=np.int64)
+    for r in range(nrow):
+        for c in range(ncol):
+            if dist[r, c] <= 0 or rows[r][c] == "H":
+                continue
+            for a, rr, cc in _neighbours(rows, r, c):
+                if dist[rr, cc] == dist[r, c] - 1:
+                    best[r * ncol + c] = a
+                    break
+    return best
+
+
+def generate_map(
+    rng: np.random.Generator,
+    min_size: int = 3,
+    max_size: int = 5,
+    p_start: float = 0.1,
+    p_goal: float = 0.1,
+    p_hole: float = 0.2,
+    min_hops: int = 4,
+    max_tries: int = 100_000,
+) -> Map:
+    """One valid map: width, height uniform in [min_size, max_size]; SPEC's tile probabilities."""
+    for _ in range(max_tries):
+        nrow, ncol = rng.integers(min_size, max_size + 1, size=2)
+        u = rng.random((nrow, ncol, 3))
+        tiles = np.where(u[..., 0] < p_start, "S", np.where(u[..., 1] < p_goal, "G", np.where(u[..., 2] < p_hole, "H", "F")))
+        rows = tuple("".join(r) for r in tiles)
+        text = "".join(rows)
+        if "S" not in text or "G" not in text:
+            continue
+        dist = goal_distances(rows)
+        starts = [dist[r, c] for r in range(nrow) for c in range(ncol) if rows[r][c] == "S"]
+        if all(d >= min_hops for d in starts):  # also rejects unreachable goals (d == -1)
+            return rows
+    raise RuntimeError(
+        f"no valid map in {max_tries} tries for sizes {min_size}..{max_size}, min_hops={min_hops}: "
+        "lower min_hops or p_hole"
+    )
+
+
+def generate_maps(n: int, seed: int | list[int], exclude: frozenset[Map] = frozenset(), **kwargs) -> list[Map]:
+    """``n`` distinct maps, none in ``exclude``, deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    maps: list[Map] = []
+    seen = set(exclude)
+    while len(maps) < n:
+        m = generate_map(rng, **kwargs)
+        if m not in seen:
+            seen.add(m)
+            maps.append(m)
+    return maps
+
+
+@dataclass(frozen=True)
+class MapSplits:
+    """Training, held-out (same sizes) and out-of-distribution maps, disjoint by construction."""
+
+    train: list[Map]
+    heldout: list[Map]
+    ood: list[Map]
+
+
+# Evaluation maps are reserved first, so that asking for more training maps never changes them.
+RESERVED_EVAL_MAPS = 200
+
+
+def make_splits(
+    seed: int,
+    n_train: int,
+    min_size: int = 3,
+    max_size: int = 5,
+    ood_min_size: int = 6,
+    ood_max_size: int = 7,
+    **kwargs,
+) -> MapSplits:
+    """Deterministic splits. Held-out and OOD maps are drawn from their own seed streams and the
+    training maps exclude both, so no evaluation map is ever trained on."""
+    heldout = generate_maps(RESERVED_EVAL_MAPS, [seed, 1], min_size=min_size, max_size=max_size, **kwargs)
+    ood = generate_maps(RESERVED_EVAL_MAPS, [seed, 2], min_size=ood_min_size, max_size=ood_max_size, **kwargs)
+    reserved = frozenset(heldout) | frozenset(ood)
+    train = generate_maps(n_train, [seed, 0], exclude=reserved, min_size=min_size, max_size=max_size, **kwargs)
+    return MapSplits(train=train, heldout=heldout, ood=ood)
+
+
+def make_env(rows: Map, max_episode_steps: int = 100) -> gym.Env:
+    """gymnasium's ``FrozenLake-v1`` on this map, deterministic moves, SPEC's 100-step limit."""
+    return gym.make(
+        "FrozenLake-v1",
+        desc=list(rows),
+        is_slippery=False,
+        max_episode_steps=max_episode_steps,
+        disable_env_checker=True,
+    )

@@ -1,0 +1,66 @@
+"""The RL math as pure tensor functions (SPEC "Q-values and networks")."""
+
+from __future__ import annotations
+
+import torch
+
+
+def action_q_values(hidden: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
+    """Q(context, .) = the LM logits of the four action tokens: ``hidden [N, d] @ W[actions].T``.
+
+    Only the four rows of the output layer are used, so the full-vocabulary logits are never
+    materialised."""
+    return hidden @ head_weight.T
+
+
+def double_dqn_targets(
+    reward: torch.Tensor,
+    done: torch.Tensor,
+    q_online_next: torch.Tensor,
+    q_target_next: torch.Tensor,
+    gamma: float,
+    reward_scale: float,
+) -> torch.Tensor:
+    """y_t = scale * r_t + gamma * (1 - done_t) * Q_target(t+1, argmax_a Q_online(t+1, a)).
+
+    ``q_*_next[i]`` are the Q-values at the action that follows action ``i`` (any value where
+    ``done[i]``, whose bootstrap is masked: no bootstrap across episode ends). The argmax runs
+    over the four actions only."""
+    best = q_online_next.argmax(dim=-1, keepdim=True)
+    bootstrap = q_target_next.gather(-1, best).squeeze(-1)
+    return reward_scale * reward + gamma * (~done).to(bootstrap.dtype) * bootstrap
+
+
+def next_step(values: torch.Tensor) -> torch.Tensor:
+    """Row ``i`` -> row ``i + 1`` (the last row repeats; it is always an episode end)."""
+    return torch.cat([values[1:], values[-1:]], dim=0)
+
+
+def bellman_loss(
+    q_taken: torch.Tensor,
+    targets: torch.Tensor,
+    kind: str = "mse",
+    sequence: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``mse``: the paper's mean squared TD error. ``normalized``: the authors' code, each squared
+    error divided by the detached mean target of its sequence."""
+    err = (q_taken - targets.detach()) ** 2
+    if kind == "mse":
+        return err.mean()
+    if kind == "normalized":
+        if sequence is None:
+            raise ValueError("the normalized loss needs each action's sequence index")
+        n_seq = int(sequence.max()) + 1
+        sums = torch.zeros(n_seq, dtype=targets.dtype, device=targets.device).index_add_(0, sequence, targets.detach())
+        counts = torch.bincount(sequence, minlength=n_seq).clamp(min=1).to(targets.dtype)
+        scale = (sums / counts)[sequence].abs().clamp(min=1e-6)
+        return (err / scale).mean()
+    raise ValueError(f"loss={kind!r}: choose 'mse' or 'normalized'")
+
+
+@torch.no_grad()
+def polyak_(target: list[torch.Tensor], online: list[torch.Tensor], alpha: float) -> None:
+    """phi <- alpha * theta + (1 - alpha) * phi, in place."""
+    # Two products and a sum, each rounded once: bit-identical to the formula written out.
+    torch._foreach_mul_(target, 1.0 - alpha)
+    torch._foreach_add_(target, torch._foreach_mul(online, alpha))

@@ -1,0 +1,203 @@
+"""Episodes -> token ids, with the positions whose logits are the Q-values.
+
+An episode is built from two kinds of pieces, which the in-context agent appends one at a time
+as it acts, so training sequences and evaluation contexts are the same tokens by construction:
+
+* ``begin(obs0)``: episode start, the first observation, then the action header;
+* ``after_action(a, next_obs, r, done, truncated)``: the action word, the next observation,
+  the reward when it is nonzero, and either the next action header or (the episode over) the
+  edit marker on truncation and the episode end.
+
+The last token of every piece that ends in an action header is an *action position*: its logits
+at the four action tokens are Q(context, .). Every distinct piece of text is tokenized once and
+cached as ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from icrl_lightning.envs.frozen_lake import ACTIONS
+
+
+@dataclass(frozen=True)
+class Format:
+    """How the roles observation / action / reward / edit are written for one model family."""
+
+    name: str
+    episode_start: str
+    episode_end: str
+    pad: str
+    role_prefix: str  # "{role}" is replaced by the role word
+    role_suffix: str
+    observation: str = "{}"  # "{}" is replaced by the tile index
+    reward: str = "{}"  # "{}" is replaced by round(r, 2)
+    truncation: str = "truncated"
+    roles: dict[str, str] = field(default_factory=lambda: {r: r for r in ("observation", "action", "reward", "edit")})
+
+    def header(self, role: str) -> str:
+        return self.role_prefix.replace("{role}", self.roles[role])
+
+
+# SPEC "Serialization": the authors' exact format with Llama 3 special tokens, no newlines.
+LLAMA3 = Format(
+    name="llama3",
+    episode_start="<|begin_of_text|>",
+    episode_end="<|end_of_text|>",
+    pad="<|finetune_right_pad_id|>",
+    role_prefix="<|start_header_id|>{role}<|end_header_id|>",
+    role_suffix="<|eot_id|>",
+)
+# The same roles in ChatML (SmolLM2, Qwen).
+CHATML = Format(
+    name="chatml",
+    episode_start="",
+    episode_end="<|endoftext|>",
+    pad="<|endoftext|>",
+    role_prefix="<|im_start|>{role}\n",
+    role_suffix="<|im_end|>\n",
+)
+# One token per observation, action and nonzero reward, plus episode delimiters: for small
+# models trained from scratch, where the header tokens would only cost compute.
+COMPACT = Format(
+    name="compact",
+    episode_start="<ep>",
+    episode_end="</ep>",
+    pad="<pad>",
+    role_prefix="",
+    role_suffix="",
+    observation="o{}",
+    reward="r{}",
+    truncation="<trunc>",
+)
+FORMATS = {f.name: f for f in (LLAMA3, CHATML, COMPACT)}
+
+REWARD_VALUES = (1.0,)  # the rewards Frozen Lake can give that are not zero
+
+
+def reward_text(reward: float) -> str:
+    return str(round(float(reward), 2))
+
+
+def format_vocabulary(fmt: Format, max_tiles: int = 64) -> tuple[list[str], list[str]]:
+    """(special tokens, words) a tokenizer made in code needs to write ``fmt`` with one token per
+    field; tiles ``0 .. max_tiles-1``."""
+    specials = [fmt.pad, fmt.episode_start, fmt.episode_end]
+    words = [fmt.observation.format(i) for i in range(max_tiles)] + list(ACTIONS)
+    words += [fmt.reward.format(reward_text(r)) for r in REWARD_VALUES] + [fmt.truncation]
+    if fmt.role_prefix:
+        head, _, tail = fmt.role_prefix.partition("{role}")
+        specials += [head, tail, fmt.role_suffix]
+        words += list(fmt.roles.values())
+    else:
+        specials.append(fmt.truncation)
+        words.remove(fmt.truncation)
+    return [s for s in dict.fromkeys(specials) if s], words
+
+
+class Serializer:
+    """Token ids of the pieces of ``fmt`` for one tokenizer. Holds only small id tables, so it
+    pickles cheaply into DataLoader workers."""
+
+    def __init__(self, tokenizer, fmt: Format | str, max_tiles: int = 64):
+        self.fmt = FORMATS[fmt] if isinstance(fmt, str) else fmt
+        self.max_tiles = max_tiles
+        self._tokenizer = tokenizer
+        self._cache: dict[str, tuple[int, ...]] = {}
+        self.pad_id = self._single(self.fmt.pad, "pad token")
+        self.action_token_ids = np.array([self._single(a, f"action word {a!r}") for a in ACTIONS])
+        self.action_header = self.encode(self.fmt.header("action"))
+        self.warm_up()
+
+    def __getstate__(self):
+        # Workers get the id tables only; every piece was tokenized by warm_up().
+        return {**self.__dict__, "_tokenizer": None}
+
+    def encode(self, text: str) -> tuple[int, ...]:
+        ids = self._cache.get(text)
+        if ids is None:
+            if self._tokenizer is None:
+                raise KeyError(f"piece {text!r} is not in this serializer's cache (tile >= max_tiles?)")
+            ids = tuple(self._tokenizer.encode(text, add_special_tokens=False))
+            self._cache[text] = ids
+        return ids
+
+    def _single(self, text: str, what: str) -> int:
+        ids = self.encode(text)
+        if len(ids) != 1:
+            raise ValueError(f"format {self.fmt.name}: {what} must be one token, got ids {list(ids)}")
+        return ids[0]
+
+    def warm_up(self) -> Serializer:
+        """Tokenize every piece a Frozen Lake episode can need (tiles below ``max_tiles``)."""
+        for i in range(self.max_tiles):
+            self.observation(i)
+        for a in range(4):
+            self.action(a)
+        for r in REWARD_VALUES:
+            self.reward(r)
+        self.ending(truncated=True)
+        self.ending(truncated=False)
+        self.encode(self.fmt.episode_start)
+        return self
+
+    def _role(self, role: str, value: str) -> tuple[int, ...]:
+        f = self.fmt
+        return self.encode(f.header(role) + value + f.role_suffix) if f.role_prefix else self.encode(value)
+
+    def observation(self, obs: int) -> tuple[int, ...]:
+        return self._role("observation", self.fmt.observation.format(int(obs)))
+
+    def reward(self, reward: float) -> tuple[int, ...]:
+        return self._role("reward", self.fmt.reward.format(reward_text(reward)))
+
+    def action(self, action: int) -> tuple[int, ...]:
+        # The header was appended already (it ends the previous piece): value + suffix only.
+        return self.encode(ACTIONS[action] + self.fmt.role_suffix)
+
+    def ending(self, truncated: bool) -> tuple[int, ...]:
+        ids = self._role("edit", self.fmt.truncation) if truncated else ()
+        return ids + self.encode(self.fmt.episode_end)
+
+    # --- the two pieces ---------------------------------------------------------------------
+    def begin(self, obs0: int) -> list[int]:
+        return [*self.encode(self.fmt.episode_start), *self.observation(obs0), *self.action_header]
+
+    def after_action(self, action: int, next_obs: int, reward: float, done: bool, truncated: bool) -> list[int]:
+        ids = [*self.action(action), *self.observation(next_obs)]
+        if reward != 0:
+            ids += self.reward(reward)
+        ids += self.ending(truncated) if done else self.action_header
+        return ids
+
+    def episode(self, observations, actions, rewards, terminated: bool, truncated: bool) -> EncodedEpisode:
+        """Whole-episode ids plus, for each action, the position that predicts it."""
+        ids = self.begin(observations[0])
+        q_pos = [len(ids) - 1]
+        n = len(actions)
+        for t in range(n):
+            done = t == n - 1
+            ids += self.after_action(actions[t], observations[t + 1], rewards[t], done, truncated and done)
+            if not done:
+                q_pos.append(len(ids) - 1)
+        if n == 0:  # an episode with no action is only its first observation
+            q_pos = []
+        return EncodedEpisode(
+            ids=np.asarray(ids, dtype=np.int32),
+            q_pos=np.asarray(q_pos, dtype=np.int32),
+            actions=np.asarray(actions, dtype=np.int64),
+            rewards=np.asarray(rewards, dtype=np.float32),
+        )
+
+
+@dataclass
+class EncodedEpisode:
+    ids: np.ndarray  # int32 [n_tokens]
+    q_pos: np.ndarray  # int32 [n_actions]: position whose logits predict each action
+    actions: np.ndarray  # int64 [n_actions]
+    rewards: np.ndarray  # float32 [n_actions]
+
+    def __len__(self) -> int:
+        return len(self.ids)
