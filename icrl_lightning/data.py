@@ -45,7 +45,10 @@ class ReplayStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         batch_size: int = 1,
+        set_order: str = "random",
     ):
+        if set_order not in ("random", "learning"):
+            raise ValueError(f"data.set_order={set_order!r}: choose 'random' or 'learning'")
         longest = max(len(e) for eps in episodes.values() for e in eps)
         if longest > seq_len:
             raise ValueError(f"data.seq_len={seq_len} is shorter than the longest episode ({longest} tokens): "
@@ -53,7 +56,7 @@ class ReplayStream(IterableDataset):
         self.episodes, self.weights = episodes, weights
         self.seq_len, self.pad_id, self.num_sequences = seq_len, pad_id, num_sequences
         self.set_size, self.seed, self.rank, self.world_size = set_size, seed, rank, world_size
-        self.batch_size = batch_size
+        self.batch_size, self.set_order = batch_size, set_order
 
     def __len__(self) -> int:
         return self.num_sequences
@@ -75,7 +78,12 @@ class ReplayStream(IterableDataset):
             m = maps[rng.integers(len(maps))]
             eps, w = self.episodes[m], self.weights[m]
             k = min(int(rng.integers(lo, hi + 1)), len(eps))
-            yield from (eps[i] for i in rng.choice(len(eps), size=k, replace=False, p=w / w.sum()))
+            if self.set_order == "learning":
+                # A window of consecutive episodes of the learning run, in the order played.
+                first = int(rng.integers(len(eps) - k + 1))
+                yield from eps[first:first + k]
+            else:
+                yield from (eps[i] for i in rng.choice(len(eps), size=k, replace=False, p=w / w.sum()))
 
     def __iter__(self):
         reader, readers, count = self._reader()
@@ -161,7 +169,9 @@ class ReplayDataModule(L.LightningDataModule):
         min_hops: shortest start-to-goal distance a valid map must have.
         set_size_min: fewest episodes of one map in a set (SPEC: 20).
         set_size_max: most episodes of one map in a set (SPEC: 40).
-        quality: ``high`` / ``medium`` / ``low`` (SPEC data-quality weighting).
+        quality: ``high`` / ``medium`` / ``low`` (SPEC data-quality weighting; ``random`` order only).
+        set_order: ``random`` (SPEC: a set's episodes drawn from the whole run and shuffled) or
+            ``learning`` (a window of consecutive episodes of the run, in the order played).
         seq_len: tokens per training sequence.
         batch_size: sequences per device batch.
         num_workers: DataLoader worker processes.
@@ -187,6 +197,7 @@ class ReplayDataModule(L.LightningDataModule):
         set_size_min: int = 20,
         set_size_max: int = 40,
         quality: str = "medium",
+        set_order: str = "random",
         seq_len: int = 1024,
         batch_size: int = 8,
         num_workers: int = 0,
@@ -274,7 +285,7 @@ class ReplayDataModule(L.LightningDataModule):
                        for e in eps] for m, eps in by_map.items()}
         weights = {m: quality_weights(eps, h.quality) for m, eps in by_map.items()}
         return ReplayStream(encoded, weights, h.seq_len, self.serializer.pad_id, num_sequences,
-                            (h.set_size_min, h.set_size_max), h.seed, rank, world_size, h.batch_size)
+                            (h.set_size_min, h.set_size_max), h.seed, rank, world_size, h.batch_size, h.set_order)
 
     def train_dataloader(self) -> DataLoader:
         t = self.trainer
