@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from icrl_lightning.envs.frozen_lake import Map, make_env
 from icrl_lightning.serialize import Serializer
@@ -40,15 +40,61 @@ def draw_action(rng: np.random.Generator, greedy_prob: float, greedy) -> int:
     return int(rng.integers(4))
 
 
+class _GrowingLayer(DynamicLayer):
+    """A KV-cache layer with spare capacity: appending writes in place (amortised O(new tokens))
+    instead of ``DynamicLayer``'s copy of the whole cache on every call."""
+
+    def assign(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self._k, self._v, self.length = keys[..., :0, :], values[..., :0, :], 0
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self.update(keys, values)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.assign(key_states[..., :0, :], value_states[..., :0, :])
+        end = self.length + key_states.shape[-2]
+        if end > self._k.shape[-2]:
+            cap = max(64, 2 * end)  # doubling: each column is copied O(1) times on average
+            grow = lambda t, new: torch.cat([t[..., : self.length, :], new.new_zeros((*new.shape[:2], cap - self.length, new.shape[-1]))], dim=-2)  # noqa: E731
+            self._k, self._v = grow(self._k, key_states), grow(self._v, value_states)
+        self._k[..., self.length:end, :] = key_states
+        self._v[..., self.length:end, :] = value_states
+        self.length = end
+        self.keys, self.values = self._k[..., :end, :], self._v[..., :end, :]
+        return self.keys, self.values
+
+
+def _new_cache() -> Cache:
+    return Cache(layer_class_to_replicate=_GrowingLayer)
+
+
 class _Context:
-    """One map's token history: closed episodes plus the one being played."""
+    """One map's token history: closed episodes plus the one being played, and the tokens not yet
+    in the KV cache."""
 
     def __init__(self):
         self.episodes: list[list[int]] = [[]]
-        self.cached = 0  # tokens already in the KV cache
+        self.length = 0
+        self.pending: list[int] = []
 
     def __len__(self) -> int:
-        return sum(len(e) for e in self.episodes)
+        return self.length
+
+    def add(self, ids: list[int]) -> None:
+        self.episodes[-1] += ids
+        self.pending += ids
+        self.length += len(ids)
+
+    def close_episode(self) -> None:
+        self.episodes.append([])
+
+    def clear(self) -> None:
+        self.episodes, self.length, self.pending = [[]], 0, []
+
+    def drop_oldest(self, limit: int) -> None:
+        """Drop whole closed episodes, oldest first, until at most ``limit`` tokens remain."""
+        while self.length > limit and len(self.episodes) > 1:
+            self.length -= len(self.episodes.pop(0))
 
     def tokens(self) -> list[int]:
         return [t for e in self.episodes for t in e]
@@ -70,7 +116,7 @@ class InContextAgent:
         self.max_context, self.max_episode_steps = max_context, max_episode_steps
         longest = self._longest_episode_tokens()
         if max_context < 2 * longest:
-            raise ValueError(f"max_context={max_context} tokens cannot hold one longest episode ({longest} tokens "
+            raise ValueError(f"evaluation max_context={max_context} tokens (0 = data.seq_len) cannot hold one longest episode ({longest} tokens "
                              f"at {max_episode_steps} steps) plus the next: raise it to at least {2 * longest}")
 
     def _longest_episode_tokens(self) -> int:
@@ -82,9 +128,9 @@ class InContextAgent:
     def _head(self) -> torch.Tensor:
         return self.model.get_output_embeddings().weight[torch.as_tensor(self.s.action_token_ids)]
 
-    @torch.no_grad()
-    def _forward(self, chunks: list[list[int]], state: dict) -> torch.Tensor:
-        """Append ``chunks[i]`` to map i's cache; Q-values at each map's last new token."""
+    def _decode(self, chunks: list[list[int]], cache: Cache, mask: torch.Tensor, positions: torch.Tensor):
+        """Run ``chunks`` (right-padded) through the decoder after ``cache``; returns the Q-values at
+        each row's last real token and the chunk's own mask."""
         dev = self._head().device
         width = max(1, max(len(c) for c in chunks))
         ids = torch.full((len(chunks), width), self.s.pad_id, dtype=torch.long)
@@ -92,21 +138,60 @@ class InContextAgent:
         for i, c in enumerate(chunks):
             ids[i, : len(c)] = torch.as_tensor(c)
             new_mask[i, : len(c)] = 1
-        pos = state["positions"][:, None] + torch.arange(width)[None, :]
-        mask = torch.cat([state["mask"], new_mask], dim=1)
+        pos = positions[:, None] + torch.arange(width)[None, :]
         out = self.model.get_decoder()(
-            input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-            past_key_values=state["cache"], use_cache=True)
-        state["mask"] = mask
-        lengths = torch.as_tensor([len(c) for c in chunks])
-        state["positions"] = state["positions"] + lengths
-        last = (lengths - 1).clamp(min=0)
+            input_ids=ids.to(dev), attention_mask=torch.cat([mask, new_mask], dim=1).to(dev),
+            position_ids=pos.to(dev), past_key_values=cache, use_cache=True)
+        last = (torch.as_tensor([len(c) for c in chunks]) - 1).clamp(min=0)
         hidden = out.last_hidden_state[torch.arange(len(chunks)), last.to(dev)]
-        return (hidden @ self._head().T).float().cpu()
+        return (hidden @ self._head().T).float().cpu(), new_mask
+
+    @torch.no_grad()
+    def _forward(self, chunks: list[list[int]], state: dict) -> torch.Tensor:
+        """Append ``chunks[i]`` to row i of the batch cache; Q-values at each row's last new token."""
+        q, new_mask = self._decode(chunks, state["cache"], state["mask"], state["positions"])
+        state["mask"] = torch.cat([state["mask"], new_mask], dim=1)
+        state["positions"] = state["positions"] + new_mask.sum(1)
+        return q
+
+    @torch.no_grad()
+    def _reencode(self, rows: list[int], contexts: list[list[int]], state: dict) -> torch.Tensor:
+        """Encode ``rows`` afresh from ``contexts`` (positions from 0) and write them over the first
+        columns of their own cache rows, masking the rest of those rows. Only these rows are
+        recomputed and the cache does not widen (but where a context is wider than the cache)."""
+        n = len(rows)
+        fresh = _new_cache()
+        q, fresh_mask = self._decode(contexts, fresh, torch.zeros((n, 0), dtype=torch.long), torch.zeros(n, dtype=torch.long))
+        width, cache = fresh_mask.shape[1], state["cache"]
+        short = width - state["mask"].shape[1]
+        if short > 0:
+            for layer in cache.layers:
+                layer.update(*(t.new_zeros((t.shape[0], t.shape[1], short, t.shape[3])) for t in (layer.keys, layer.values)))
+            state["mask"] = torch.cat([state["mask"], state["mask"].new_zeros((state["mask"].shape[0], short))], dim=1)
+        idx = torch.as_tensor(rows)
+        for layer, new in zip(cache.layers, fresh.layers):
+            layer.keys[idx.to(new.keys.device), :, :width] = new.keys
+            layer.values[idx.to(new.keys.device), :, :width] = new.values
+        state["mask"][idx] = 0
+        state["mask"][idx, :width] = fresh_mask
+        state["positions"][idx] = fresh_mask.sum(1)
+        return q
+
+    @staticmethod
+    def _compact(state: dict) -> None:
+        """Drop cache columns no row can see (masked), keeping each row's visible ones in order."""
+        keep = state["mask"].bool()
+        width = int(keep.sum(1).max())
+        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
+        for layer in state["cache"].layers:
+            k, v = layer.keys, layer.values
+            o = order.to(k.device)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            layer.assign(k.gather(2, o), v.gather(2, o))
+        state["mask"] = keep.gather(1, order).long()
 
     @staticmethod
     def _fresh_state(n: int) -> dict:
-        return {"cache": DynamicCache(), "mask": torch.zeros((n, 0), dtype=torch.long),
+        return {"cache": _new_cache(), "mask": torch.zeros((n, 0), dtype=torch.long),
                 "positions": torch.zeros(n, dtype=torch.long)}
 
     # --- the trial --------------------------------------------------------------------------------
@@ -146,10 +231,9 @@ class InContextAgent:
             ep_return[i] = 0.0
             trajs[i].append([int(o)])
             if not keep_context:
-                ctx[i].episodes = [[]]
-                ctx[i].cached = 0
+                ctx[i].clear()
                 reset_cache_row(i)
-            ctx[i].episodes[-1] += self.s.begin(int(o))
+            ctx[i].add(self.s.begin(int(o)))
 
         state = self._fresh_state(n_maps)
 
@@ -163,20 +247,18 @@ class InContextAgent:
             start_episode(i)
         result = TrialResult(returns=returns, trajectories=trajs)
         while active.any():
-            if any(len(c) > self.max_context for c in ctx):
-                for c in ctx:
-                    while len(c) > self.max_context:
-                        c.episodes.pop(0)  # the open episode fits by the check in __init__
-                state = self._fresh_state(n_maps)
-                for c in ctx:
-                    c.cached = 0
-                result.reencodes += 1
-            chunks = []
-            for i, c in enumerate(ctx):
-                toks = c.tokens()
-                chunks.append(toks[c.cached:] if active[i] else [])
-                c.cached = len(toks)
+            over = [i for i in np.flatnonzero(active) if len(ctx[i]) > self.max_context]
+            for i in over:
+                ctx[i].drop_oldest(self.max_context)  # the open episode fits by the check in __init__
+            chunks = [c.pending if active[i] and i not in over else [] for i, c in enumerate(ctx)]
+            for c in ctx:
+                c.pending = []
             q = self._forward(chunks, state)
+            if over:
+                q[over] = self._reencode(over, [ctx[i].tokens() for i in over], state)
+                result.reencodes += len(over)
+            if state["mask"].shape[1] > 2 * self.max_context:
+                self._compact(state)
             result.forward_calls += 1
             for i in np.flatnonzero(active):
                 k = episode[i]
@@ -185,10 +267,10 @@ class InContextAgent:
                 done = term or trunc
                 ep_return[i] += r
                 trajs[i][-1].append(int(o2))
-                ctx[i].episodes[-1] += self.s.after_action(a, int(o2), float(r), done, bool(trunc and not term))
+                ctx[i].add(self.s.after_action(a, int(o2), float(r), done, bool(trunc and not term)))
                 if done:
                     returns[i, k] = ep_return[i]
-                    ctx[i].episodes.append([])
+                    ctx[i].close_episode()
                     episode[i] += 1
                     if episode[i] == total:
                         active[i] = False

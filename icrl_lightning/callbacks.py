@@ -22,14 +22,20 @@ class InContextReport(L.Callback):
     def __init__(self, filename: str = "report.json", keep_every: bool = False):
         self.filename, self.keep_every = filename, keep_every
 
-    @rank_zero_only
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        # Every rank asks: trainer.log_dir is a collective under DDP.
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        self._write(trainer, pl_module, log_dir)
+
+    @rank_zero_only
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, log_dir: Path) -> None:
         report = getattr(pl_module, "eval_report", None)
-        if report is None or trainer.sanity_checking:
+        if report is None:
             return
         report = {**report, "checkpoint": getattr(trainer, "ckpt_path", None),
                   "stage": trainer.state.fn.value if trainer.state.fn else None}
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         write_report(report, log_dir / self.filename)
         if self.keep_every:
             write_report(report, log_dir / f"report-step{report['global_step']}.json")

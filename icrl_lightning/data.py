@@ -68,9 +68,10 @@ class ReplayStream(IterableDataset):
         reader, readers = self.rank * nw + wid, self.world_size * nw
         if readers > len(self.episodes):
             raise ValueError(f"{readers} data readers (ranks x workers) but only {len(self.episodes)} maps")
-        # Workers of one rank split that rank's batches; DataLoader interleaves them in turn.
-        batches = self.num_sequences // self.batch_size
-        return reader, readers, (batches // nw + (1 if wid < batches % nw else 0)) * self.batch_size
+        # Workers of one rank split that rank's batches; DataLoader takes batch k from worker k % nw.
+        bs, total = self.batch_size, self.num_sequences
+        count = sum(min(bs, total - b * bs) for b in range(wid, -(-total // bs), nw))
+        return reader, readers, count
 
     def _sets(self, rng: np.random.Generator, maps: list[int]):
         lo, hi = self.set_size

@@ -63,6 +63,14 @@ class ICRLModule(L.LightningModule):
         self._baseline_cache: dict = {}
         self.eval_report: dict | None = None
 
+    def setup(self, stage: str) -> None:
+        # Refuse a context window too small for the evaluation before any training is spent.
+        self._agent()
+
+    def _agent(self) -> InContextAgent:
+        p = self.protocol
+        return InContextAgent(self.model, self.serializer, p.max_context or self.hparams.seq_len, p.max_episode_steps)
+
     # --- Q-values ---------------------------------------------------------------------------------
     def target_params(self) -> list[torch.Tensor]:
         return [getattr(self, f"target_{k}") for k in range(len(self._online))]
@@ -126,7 +134,7 @@ class ICRLModule(L.LightningModule):
         schedule = p.greedy_probs()
         index = [i for i, _ in batch]
         maps = [m for _, m in batch]
-        agent = InContextAgent(self.model, self.serializer, p.max_context or self.hparams.seq_len, p.max_episode_steps)
+        agent = self._agent()
         started = time.perf_counter()
         trial = agent.play(maps, schedule, p.seed)
         out = {"index": index, "maps": maps, "icrl": trial.returns, "trajectories": trial.trajectories,
@@ -151,7 +159,9 @@ class ICRLModule(L.LightningModule):
             outputs = [o for rank in gathered for o in rank]
         if not outputs:
             return
-        order = np.argsort(np.concatenate([o["index"] for o in outputs]))
+        index = np.concatenate([o["index"] for o in outputs])
+        # Lightning's DistributedSampler repeats maps to even out ranks: keep each map once.
+        _, order = np.unique(index, return_index=True)
         p = self.protocol
         schedule = p.greedy_probs()
         agents = [a for a in ("icrl", "no_context", *BASELINES) if a in outputs[0]]

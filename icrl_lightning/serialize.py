@@ -121,6 +121,10 @@ class Serializer:
             if self._tokenizer is None:
                 raise KeyError(f"piece {text!r} is not in this serializer's cache (tile >= max_tiles?)")
             ids = tuple(self._tokenizer.encode(text, add_special_tokens=False))
+            unk = getattr(self._tokenizer, "unk_token_id", None)
+            if unk is not None and unk in ids:
+                raise KeyError(f"format {self.fmt.name}: {text!r} is not in the tokenizer's vocabulary "
+                               f"(a tile >= max_tiles={self.max_tiles}?)")
             self._cache[text] = ids
         return ids
 

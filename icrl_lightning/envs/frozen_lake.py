@@ -26,6 +26,8 @@ Map = tuple[str, ...]
 
 def validate_map(rows: Map | list[str], where: str = "map") -> Map:
     """Check a map's shape and letters; returns it as a tuple. ``where`` names it in errors."""
+    if isinstance(rows, str) or not isinstance(rows, (list, tuple)):
+        raise ValueError(f"{where}: a map is a list of row strings, got {type(rows).__name__} {rows!r}")
     rows = tuple(rows)
     if not rows or not all(isinstance(r, str) for r in rows):
         raise ValueError(f"{where}: a map is a non-empty list of row strings, got {rows!r}")

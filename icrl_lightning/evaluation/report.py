@@ -19,8 +19,9 @@ def summarize(returns: np.ndarray, schedule: list[float], last_k: int = 10) -> d
     mean = returns.mean(axis=0)
     half = 1.96 * returns.std(axis=0, ddof=1) / np.sqrt(n_maps) if n_maps > 1 else np.zeros(n_eps)
     greedy = np.array([p >= 1.0 for p in schedule[:n_eps]] + [False] * (n_eps - len(schedule)))
-    explore = ~greedy if greedy.any() else np.ones(n_eps, dtype=bool)
-    found = returns[:, explore].max(axis=1) > 0
+    explore = ~greedy
+    # With no exploring episode (e.g. all greedy) "found before the greedy phase" means "never".
+    found = returns[:, explore].max(axis=1) > 0 if explore.any() else np.zeros(n_maps, dtype=bool)
     greedy_ret = returns[:, greedy].mean(axis=1) if greedy.any() else np.full(n_maps, np.nan)
     first = [int(np.flatnonzero(r > 0)[0]) if (r > 0).any() else None for r in returns]
 

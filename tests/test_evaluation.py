@@ -1,0 +1,86 @@
+"""Evaluation protocol, baselines and summaries."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers import tiny_model
+
+from icrl_lightning.agent import InContextAgent
+from icrl_lightning.envs import STITCHING_MAP, make_splits
+from icrl_lightning.evaluation import EvalProtocol, paper_schedule, run_baseline, summarize, write_report
+
+
+@pytest.fixture(scope="module")
+def maps():
+    return make_splits(0, 0).heldout[:4]
+
+
+def test_paper_schedule():
+    s = paper_schedule()
+    assert len(s) == 30
+    assert s[:20] == [0.0, 0.0, 0.1, 0.1, 0.2, 0.2, 0.3, 0.3, 0.4, 0.4, 0.5, 0.5, 0.6, 0.6, 0.7, 0.7, 0.8, 0.8,
+                      0.9, 0.9]
+    assert s[20:] == [1.0] * 10
+
+
+def test_protocol_schedule():
+    assert EvalProtocol().greedy_probs() == paper_schedule()
+    assert EvalProtocol(schedule=[0.5, 1.0]).greedy_probs() == [0.5, 1.0]
+    with pytest.raises(ValueError, match="schedule"):
+        EvalProtocol(schedule=[0.5, 1.5]).greedy_probs()
+
+
+def test_oracle_is_perfect_when_greedy(maps):
+    out = run_baseline("oracle", maps + [STITCHING_MAP], [1.0] * 3, seed=0)
+    assert out.shape == (5, 3)
+    assert (out == 1.0).all()
+
+
+def test_baselines_share_exploration_draws(maps):
+    """At greedy probability 0 every agent takes the same uniform actions from the same seed."""
+    schedule = [0.0] * 6
+    rnd = run_baseline("random", maps, schedule, seed=3)
+    assert np.array_equal(rnd, run_baseline("oracle", maps, schedule, seed=3))
+    assert np.array_equal(rnd, run_baseline("q_learning", maps, schedule, seed=3))
+    model, _, s = tiny_model("compact")
+    icrl = InContextAgent(model, s, max_context=1024).play(maps, schedule, seed=3).returns
+    assert np.array_equal(rnd, icrl)
+    assert set(np.unique(rnd)) <= {0.0, 1.0}
+    assert not np.array_equal(rnd, run_baseline("random", maps, schedule, seed=4))
+
+
+def test_q_learning_baseline_learns():
+    maps = make_splits(0, 0).heldout[:10]
+    out = run_baseline("q_learning", maps, paper_schedule(), seed=1)
+    assert out[:, -10:].mean() > out[:, :10].mean()
+    with pytest.raises(ValueError, match="baseline"):
+        run_baseline("dqn", maps, [1.0], seed=0)
+
+
+def test_summarize_hand_computed():
+    returns = np.array([[0.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
+    s = summarize(returns, [0.0, 1.0, 1.0], last_k=1)
+    assert s["mean_return"] == [0.0, 0.5, 1.0]
+    assert s["ci95"] == pytest.approx([0.0, round(1.96 * np.sqrt(0.5) / np.sqrt(2), 4), 0.0])
+    assert s["last1"] == 1.0
+    assert s["first_episodes"] == 0.0
+    assert s["overall"] == pytest.approx(0.5)
+    assert s["goal_found_before_greedy"] == 0.0
+    assert s["greedy_return_if_found"] is None
+    assert s["greedy_return_if_not_found"] == pytest.approx(0.75)
+    assert s["episodes_to_first_success"] == [1, 2]
+    assert s["per_map"] == returns.tolist()
+
+
+def test_write_report(tmp_path):
+    path = tmp_path / "sub" / "report.json"
+    write_report({"a": [1, 2]}, path)
+    assert json.loads(path.read_text()) == {"a": [1, 2]}
+
+
+def test_summarize_all_greedy_schedule():
+    s = summarize(np.array([[1.0, 1.0], [0.0, 1.0]]), [1.0, 1.0], last_k=1)
+    assert s["mean_return"] == [0.5, 1.0]

@@ -1,0 +1,111 @@
+"""The RL math against hand-computed values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from icrl_lightning.qlearning import action_q_values, bellman_loss, double_dqn_targets, next_step, polyak_
+
+
+def test_double_dqn_targets_hand_computed():
+    reward = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    done = torch.tensor([False, True, False, False])
+    q_online_next = torch.tensor([
+        [1.0, 3.0, 2.0, 0.0],  # argmax 1
+        [5.0, 0.0, 0.0, 0.0],  # masked (done)
+        [0.0, 0.0, 0.0, 9.0],  # argmax 3
+        [0.0, 0.0, 4.0, 1.0],  # argmax 2
+    ])
+    q_target_next = torch.tensor([
+        [10.0, 20.0, 30.0, 40.0],  # target's own max (40) must NOT be used
+        [7.0, 7.0, 7.0, 7.0],
+        [1.0, 2.0, 3.0, 4.0],
+        [-1.0, -2.0, -3.0, 8.0],
+    ])
+    y = double_dqn_targets(reward, done, q_online_next, q_target_next, gamma=0.9, reward_scale=30.0)
+    expected = torch.tensor([0.9 * 20.0, 30.0, 0.9 * 4.0, 30.0 + 0.9 * -3.0])
+    torch.testing.assert_close(y, expected)
+
+
+def test_double_dqn_targets_gamma_and_scale():
+    reward = torch.tensor([1.0, 0.0])
+    done = torch.tensor([False, True])
+    qo = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    qt = torch.tensor([[0.0, 2.0, 0.0, 0.0], [100.0, 100.0, 100.0, 100.0]])
+    y = double_dqn_targets(reward, done, qo, qt, gamma=0.5, reward_scale=2.0)
+    torch.testing.assert_close(y, torch.tensor([2.0 + 0.5 * 2.0, 0.0]))
+
+
+def test_next_step():
+    v = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
+    assert torch.equal(next_step(v), torch.tensor([[2.0, 2.0], [3.0, 3.0], [3.0, 3.0]]))
+    assert torch.equal(next_step(torch.tensor([4, 5, 6])), torch.tensor([5, 6, 6]))
+
+
+def test_bellman_loss_mse():
+    q = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    y = torch.tensor([2.0, 2.0, 5.0], requires_grad=True)
+    loss = bellman_loss(q, y, "mse")
+    torch.testing.assert_close(loss, torch.tensor(5.0 / 3.0))
+    loss.backward()
+    torch.testing.assert_close(q.grad, torch.tensor([-2.0, 0.0, -4.0]) / 3.0)
+    assert y.grad is None  # targets are constants
+
+
+def test_bellman_loss_normalized():
+    q = torch.tensor([1.0, 2.0, 3.0, 0.0])
+    y = torch.tensor([2.0, 2.0, 5.0, -4.0])
+    seq = torch.tensor([0, 0, 1, 1])
+    # sequence means of y: 2.0 and 0.5; squared errors 1, 0, 4, 16
+    expected = (1.0 / 2.0 + 0.0 / 2.0 + 4.0 / 0.5 + 16.0 / 0.5) / 4
+    torch.testing.assert_close(bellman_loss(q, y, "normalized", seq), torch.tensor(expected))
+
+
+def test_bellman_loss_normalized_uses_abs_of_negative_mean():
+    q = torch.tensor([0.0, 0.0])
+    y = torch.tensor([-2.0, -4.0])
+    seq = torch.tensor([0, 0])
+    torch.testing.assert_close(bellman_loss(q, y, "normalized", seq), torch.tensor((4.0 / 3.0 + 16.0 / 3.0) / 2))
+
+
+def test_bellman_loss_errors():
+    q, y = torch.zeros(2), torch.ones(2)
+    with pytest.raises(ValueError, match="sequence"):
+        bellman_loss(q, y, "normalized")
+    with pytest.raises(ValueError, match="huber"):
+        bellman_loss(q, y, "huber")
+
+
+def test_action_q_values():
+    torch.manual_seed(0)
+    hidden = torch.randn(5, 8)
+    lm_head = torch.nn.Linear(8, 20, bias=False)
+    action_ids = torch.tensor([11, 3, 17, 0])
+    q = action_q_values(hidden, lm_head.weight[action_ids])
+    assert q.shape == (5, 4)
+    torch.testing.assert_close(q, lm_head(hidden)[:, action_ids])
+    # Column a is the logit of action_ids[a].
+    torch.testing.assert_close(q[:, 2], hidden @ lm_head.weight[17])
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.01, 0.5, 1.0, 0.0])
+def test_polyak_exact(alpha):
+    torch.manual_seed(1)
+    online = [torch.randn(7, 5), torch.randn(33), torch.randn(2, 3, 4), torch.randn(1000, 37)]
+    old = [torch.randn_like(t) for t in online]
+    target = [t.clone() for t in old]
+    polyak_(target, online, alpha)
+    for t, o, p in zip(target, online, old, strict=True):
+        expected = alpha * o + (1 - alpha) * p
+        assert torch.equal(t, expected)
+    assert not any(torch.equal(t, p) for t, p in zip(target, old, strict=True)) or alpha == 0.0
+
+
+def test_polyak_leaves_online_and_grad_alone():
+    online = [torch.ones(3, requires_grad=True)]
+    target = [torch.zeros(3)]
+    polyak_(target, online, 0.25)
+    assert torch.equal(target[0], torch.full((3,), 0.25))
+    assert torch.equal(online[0].detach(), torch.ones(3))
+    assert target[0].grad_fn is None

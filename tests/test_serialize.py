@@ -1,0 +1,184 @@
+"""Episodes -> token ids: the paper's exact Llama 3 text, the compact format, Q positions."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from icrl_lightning.backbones import build_tokenizer
+from icrl_lightning.envs import ACTIONS
+from icrl_lightning.serialize import Serializer
+
+# observations [0, 1, 5], actions right, down, reward 1.0 on the last step, terminated.
+OBS, ACTS, REWS = [0, 1, 5], [2, 1], [0.0, 1.0]
+
+LLAMA3_TEXT = (
+    "<|begin_of_text|>"
+    "<|start_header_id|>observation<|end_header_id|>0<|eot_id|>"
+    "<|start_header_id|>action<|end_header_id|>right<|eot_id|>"
+    "<|start_header_id|>observation<|end_header_id|>1<|eot_id|>"
+    "<|start_header_id|>action<|end_header_id|>down<|eot_id|>"
+    "<|start_header_id|>observation<|end_header_id|>5<|eot_id|>"
+    "<|start_header_id|>reward<|end_header_id|>1.0<|eot_id|>"
+    "<|end_of_text|>"
+)
+COMPACT_TOKENS = ["<ep>", "o0", "right", "o1", "down", "o5", "r1.0", "</ep>"]
+
+# The ids of the tiny word-level tokenizers are part of every saved checkpoint: pin them so a
+# change of vocabulary layout is a deliberate one.
+LLAMA3_IDS = [2, 4, 77, 5, 7, 6, 4, 78, 5, 73, 6, 4, 77, 5, 8, 6, 4, 78, 5, 72, 6, 4, 77, 5, 12, 6,
+              4, 79, 5, 75, 6, 3]
+COMPACT_IDS = [2, 5, 71, 6, 70, 10, 73, 3]
+
+
+def _tokens(s: Serializer, ids) -> list[str]:
+    return s._tokenizer.convert_ids_to_tokens([int(i) for i in ids])
+
+
+@pytest.fixture(scope="module")
+def llama3():
+    return Serializer(build_tokenizer("llama3"), "llama3")
+
+
+@pytest.fixture(scope="module")
+def compact():
+    return Serializer(build_tokenizer("compact"), "compact")
+
+
+def test_llama3_exact_text_and_ids(llama3):
+    enc = llama3.episode(OBS, ACTS, REWS, terminated=True, truncated=False)
+    toks = _tokens(llama3, enc.ids)
+    assert "".join(toks) == LLAMA3_TEXT
+    assert enc.ids.tolist() == LLAMA3_IDS
+    assert "<unk>" not in toks
+    assert enc.ids.dtype == np.int32
+    assert enc.actions.tolist() == ACTS
+    assert enc.rewards.tolist() == REWS
+
+
+def test_llama3_q_positions(llama3):
+    enc = llama3.episode(OBS, ACTS, REWS, terminated=True, truncated=False)
+    toks = _tokens(llama3, enc.ids)
+    assert enc.q_pos.tolist() == [8, 18]
+    for t, q in enumerate(enc.q_pos):
+        assert toks[q] == "<|end_header_id|>"
+        assert toks[q - 1] == "action"
+        assert toks[q - 2] == "<|start_header_id|>"
+        assert enc.ids[q + 1] == llama3.action_token_ids[ACTS[t]]
+        assert toks[q + 1] == ACTIONS[ACTS[t]]
+
+
+def test_llama3_one_token_per_field(llama3):
+    tok = llama3._tokenizer
+    for word in ["observation", "action", "reward", "edit", "1.0", *ACTIONS, *map(str, range(64))]:
+        ids = tok.encode(word, add_special_tokens=False)
+        assert len(ids) == 1 and ids[0] != tok.unk_token_id, word
+    assert llama3.pad_id == tok.convert_tokens_to_ids("<|finetune_right_pad_id|>")
+    assert _tokens(llama3, llama3.action_token_ids) == list(ACTIONS)
+
+
+def test_llama3_step_costs_ten_tokens(llama3):
+    for a in range(4):
+        for o in (0, 7, 63):
+            assert len(llama3.after_action(a, o, 0.0, done=False, truncated=False)) == 10
+    # An episode one step longer is exactly ten tokens longer.
+    short = llama3.episode([0, 1, 2], [2, 2], [0.0, 0.0], False, True)
+    longer = llama3.episode([0, 1, 2, 3], [2, 2, 2], [0.0, 0.0, 0.0], False, True)
+    assert len(longer) - len(short) == 10
+
+
+def test_llama3_truncated_episode_has_edit_role(llama3):
+    enc = llama3.episode([0, 1, 1], [2, 3], [0.0, 0.0], terminated=False, truncated=True)
+    toks = _tokens(llama3, enc.ids)
+    assert toks[-6:] == ["<|start_header_id|>", "edit", "<|end_header_id|>", "truncated", "<|eot_id|>",
+                         "<|end_of_text|>"]
+    # The edit comes after the last observation, and no reward is written for r == 0.
+    assert toks[-11:-6] == ["<|start_header_id|>", "observation", "<|end_header_id|>", "1", "<|eot_id|>"]
+    assert "reward" not in toks
+    # A terminated episode has no edit.
+    done = llama3.episode([0, 1, 1], [2, 3], [0.0, 0.0], terminated=True, truncated=False)
+    assert "edit" not in _tokens(llama3, done.ids)
+    assert len(enc) == len(done) + 5
+
+
+def test_compact_exact_tokens_and_q_positions(compact):
+    enc = compact.episode(OBS, ACTS, REWS, terminated=True, truncated=False)
+    toks = _tokens(compact, enc.ids)
+    assert toks == COMPACT_TOKENS
+    assert enc.ids.tolist() == COMPACT_IDS
+    assert enc.q_pos.tolist() == [1, 3]
+    for t, q in enumerate(enc.q_pos):
+        assert toks[q] == f"o{OBS[t]}"
+        assert enc.ids[q + 1] == compact.action_token_ids[ACTS[t]]
+    assert compact.pad_id == compact._tokenizer.convert_tokens_to_ids("<pad>")
+
+
+def test_compact_truncated(compact):
+    enc = compact.episode([0, 1, 1], [2, 3], [0.0, 0.0], terminated=False, truncated=True)
+    assert _tokens(compact, enc.ids) == ["<ep>", "o0", "right", "o1", "up", "o1", "<trunc>", "</ep>"]
+    assert enc.q_pos.tolist() == [1, 3]
+
+
+@pytest.mark.parametrize("fmt", ["llama3", "compact", "chatml"])
+@pytest.mark.parametrize(
+    ("obs", "acts", "rews", "term", "trunc"),
+    [
+        (OBS, ACTS, REWS, True, False),
+        ([3, 3, 7, 11], [3, 1, 1], [0.0, 0.0, 0.0], True, False),  # fell into a hole
+        ([0, 1, 1, 1], [2, 3, 3], [0.0, 0.0, 0.0], False, True),  # time limit
+        ([4, 8], [1], [1.0], True, False),  # one step
+    ],
+)
+def test_pieces_concatenate_to_episode(fmt, obs, acts, rews, term, trunc):
+    s = Serializer(build_tokenizer(fmt), fmt)
+    enc = s.episode(obs, acts, rews, term, trunc)
+    ids = list(s.begin(obs[0]))
+    q_pos = [len(ids) - 1]
+    for t in range(len(acts)):
+        done = t == len(acts) - 1
+        ids += s.after_action(acts[t], obs[t + 1], rews[t], done, trunc and done)
+        if not done:
+            q_pos.append(len(ids) - 1)
+    assert enc.ids.tolist() == ids
+    assert enc.q_pos.tolist() == q_pos
+    assert len(enc.q_pos) == len(acts)
+    for t, q in enumerate(enc.q_pos):
+        assert enc.ids[q + 1] == s.action_token_ids[acts[t]]
+    assert s.pad_id not in ids or s.fmt.pad == s.fmt.episode_end
+
+
+@pytest.mark.parametrize("fmt", ["llama3", "compact"])
+def test_serializer_pickles(fmt):
+    s = Serializer(build_tokenizer(fmt), fmt)
+    eps = [(OBS, ACTS, REWS, True, False), ([0, 1, 1], [2, 3], [0.0, 0.0], False, True),
+           ([63, 62, 48], [0, 3], [0.0, 0.0], True, False)]
+    before = [s.episode(*e) for e in eps]
+    s2 = pickle.loads(pickle.dumps(s))
+    assert s2._tokenizer is None  # only the id tables travel
+    for e, b in zip(eps, before, strict=True):
+        a = s2.episode(*e)
+        assert np.array_equal(a.ids, b.ids)
+        assert np.array_equal(a.q_pos, b.q_pos)
+    assert np.array_equal(s2.action_token_ids, s.action_token_ids)
+    assert s2.pad_id == s.pad_id
+    with pytest.raises(KeyError, match="max_tiles"):
+        s2.observation(64)  # outside the warmed-up cache, and no tokenizer to fall back on
+
+
+def test_reward_text_is_rounded(llama3):
+    toks = _tokens(llama3, llama3.reward(1.0))
+    assert toks == ["<|start_header_id|>", "reward", "<|end_header_id|>", "1.0", "<|eot_id|>"]
+
+
+def test_empty_episode_has_no_q_positions(compact):
+    enc = compact.episode([5], [], [], False, False)
+    assert enc.q_pos.tolist() == []
+    assert len(enc.actions) == 0
+
+
+def test_tile_outside_vocabulary_is_an_error():
+    s = Serializer(build_tokenizer("compact", max_tiles=16), "compact", max_tiles=16)
+    with pytest.raises((KeyError, ValueError)):
+        s.observation(20)  # e.g. a 5x5 map (25 tiles) with max_tiles=16
