@@ -55,8 +55,11 @@ class _GrowingLayer(DynamicLayer):
         end = self.length + key_states.shape[-2]
         if end > self._k.shape[-2]:
             cap = max(64, 2 * end)  # doubling: each column is copied O(1) times on average
-            grow = lambda t, new: torch.cat([t[..., : self.length, :], new.new_zeros((*new.shape[:2], cap - self.length, new.shape[-1]))], dim=-2)  # noqa: E731
-            self._k, self._v = grow(self._k, key_states), grow(self._v, value_states)
+            spare = cap - self.length
+            self._k, self._v = (
+                torch.cat([t[..., : self.length, :], t.new_zeros((*t.shape[:2], spare, t.shape[-1]))], dim=-2)
+                for t in (self._k, self._v)
+            )
         self._k[..., self.length:end, :] = key_states
         self._v[..., self.length:end, :] = value_states
         self.length = end
@@ -116,8 +119,9 @@ class InContextAgent:
         self.max_context, self.max_episode_steps = max_context, max_episode_steps
         longest = self._longest_episode_tokens()
         if max_context < 2 * longest:
-            raise ValueError(f"evaluation max_context={max_context} tokens (0 = data.seq_len) cannot hold one longest episode ({longest} tokens "
-                             f"at {max_episode_steps} steps) plus the next: raise it to at least {2 * longest}")
+            raise ValueError(f"evaluation max_context={max_context} tokens (0 = data.seq_len) cannot hold one "
+                             f"longest episode ({longest} tokens at {max_episode_steps} steps) plus the next: "
+                             f"raise it to at least {2 * longest}")
 
     def _longest_episode_tokens(self) -> int:
         s, n = self.s, self.max_episode_steps
@@ -161,15 +165,18 @@ class InContextAgent:
         recomputed and the cache does not widen (but where a context is wider than the cache)."""
         n = len(rows)
         fresh = _new_cache()
-        q, fresh_mask = self._decode(contexts, fresh, torch.zeros((n, 0), dtype=torch.long), torch.zeros(n, dtype=torch.long))
+        empty = torch.zeros((n, 0), dtype=torch.long)
+        q, fresh_mask = self._decode(contexts, fresh, empty, torch.zeros(n, dtype=torch.long))
         width, cache = fresh_mask.shape[1], state["cache"]
         short = width - state["mask"].shape[1]
         if short > 0:
             for layer in cache.layers:
-                layer.update(*(t.new_zeros((t.shape[0], t.shape[1], short, t.shape[3])) for t in (layer.keys, layer.values)))
+                k, v = layer.keys, layer.values
+                layer.update(k.new_zeros((*k.shape[:2], short, k.shape[3])),
+                             v.new_zeros((*v.shape[:2], short, v.shape[3])))
             state["mask"] = torch.cat([state["mask"], state["mask"].new_zeros((state["mask"].shape[0], short))], dim=1)
         idx = torch.as_tensor(rows)
-        for layer, new in zip(cache.layers, fresh.layers):
+        for layer, new in zip(cache.layers, fresh.layers, strict=True):
             layer.keys[idx.to(new.keys.device), :, :width] = new.keys
             layer.values[idx.to(new.keys.device), :, :width] = new.values
         state["mask"][idx] = 0

@@ -82,7 +82,7 @@ class ICRLModule(L.LightningModule):
             hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
             weight = head.weight
         else:
-            swap = dict(zip((id(p) for _, p in self._online), self.target_params()))
+            swap = dict(zip((id(p) for _, p in self._online), self.target_params(), strict=True))
             params = {n: swap[id(p)] for n, p in decoder.named_parameters() if id(p) in swap}
             hidden = functional_call(decoder, params, (), {"input_ids": input_ids, "use_cache": False},
                                      strict=False).last_hidden_state

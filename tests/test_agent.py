@@ -69,7 +69,8 @@ def reference_play(model, s, maps, schedule, seed, max_steps, max_context=None, 
 
 
 class Recorder:
-    """Wraps ``agent._forward`` and keeps, per map, the Q row of every decision it took."""
+    """Wraps ``agent._forward`` and ``agent._reencode`` (a map whose context was trimmed gets its
+    Q-values from the re-encoding) and keeps, per map, the Q row of every decision it took."""
 
     def __init__(self, agent: InContextAgent, n_maps: int):
         self.rows: list[list[torch.Tensor]] = [[] for _ in range(n_maps)]
@@ -85,6 +86,16 @@ class Recorder:
             return q
 
         agent._forward = wrapped
+        inner_reencode = agent._reencode
+
+        def wrapped_reencode(rows, contexts, state):
+            q = inner_reencode(rows, contexts, state)
+            self.max_position = max(self.max_position, int(state["positions"].max()))
+            for j, i in enumerate(rows):
+                self.rows[i].append(q[j])
+            return q
+
+        agent._reencode = wrapped_reencode
 
 
 def _assert_same_play(result, rec, ref, atol=1e-4):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import tiny_backbone, tiny_datamodule
 
+from icrl_lightning.evaluation import EvalProtocol
 from icrl_lightning.module import ICRLModule
 
 # training_step is also called directly, outside a Trainer, where self.log only warns.
@@ -15,7 +16,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\
 
 def _module(alpha: float = 0.1, fmt: str = "compact", **kwargs) -> ICRLModule:
     torch.manual_seed(0)
-    kwargs = {"lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 1, "seq_len": 256, **kwargs}
+    # 30-step episodes: two of them fit the 256-token evaluation window the module checks at setup.
+    kwargs = {"lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 1, "seq_len": 256,
+              "evaluation": EvalProtocol(max_episode_steps=30), **kwargs}
     backbone = tiny_backbone(fmt, max_position_embeddings=kwargs["seq_len"])
     return ICRLModule(backbone=backbone, alpha=alpha, **kwargs)
 
@@ -216,3 +219,12 @@ def test_configure_optimizers_warmup():
     assert lrs[9] == pytest.approx(1e-2)
     assert lrs[11] == pytest.approx(1e-2)
     assert all(a < b for a, b in zip(lrs[:9], lrs[1:10], strict=True))
+
+
+def test_too_small_evaluation_window_fails_before_training(tmp_path, tiny_data_dir):
+    module = _module(evaluation=EvalProtocol(max_episode_steps=100))  # 2 x 205 tokens > seq_len 256
+    before = [p.detach().clone() for _, p in module._online]
+    dm = tiny_datamodule(tiny_data_dir, seq_len=256)
+    with pytest.raises(ValueError, match="max_context=256"):
+        _trainer(tmp_path, max_steps=2).fit(module, dm)
+    assert all(torch.equal(b, p) for b, (_, p) in zip(before, module._online, strict=True))

@@ -104,7 +104,8 @@ def generate_map(
     for _ in range(max_tries):
         nrow, ncol = rng.integers(min_size, max_size + 1, size=2)
         u = rng.random((nrow, ncol, 3))
-        tiles = np.where(u[..., 0] < p_start, "S", np.where(u[..., 1] < p_goal, "G", np.where(u[..., 2] < p_hole, "H", "F")))
+        tiles = np.where(u[..., 0] < p_start, "S",
+                         np.where(u[..., 1] < p_goal, "G", np.where(u[..., 2] < p_hole, "H", "F")))
         rows = tuple("".join(r) for r in tiles)
         text = "".join(rows)
         if "S" not in text or "G" not in text:

@@ -50,7 +50,9 @@ class EvalProtocol:
 BASELINES = ("random", "q_learning", "oracle")
 
 
-def run_baseline(name: str, maps: list[Map], schedule: list[float], seed: int, max_episode_steps: int = 100) -> np.ndarray:
+def run_baseline(
+    name: str, maps: list[Map], schedule: list[float], seed: int, max_episode_steps: int = 100
+) -> np.ndarray:
     """Returns ``[maps, episodes]`` of a baseline on the same maps, schedule and draws.
 
     * ``random``: every action uniform.

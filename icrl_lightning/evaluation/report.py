@@ -45,7 +45,9 @@ def summarize(returns: np.ndarray, schedule: list[float], last_k: int = 10) -> d
 def print_table(report: dict, console: Console | None = None) -> None:
     k = report["last_k"]
     table = Table(title=f"In-context evaluation: {report['n_maps']} maps x {report['n_episodes']} episodes")
-    for col in ("agent", "first eps", f"last {k}", "overall", "goal found pre-greedy", "greedy | found", "greedy | not found"):
+    columns = ("agent", "first eps", f"last {k}", "overall", "goal found pre-greedy", "greedy | found",
+               "greedy | not found")
+    for col in columns:
         table.add_column(col, justify="right" if col != "agent" else "left")
 
     def fmt(x):
