@@ -49,7 +49,10 @@ class ICRLModule(L.LightningModule):
         evaluation: EvalProtocol | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        # The evaluation protocol is not a property of the trained weights: leaving it out of the
+        # checkpoint's hyper-parameters lets `validate --ckpt_path ... --model.evaluation.*` change
+        # it (LightningCLI applies checkpoint hyper-parameters over the command line).
+        self.save_hyperparameters(ignore=["evaluation"])
         self.backbone_spec = backbone or TinyLlama()
         self.protocol = evaluation or EvalProtocol()
         self.model, self.tokenizer = self.backbone_spec.build()

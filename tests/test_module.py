@@ -228,3 +228,11 @@ def test_too_small_evaluation_window_fails_before_training(tmp_path, tiny_data_d
     with pytest.raises(ValueError, match="max_context=256"):
         _trainer(tmp_path, max_steps=2).fit(module, dm)
     assert all(torch.equal(b, p) for b, (_, p) in zip(before, module._online, strict=True))
+
+
+def test_evaluation_protocol_is_not_a_checkpointed_hyperparameter():
+    # LightningCLI applies a checkpoint's hyper-parameters over the command line on
+    # `validate --ckpt_path`; keeping the protocol out lets `--model.evaluation.*` take effect.
+    module = _module()
+    assert "evaluation" not in module.hparams
+    assert module.protocol.max_episode_steps == 30
