@@ -181,7 +181,7 @@ class ICRLModule(L.LightningModule):
             self.log("val/context_gain", gain, rank_zero_only=True)
         maps = [m for o in outputs for m in o["maps"]]
         self.eval_report = {
-            "n_maps": len(maps), "n_episodes": len(schedule), "last_k": k, "schedule": schedule,
+            "n_maps": len(order), "n_episodes": len(schedule), "last_k": k, "schedule": schedule,
             "global_step": int(self.global_step), "protocol": vars(p),
             "maps": [list(maps[i]) for i in order],
             "agents": summaries,
