@@ -1,0 +1,81 @@
+"""Does a checkpoint use its context? TD error by episode index on single-map sequences.
+
+For each of the first ``--maps`` training maps, 30 of its episodes are drawn at random and
+packed whole into one sequence of at most ``--seq-len`` tokens. The squared double-DQN TD error
+of every action is grouped by how many earlier episodes of the same map precede it. A model
+that learns in context has a lower error with more context.
+
+    python tools/context_td_error.py runs/quickstart/version_0/checkpoints/last.ckpt --data-dir data
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from icrl_lightning.backbones import TinyLlama
+from icrl_lightning.data import ReplayDataModule
+from icrl_lightning.module import ICRLModule
+from icrl_lightning.qlearning import double_dqn_targets, next_step
+
+BUCKETS = (("episode 0 (no context)", 0, 1), ("episodes 1-2", 1, 3), ("episodes 3-7", 3, 8), ("episodes 8+", 8, 10**9))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint")
+    ap.add_argument("--data-dir", default="data", help="data_dir of the run (its default dataset settings)")
+    ap.add_argument("--maps", type=int, default=120)
+    ap.add_argument("--seq-len", type=int, default=512)
+    args = ap.parse_args()
+
+    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    spec = hp["backbone"]
+    backbone = TinyLlama(**spec.get("init_args", spec)) if isinstance(spec, dict) else spec
+    module = ICRLModule(backbone=backbone, gamma=hp["gamma"], reward_scale=hp["reward_scale"], seq_len=hp["seq_len"])
+    module.load_state_dict(ckpt["state_dict"])
+    module.eval()
+    saved = ckpt.get("datamodule_hyper_parameters", {})
+    settings = {k: v for k, v in saved.items() if not k.startswith("_")} | {"data_dir": args.data_dir}
+    data = ReplayDataModule(**settings)
+    by_map: dict[int, list] = {}
+    for e in data.load_episodes():
+        by_map.setdefault(e.map_id, []).append(e)
+
+    rng = np.random.default_rng(0)
+    errors: dict[int, list[float]] = {i: [] for i in range(len(BUCKETS))}
+    s = module.serializer
+    with torch.no_grad():
+        for map_id in sorted(by_map)[: args.maps]:
+            episodes = by_map[map_id]
+            ids: list[int] = []
+            q_pos, action, reward, done, index = [], [], [], [], []
+            for k, i in enumerate(rng.choice(len(episodes), size=min(30, len(episodes)), replace=False)):
+                e = episodes[i]
+                enc = s.episode(e.observations, e.actions, e.rewards, e.terminated, e.truncated)
+                if len(ids) + len(enc) > args.seq_len or not len(enc.q_pos):
+                    break
+                q_pos += (enc.q_pos + len(ids)).tolist()
+                action += enc.actions.tolist()
+                reward += enc.rewards.tolist()
+                done += [False] * (len(enc.actions) - 1) + [True]
+                index += [k] * len(enc.actions)
+                ids += enc.ids.tolist()
+            x = torch.tensor([ids])
+            mask = torch.zeros_like(x, dtype=torch.bool)
+            mask[0, q_pos] = True
+            q, q_target = module._q_values(x, mask), module._q_values(x, mask, target=True)
+            y = double_dqn_targets(torch.tensor(reward), torch.tensor(done), next_step(q), next_step(q_target),
+                                   hp["gamma"], hp["reward_scale"])
+            err = (q.gather(1, torch.tensor(action)[:, None]).squeeze(1) - y) ** 2
+            for k, e2 in zip(index, err.tolist(), strict=True):
+                errors[next(b for b, (_, lo, hi) in enumerate(BUCKETS) if lo <= k < hi)].append(e2)
+    for b, (name, _, _) in enumerate(BUCKETS):
+        print(f"{name:24s} TD MSE {np.mean(errors[b]):7.2f}  (n={len(errors[b])})")
+
+
+if __name__ == "__main__":
+    main()
