@@ -209,7 +209,6 @@ class InContextAgent:
         seed: int,
         keep_context: bool = True,
         switch_to: list[Map] | None = None,
-        record: bool = False,
     ) -> TrialResult:
         """One trial per map, all in lock-step: ``len(schedule)`` episodes, episode ``k`` taking the
         greedy action with probability ``schedule[k]``. ``keep_context=False`` starts every episode
@@ -224,7 +223,6 @@ class InContextAgent:
         returns = np.zeros((n_maps, total))
         trajs: list[list[list[int]]] = [[] for _ in range(n_maps)]
         episode = np.zeros(n_maps, dtype=int)
-        obs = np.zeros(n_maps, dtype=int)
         ep_return = np.zeros(n_maps)
         active = np.ones(n_maps, dtype=bool)
 
@@ -234,7 +232,6 @@ class InContextAgent:
                 envs[i].close()
                 envs[i] = make_env(phases[k // n_eps][i], self.max_episode_steps)
             o, _ = envs[i].reset(seed=int(rngs[i].integers(2**31)))
-            obs[i] = o
             ep_return[i] = 0.0
             trajs[i].append([int(o)])
             if not keep_context:
