@@ -180,11 +180,12 @@ class ICRLModule(L.LightningModule):
             gain = icrl[f"last{k}"] / max(summaries["no_context"][f"last{k}"], 1e-9)
             self.log("val/context_gain", gain, rank_zero_only=True)
         maps = [m for o in outputs for m in o["maps"]]
+        trajectories = [t for o in outputs for t in o["trajectories"]]
         self.eval_report = {
             "n_maps": len(order), "n_episodes": len(schedule), "last_k": k, "schedule": schedule,
             "global_step": int(self.global_step), "protocol": vars(p),
             "maps": [list(maps[i]) for i in order],
             "agents": summaries,
-            "trajectories": [[t for o in outputs for t in o["trajectories"]][i] for i in order],
+            "trajectories": [trajectories[i] for i in order],
             "timings": [o["timings"] for o in outputs],
         }
