@@ -5,14 +5,14 @@ from __future__ import annotations
 import time
 
 import lightning as L
-import numpy as np
 import torch
 from torch.func import functional_call
 
 from icrl_lightning.agent import InContextAgent
 from icrl_lightning.backbones import TinyLlama
-from icrl_lightning.evaluation.protocol import BASELINES, EvalProtocol, run_baseline
-from icrl_lightning.evaluation.report import summarize
+from icrl_lightning.checks import check_module_args
+from icrl_lightning.evaluation.protocol import EvalProtocol
+from icrl_lightning.evaluation.runner import Evaluator
 from icrl_lightning.qlearning import action_q_values, bellman_loss, double_dqn_targets, next_step, polyak_
 from icrl_lightning.serialize import Serializer
 
@@ -49,6 +49,7 @@ class ICRLModule(L.LightningModule):
         evaluation: EvalProtocol | None = None,
     ):
         super().__init__()
+        check_module_args(lr, weight_decay, warmup_steps, alpha, gamma, reward_scale, loss, seq_len)
         # The evaluation protocol is not a property of the trained weights: leaving it out of the
         # checkpoint's hyper-parameters lets `validate --ckpt_path ... --model.evaluation.*` change
         # it (LightningCLI applies checkpoint hyper-parameters over the command line).
@@ -63,7 +64,7 @@ class ICRLModule(L.LightningModule):
             self.register_buffer(f"target_{k}", p.detach().clone())
         self._step_clock: float | None = None
         self._eval_outputs: list[dict] = []
-        self._baseline_cache: dict = {}
+        self.evaluator = Evaluator(self.protocol)
         self.eval_report: dict | None = None
 
     def setup(self, stage: str) -> None:
@@ -133,26 +134,7 @@ class ICRLModule(L.LightningModule):
         self._eval_outputs = []
 
     def validation_step(self, batch: list[tuple[int, tuple[str, ...]]], batch_idx: int) -> None:
-        p = self.protocol
-        schedule = p.greedy_probs()
-        index = [i for i, _ in batch]
-        maps = [m for _, m in batch]
-        agent = self._agent()
-        started = time.perf_counter()
-        trial = agent.play(maps, schedule, p.seed)
-        out = {"index": index, "maps": maps, "icrl": trial.returns, "trajectories": trial.trajectories,
-               "timings": {"icrl_s": time.perf_counter() - started, "forward_calls": trial.forward_calls}}
-        if p.no_context:
-            started = time.perf_counter()
-            out["no_context"] = agent.play(maps, schedule, p.seed, keep_context=False).returns
-            out["timings"]["no_context_s"] = time.perf_counter() - started
-        if p.baselines:
-            for name in BASELINES:
-                key = (name, tuple(maps), tuple(schedule), p.seed, p.max_episode_steps)
-                if key not in self._baseline_cache:
-                    self._baseline_cache[key] = run_baseline(name, maps, schedule, p.seed, p.max_episode_steps)
-                out[name] = self._baseline_cache[key]
-        self._eval_outputs.append(out)
+        self._eval_outputs.append(self.evaluator.run(self._agent(), batch))
 
     def on_validation_epoch_end(self) -> None:
         outputs = self._eval_outputs
@@ -162,30 +144,6 @@ class ICRLModule(L.LightningModule):
             outputs = [o for rank in gathered for o in rank]
         if not outputs:
             return
-        index = np.concatenate([o["index"] for o in outputs])
-        # Lightning's DistributedSampler repeats maps to even out ranks: keep each map once.
-        _, order = np.unique(index, return_index=True)
-        p = self.protocol
-        schedule = p.greedy_probs()
-        agents = [a for a in ("icrl", "no_context", *BASELINES) if a in outputs[0]]
-        returns = {a: np.concatenate([o[a] for o in outputs])[order] for a in agents}
-        summaries = {a: summarize(r, schedule, p.last_k) for a, r in returns.items()}
-        k = p.last_k
-        icrl = summaries["icrl"]
-        for e, v in enumerate(icrl["mean_return"]):
-            self.log(f"val_curve/return_ep{e:02d}", v, rank_zero_only=True, sync_dist=False)
-        for a, s in summaries.items():
-            self.log(f"val/{a}_last{k}", s[f"last{k}"], rank_zero_only=True)
-        if "no_context" in summaries:
-            gain = icrl[f"last{k}"] / max(summaries["no_context"][f"last{k}"], 1e-9)
-            self.log("val/context_gain", gain, rank_zero_only=True)
-        maps = [m for o in outputs for m in o["maps"]]
-        trajectories = [t for o in outputs for t in o["trajectories"]]
-        self.eval_report = {
-            "n_maps": len(order), "n_episodes": len(schedule), "last_k": k, "schedule": schedule,
-            "global_step": int(self.global_step), "protocol": vars(p),
-            "maps": [list(maps[i]) for i in order],
-            "agents": summaries,
-            "trajectories": [trajectories[i] for i in order],
-            "timings": [o["timings"] for o in outputs],
-        }
+        metrics, self.eval_report = self.evaluator.finish(outputs, int(self.global_step))
+        for name, value in metrics.items():
+            self.log(name, value, rank_zero_only=True, sync_dist=False)
