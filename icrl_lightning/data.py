@@ -11,11 +11,20 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from icrl_lightning.behaviour import q_learning_run
-from icrl_lightning.envs.frozen_lake import make_splits, validate_map
-from icrl_lightning.episodes import Episode, quality_weights, read_shard, write_json_atomic, write_shard
+from icrl_lightning.checks import InputError, MissingInputFile, check_data_args, check_range
+from icrl_lightning.envs.frozen_lake import OOD_MAX_SIZE, RESERVED_EVAL_MAPS, make_splits, validate_map
+from icrl_lightning.episodes import (
+    Episode,
+    quality_weights,
+    read_shard,
+    shard_is_readable,
+    write_json_atomic,
+    write_shard,
+)
 from icrl_lightning.serialize import EncodedEpisode, Serializer
 
 log = logging.getLogger(__name__)
@@ -27,10 +36,17 @@ class ReplayStream(IterableDataset):
     """Packed sequences of episode *sets*: a set is ``set_size`` episodes of one map drawn (with
     quality weights, without replacement) from that map's run and shuffled; sets follow one
     another, so sequences hold map switches. Only whole episodes are packed; the rest of a
-    sequence is padding.
+    sequence is padding. With ``set_order="random"``, when the next episode of the current set
+    does not fit, a later episode of the same set that fits goes first (the set's order is random
+    anyway); sets stay contiguous either way.
 
     Each (rank, worker) owns a disjoint slice of the maps and its own seeded generator, so the
     stream is deterministic for a seed and no two readers produce the same sets.
+
+    ``skip_batches`` resumes the stream: this rank's first ``skip_batches`` batches are generated
+    and dropped, so a resumed run sees exactly the batches the uninterrupted run would have seen
+    (for the same world size, ``num_workers`` and ``batch_size``). ``__len__`` stays the length of
+    the whole stream, which is what Lightning's restored batch counter counts against.
     """
 
     def __init__(
@@ -46,34 +62,46 @@ class ReplayStream(IterableDataset):
         world_size: int = 1,
         batch_size: int = 1,
         set_order: str = "random",
+        skip_batches: int = 0,
     ):
         if set_order not in ("random", "learning"):
-            raise ValueError(f"data.set_order={set_order!r}: choose 'random' or 'learning'")
+            raise InputError(f"data.set_order={set_order!r}: choose 'random' or 'learning'")
         longest = max(len(e) for eps in episodes.values() for e in eps)
         if longest > seq_len:
-            raise ValueError(f"data.seq_len={seq_len} is shorter than the longest episode ({longest} tokens): "
+            raise InputError(f"data.seq_len={seq_len} is shorter than the longest episode ({longest} tokens): "
                              f"raise seq_len to at least {longest}")
         self.episodes, self.weights = episodes, weights
         self.seq_len, self.pad_id, self.num_sequences = seq_len, pad_id, num_sequences
         self.set_size, self.seed, self.rank, self.world_size = set_size, seed, rank, world_size
-        self.batch_size, self.set_order = batch_size, set_order
+        self.batch_size, self.set_order, self.skip_batches = batch_size, set_order, skip_batches
 
     def __len__(self) -> int:
         return self.num_sequences
 
-    def _reader(self) -> tuple[int, int, int]:
-        """(global reader index, number of readers, sequences this reader yields)."""
+    def _reader(self) -> tuple[int, int, int, int]:
+        """(global reader index, number of readers, sequences to drop, sequences to yield)."""
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        reader, readers = self.rank * nw + wid, self.world_size * nw
-        if readers > len(self.episodes):
-            raise ValueError(f"{readers} data readers (ranks x workers) but only {len(self.episodes)} maps")
-        # Workers of one rank split that rank's batches; DataLoader takes batch k from worker k % nw.
+        if self.world_size * nw > len(self.episodes):
+            raise InputError(f"{self.world_size * nw} data readers (ranks x data.num_workers) but only "
+                             f"{len(self.episodes)} training maps: lower data.num_workers or raise data.num_train_maps")
+        # Workers of one rank split that rank's batches; DataLoader takes batch k from worker k % nw,
+        # counting from 0 again when a resumed run builds a new DataLoader: worker `wid` then plays
+        # the reader that produced batches skip + wid, skip + wid + nw, ... in the uninterrupted run.
         bs, total = self.batch_size, self.num_sequences
-        count = sum(min(bs, total - b * bs) for b in range(wid, -(-total // bs), nw))
-        return reader, readers, count
+        n_batches = -(-total // bs)
+        skip = min(self.skip_batches, n_batches)
+        local = (wid + skip) % nw
+
+        def size(b: int) -> int:
+            return min(bs, total - b * bs)
+
+        dropped = sum(size(b) for b in range(local, skip, nw))
+        count = sum(size(b) for b in range(skip + wid, n_batches, nw))
+        return self.rank * nw + local, self.world_size * nw, dropped, count
 
     def _sets(self, rng: np.random.Generator, maps: list[int]):
+        """Sets of episodes (lists), forever."""
         lo, hi = self.set_size
         while True:
             m = maps[rng.integers(len(maps))]
@@ -82,24 +110,37 @@ class ReplayStream(IterableDataset):
             if self.set_order == "learning":
                 # A window of consecutive episodes of the learning run, in the order played.
                 first = int(rng.integers(len(eps) - k + 1))
-                yield from eps[first:first + k]
+                yield eps[first:first + k]
             else:
-                yield from (eps[i] for i in rng.choice(len(eps), size=k, replace=False, p=w / w.sum()))
+                yield [eps[i] for i in rng.choice(len(eps), size=k, replace=False, p=w / w.sum())]
+
+    def _chunks(self, rng: np.random.Generator, maps: list[int]):
+        """The episodes of each sequence, forever."""
+        sets = self._sets(rng, maps)
+        pending: list[EncodedEpisode] = []  # what is left of the current set, in order
+        reorder = self.set_order == "random"
+        while True:
+            chunk: list[EncodedEpisode] = []
+            room = self.seq_len
+            while True:
+                if not pending:
+                    pending = list(next(sets))
+                fits = next((i for i, e in enumerate(pending if reorder else pending[:1]) if len(e) <= room), None)
+                if fits is None:
+                    break
+                e = pending.pop(fits)
+                chunk.append(e)
+                room -= len(e)
+            yield chunk
 
     def __iter__(self):
-        reader, readers, count = self._reader()
+        reader, readers, dropped, count = self._reader()
         maps = sorted(self.episodes)[reader::readers]
-        rng = np.random.default_rng([self.seed, reader])
-        episodes = self._sets(rng, maps)
-        pending = next(episodes)
+        chunks = self._chunks(np.random.default_rng([self.seed, reader]), maps)
+        for _ in range(dropped):  # resuming: regenerate what was consumed (packing only; cheap)
+            next(chunks)
         for _ in range(count):
-            chunk: list[EncodedEpisode] = []
-            used = 0
-            while used + len(pending) <= self.seq_len:
-                chunk.append(pending)
-                used += len(pending)
-                pending = next(episodes)
-            yield self._pack(chunk)
+            yield self._pack(next(chunks))
 
     def _pack(self, chunk: list[EncodedEpisode]) -> dict[str, torch.Tensor]:
         L_ = self.seq_len
@@ -144,11 +185,11 @@ def load_map_file(path: str | Path) -> list[tuple[str, ...]]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"map file {path} does not exist") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"map file {path} is not valid JSON: {err}") from None
+        raise MissingInputFile(f"map file {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"map file {path} is not valid JSON: {err}") from None
     if not isinstance(data, list) or not data:
-        raise ValueError(f"map file {path}: expected a non-empty JSON list of maps (lists of row strings)")
+        raise InputError(f"map file {path}: expected a non-empty JSON list of maps (lists of row strings)")
     return [validate_map(m, where=f"map file {path}, map {i}") for i, m in enumerate(data)]
 
 
@@ -179,6 +220,13 @@ class ReplayDataModule(L.LightningDataModule):
         eval_split: ``heldout`` (same sizes as training) or ``ood`` (6..7 x 6..7).
         eval_maps: how many maps of the split to evaluate on (at most 200 are reserved).
         eval_map_file: a JSON list of maps (lists of row strings) to evaluate on instead.
+
+    Every argument is range-checked here; the map file and ``seq_len`` against the longest
+    possible episode are checked at the start of ``prepare_data`` (they need the model's
+    serializer), so a bad value fails before the dataset is built or a step is trained.
+
+    ``fit --ckpt_path ...`` continues the replay stream where the checkpoint left it: the stream
+    skips the ``global_step x accumulate_grad_batches`` batches this rank already trained on.
     """
 
     def __init__(
@@ -208,7 +256,9 @@ class ReplayDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        check_data_args(self.hparams, RESERVED_EVAL_MAPS)
         self.serializer: Serializer | None = None
+        self._eval_maps_from_file: list[tuple[str, ...]] | None = None
 
     # --- the offline dataset -------------------------------------------------------------------
     def _generation_settings(self) -> dict:
@@ -229,7 +279,11 @@ class ReplayDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Build the dataset when absent. Shards are written atomically and the manifest last,
-        so an interrupted build resumes from the shards it finished."""
+        so an interrupted build resumes from the shards it finished. Only ``fit`` needs the
+        dataset: ``validate`` under a trainer builds nothing."""
+        self._preflight()
+        if self.trainer is not None and self.trainer.state.fn not in (None, TrainerFn.FITTING):
+            return
         out = self.dataset_dir
         if (out / "manifest.json").exists():
             return
@@ -241,7 +295,9 @@ class ReplayDataModule(L.LightningDataModule):
             path = out / f"shard-{s:05d}.parquet"
             shards.append(path.name)
             if path.exists():
-                continue
+                if shard_is_readable(path):
+                    continue
+                log.warning("rebuilding damaged shard %s", path)
             episodes: list[Episode] = []
             for map_id in range(first, min(first + MAPS_PER_SHARD, len(splits.train))):
                 episodes += q_learning_run(
@@ -258,26 +314,63 @@ class ReplayDataModule(L.LightningDataModule):
         manifest_path = out / "manifest.json"
         if not manifest_path.exists():
             raise FileNotFoundError(f"dataset {out} is incomplete (no manifest.json); run prepare_data()")
-        manifest = json.loads(manifest_path.read_text())
-        return [e for name in manifest["shards"] for e in read_shard(out / name)]
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            shards = manifest["shards"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise InputError(f"dataset manifest {manifest_path} is damaged ({type(err).__name__}: {err}): "
+                             f"delete the dataset folder {out} and run again to rebuild it") from None
+        return [e for name in shards for e in read_shard(out / name)]
+
+    # --- checks that need the model -------------------------------------------------------------
+    def _attached_serializer(self) -> Serializer | None:
+        if self.serializer is None and self.trainer is not None and self.trainer.lightning_module is not None:
+            self.serializer = getattr(self.trainer.lightning_module, "serializer", None)
+        return self.serializer
+
+    def longest_episode_tokens(self, serializer: Serializer) -> int:
+        """Tokens of the longest episode the data can hold: ``max_episode_steps`` steps on the
+        largest training map (a reward or a truncation marker at the end, whichever is longer)."""
+        h = self.hparams
+        n, tile = h.max_episode_steps, min(h.max_size**2, serializer.max_tiles) - 1
+        obs, actions = [tile] * (n + 1), [0] * n
+        return max(len(serializer.episode(obs, actions, [0.0] * (n - 1) + [r], not trunc, trunc))
+                   for r in (0.0, 1.0) for trunc in (False, True))
+
+    def _preflight(self) -> None:
+        """Checks that need the model's serializer or read files: before any data is built."""
+        h = self.hparams
+        if h.eval_map_file and self._eval_maps_from_file is None:
+            self._eval_maps_from_file = load_map_file(h.eval_map_file)
+        serializer = self._attached_serializer()
+        if serializer is None:
+            return
+        sizes = {"data.max_size": h.max_size**2}
+        if h.eval_map_file:
+            sizes["data.eval_map_file"] = max(len(m) * len(m[0]) for m in self._eval_maps_from_file)
+        elif h.eval_split == "ood":
+            sizes["data.eval_split=ood"] = OOD_MAX_SIZE**2
+        key, biggest = max(sizes.items(), key=lambda kv: kv[1])
+        if biggest > serializer.max_tiles:
+            raise InputError(f"{key}: maps of {biggest} tiles, but the model's tokenizer writes at most "
+                             f"{serializer.max_tiles} tiles: raise model.backbone.max_tiles to {biggest}")
+        need = self.longest_episode_tokens(serializer)
+        check_range("data.seq_len", h.seq_len, need, None,
+                    why=f"an episode of data.max_episode_steps={h.max_episode_steps} steps is {need} tokens "
+                        f"in the {serializer.fmt.name} format")
 
     # --- streams --------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        if self.serializer is None and self.trainer is not None:
-            self.serializer = self.trainer.lightning_module.serializer
+        self._preflight()  # again: prepare_data runs on one process per node only
         h = self.hparams
         if h.eval_map_file:
-            self.eval_maps = load_map_file(h.eval_map_file)
+            self.eval_maps = self._eval_maps_from_file
         else:
             splits = make_splits(h.seed, 0, **self._split_kwargs())
-            pool = splits.heldout if h.eval_split == "heldout" else splits.ood
-            if h.eval_split not in ("heldout", "ood"):
-                raise ValueError(f"data.eval_split={h.eval_split!r}: choose 'heldout' or 'ood'")
-            if not 1 <= h.eval_maps <= len(pool):
-                raise ValueError(f"data.eval_maps={h.eval_maps}: must be in [1, {len(pool)}]")
-            self.eval_maps = pool[: h.eval_maps]
+            self.eval_maps = (splits.heldout if h.eval_split == "heldout" else splits.ood)[: h.eval_maps]
 
-    def train_stream(self, num_sequences: int, rank: int = 0, world_size: int = 1) -> ReplayStream:
+    def train_stream(self, num_sequences: int, rank: int = 0, world_size: int = 1,
+                     skip_batches: int = 0) -> ReplayStream:
         h = self.hparams
         by_map: dict[int, list[Episode]] = {}
         for e in self.load_episodes():
@@ -286,16 +379,59 @@ class ReplayDataModule(L.LightningDataModule):
                        for e in eps] for m, eps in by_map.items()}
         weights = {m: quality_weights(eps, h.quality) for m, eps in by_map.items()}
         return ReplayStream(encoded, weights, h.seq_len, self.serializer.pad_id, num_sequences,
-                            (h.set_size_min, h.set_size_max), h.seed, rank, world_size, h.batch_size, h.set_order)
+                            (h.set_size_min, h.set_size_max), h.seed, rank, world_size, h.batch_size, h.set_order,
+                            skip_batches)
 
     def train_dataloader(self) -> DataLoader:
         t = self.trainer
         if t.max_steps is None or t.max_steps < 1:
-            raise ValueError("trainer.max_steps must be set (>= 1): the replay stream is sized from it")
+            raise InputError("trainer.max_steps must be set (>= 1): the replay stream is sized from it")
         num_sequences = t.max_steps * t.accumulate_grad_batches * self.hparams.batch_size
-        stream = self.train_stream(num_sequences, t.global_rank, t.world_size)
-        return DataLoader(stream, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
+        # A resumed fit has its step counter restored by now: continue the stream after the batches
+        # already trained on (checkpoints are taken after an optimizer step).
+        skip = t.global_step * t.accumulate_grad_batches
+        if skip:
+            log.info("resuming the replay stream after %d batches per rank", skip)
+        stream = self.train_stream(num_sequences, t.global_rank, t.world_size, skip)
+        return ReplayLoader(stream, self._layout(), batch_size=self.hparams.batch_size,
+                            num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         # One batch holds every map of this rank: the agent plays them in lock-step.
         return DataLoader(MapList(self.eval_maps), batch_size=len(self.eval_maps), collate_fn=_as_list)
+
+    def _layout(self) -> dict:
+        """What decides which batch comes at which step."""
+        h, t = self.hparams, self.trainer
+        keys = ("seed", "seq_len", "batch_size", "num_workers", "set_size_min", "set_size_max", "quality",
+                "set_order")
+        return {"dataset": self.dataset_dir.name, **{k: h[k] for k in keys}, "world_size": t.world_size,
+                "accumulate_grad_batches": t.accumulate_grad_batches}
+
+
+class ReplayLoader(DataLoader):
+    """The replay stream's ``DataLoader``. Its position is not state of its own: the stream skips
+    what the restored step counter says was trained on. What it saves in checkpoints (Lightning
+    keeps the state of loaders that have ``state_dict``) is the stream's layout, so that a resume
+    under a different layout, which cannot continue the same batches, says so.
+
+    Args:
+        dataset: the ``ReplayStream``.
+        layout: everything that decides which batch comes at which step (seed, sizes, world size, ...).
+        **kwargs: ``DataLoader`` arguments.
+    """
+
+    def __init__(self, dataset: ReplayStream, layout: dict, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.layout = layout
+
+    def state_dict(self) -> dict:
+        return {"stream_layout": self.layout}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict.get("stream_layout", {})
+        changed = {k: (v, self.layout.get(k)) for k, v in saved.items() if self.layout.get(k) != v}
+        if changed:
+            log.warning("the checkpoint's replay stream was laid out differently (%s): training continues after the "
+                        "same number of batches, but not with the batches the uninterrupted run would have seen",
+                        ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))

@@ -15,6 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from icrl_lightning.checks import InputError
+
 SCHEMA = pa.schema([
     ("map_id", pa.int32()),
     ("map_rows", pa.list_(pa.string())),
@@ -64,31 +66,60 @@ def write_shard(episodes: list[Episode], path: Path) -> None:
         "return": [e.ret for e in episodes],
         "learner_episode": [e.learner_episode for e in episodes],
     }, schema=SCHEMA)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    _replace_atomically(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def _unreadable(path: Path, what: str) -> InputError:
+    return InputError(f"episode shard {path} is unreadable ({what}); it is damaged or was not written by this "
+                      f"version: delete the dataset folder {path.parent} and run again to rebuild it")
+
+
+def shard_is_readable(path: Path) -> bool:
+    """Cheap check (footer and schema only) that ``path`` is a complete shard."""
+    try:
+        return pq.read_schema(path).equals(SCHEMA, check_metadata=False)
+    except (OSError, pa.ArrowException):
+        return False
 
 
 def read_shard(path: Path) -> list[Episode]:
     try:
         table = pq.read_table(path, schema=SCHEMA)
-    except Exception as err:  # pyarrow raises several types for a damaged file
-        raise ValueError(f"episode shard {path} is unreadable ({type(err).__name__}: {err}); "
-                         "delete its dataset folder to rebuild it") from err
+    except FileNotFoundError:
+        raise _unreadable(path, "the file is missing") from None
+    except (OSError, pa.ArrowException, ValueError) as err:  # pyarrow raises several types for a damaged file
+        raise _unreadable(path, f"{type(err).__name__}: {err}") from err
     cols = table.to_pydict()
-    return [
-        Episode(map_id=cols["map_id"][i], map_rows=tuple(cols["map_rows"][i]),
+    episodes = []
+    for i in range(table.num_rows):
+        try:
+            episodes.append(Episode(
+                map_id=cols["map_id"][i], map_rows=tuple(cols["map_rows"][i]),
                 observations=cols["observations"][i], actions=cols["actions"][i],
                 rewards=cols["rewards"][i], terminated=cols["terminated"][i],
-                truncated=cols["truncated"][i], learner_episode=cols["learner_episode"][i])
-        for i in range(table.num_rows)
-    ]
+                truncated=cols["truncated"][i], learner_episode=cols["learner_episode"][i]))
+        except (TypeError, ValueError) as err:
+            raise _unreadable(path, f"row {i}: {err}") from err
+    return episodes
 
 
 def write_json_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2)
+    _replace_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def _replace_atomically(path: Path, write) -> None:
+    """``write(tmp)`` to a temporary name in the same folder, flush it to disk, then rename it over
+    ``path``: a reader sees the old file or the whole new one, never a part. The temporary name
+    holds the process id, so two processes building the same dataset never write the same file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 QUALITY_WEIGHTS = {"high": (5.0, 1.0), "medium": (1.0, 1.0), "low": (1.0, 5.0)}
@@ -97,6 +128,6 @@ QUALITY_WEIGHTS = {"high": (5.0, 1.0), "medium": (1.0, 1.0), "low": (1.0, 5.0)}
 def quality_weights(episodes: list[Episode], quality: str) -> np.ndarray:
     """SPEC data quality: high samples successes 5x more often than failures, low the reverse."""
     if quality not in QUALITY_WEIGHTS:
-        raise ValueError(f"quality={quality!r}: choose one of {sorted(QUALITY_WEIGHTS)}")
+        raise InputError(f"data.quality={quality!r}: choose one of {sorted(QUALITY_WEIGHTS)}")
     w_success, w_failure = QUALITY_WEIGHTS[quality]
     return np.array([w_success if e.success else w_failure for e in episodes])

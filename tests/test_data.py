@@ -413,3 +413,31 @@ def test_stream_yields_len_sequences(compact):
     episodes, weights, _ = _synthetic(compact, n_maps=2, n_eps=10)
     st = ReplayStream(episodes, weights, seq_len=64, pad_id=compact.pad_id, num_sequences=5, seed=0, batch_size=2)
     assert len(list(st)) == len(st) == 5
+
+
+def _episode_of_length(n: int, tag: int):
+    from icrl_lightning.serialize import EncodedEpisode
+
+    return EncodedEpisode(ids=np.full(n, tag, dtype=np.int32), q_pos=np.zeros(0, dtype=np.int32),
+                          actions=np.zeros(0, dtype=np.int64), rewards=np.zeros(0, dtype=np.float32))
+
+
+@pytest.mark.parametrize(("set_order", "expected"), [
+    # random order: when the next episode of the set does not fit, a later one of the same set that
+    # fits goes first; the next set starts only once the current one is used up.
+    ("random", [[6, 3, 1], [6, 2, 2], [4, 4, 1], [5, 5]]),
+    # learning order keeps the played order: the sequence ends at the first episode that does not fit.
+    ("learning", [[6], [6, 3, 1], [2, 4, 4], [2, 1, 5]]),
+])
+def test_packing_fills_from_the_current_set_only(set_order, expected):
+    sets = [[6, 6, 3, 1], [2, 4, 4, 2, 1], [5, 5], [10]]  # episode lengths of the sets, in the order drawn
+    stream = ReplayStream({0: [_episode_of_length(6, 0)]}, {0: np.ones(1)}, seq_len=10, pad_id=0, num_sequences=4,
+                          set_order=set_order)
+    stream._sets = lambda rng, maps: iter([[_episode_of_length(n, 10 * s + i) for i, n in enumerate(lengths)]
+                                           for s, lengths in enumerate(sets)])
+    chunks = stream._chunks(np.random.default_rng(0), [0])
+    got = [next(chunks) for _ in range(len(expected))]
+    assert [[len(e) for e in c] for c in got] == expected
+    # Sets stay contiguous: every episode of set 0 comes before every episode of set 1.
+    order = [int(e.ids[0]) // 10 for c in got for e in c]
+    assert order == sorted(order)

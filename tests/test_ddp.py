@@ -1,10 +1,12 @@
-"""Two-process (gloo, CPU) in-context evaluation. Slow: each run spawns two Python processes.
+"""Two processes (gloo, CPU): in-context evaluation, and fit through the CLI with the ddp preset.
+Slow: each run spawns two Python processes.
 
 Each scenario runs in its own subprocess with a timeout, so a collective that never completes
 fails the test instead of hanging the suite."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -12,7 +14,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
+import yaml
+from helpers import TINY, TINY_DATA, tiny_datamodule
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,3 +93,128 @@ def test_ddp_report_callback(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["n_maps"] == 4
+
+
+# --- fit under DDP through the real CLI and the ddp preset (on CPU: gloo) ------------------------------------
+class DumpRank(L.Callback):
+    """Test helper for ``test_ddp_fit``: each rank appends a hash of every batch it trains on to
+    ``{out}/batches-rank{r}.jsonl`` and saves its final weights and target buffers to
+    ``{out}/state-rank{r}.pt``.
+
+    Args:
+        out: folder for the files.
+    """
+
+    def __init__(self, out: str):
+        self.out = out
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        with open(f"{self.out}/batches-rank{trainer.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps([_digest(ids) for ids in batch["input_ids"]]) + "\n")
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save({k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
+                   f"{self.out}/state-rank{trainer.global_rank}.pt")
+
+
+def _digest(ids) -> str:
+    return hashlib.sha256(ids.numpy().astype("int64").tobytes()).hexdigest()[:16]
+
+
+FIT_STEPS = 3
+
+
+def _fit_config(tmp: Path, data_dir: Path) -> Path:
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_steps": FIT_STEPS, "logger": False, "enable_progress_bar": False, "enable_model_summary": False,
+            "num_sanity_val_steps": 0, "default_root_dir": str(tmp / "root"),
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": str(tmp / "ckpt"), "save_last": True}},
+                {"class_path": "icrl_lightning.callbacks.InContextReport", "init_args": {"figures": False}},
+                {"class_path": "test_ddp.DumpRank", "init_args": {"out": str(tmp)}},
+            ],
+        },
+        "model": {"backbone": TINY, "warmup_steps": 1, "lr": 1e-3,
+                  "evaluation": {"max_episode_steps": 20, "schedule": [0.0, 0.5, 1.0, 1.0]}},
+        "data": {**TINY_DATA, "data_dir": str(data_dir), "eval_maps": 5},
+    }
+    path = tmp / "fit.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+
+
+@pytest.fixture(scope="module")
+def ddp_fit(tmp_path_factory, tiny_data_dir) -> tuple[Path, Path]:
+    """(run folder, config): a 2-rank fit through the CLI with conf/trainer/ddp.yaml, moved to CPU."""
+    tmp = tmp_path_factory.mktemp("ddp_fit")
+    config = _fit_config(tmp, tiny_data_dir)
+    preset = ["-c", str(REPO / "conf/trainer/ddp.yaml"), "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+              "--trainer.precision", "32-true"]
+    out = subprocess.run([sys.executable, "-m", "icrl_lightning", "fit", "-c", str(config), *preset],
+                         cwd=tmp, env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return tmp, config
+
+
+@pytest.mark.slow
+def test_ddp_fit_data_and_weights(ddp_fit, tiny_data_dir):
+    """Each rank trains on its own rank's stream (disjoint maps), and the weights and target
+    buffers are identical on both ranks afterwards (and in the checkpoint)."""
+    tmp, _ = ddp_fit
+    dm = tiny_datamodule(tiny_data_dir)
+    dm.serializer = _serializer()
+    seen = []
+    for rank in (0, 1):
+        batches = [json.loads(line) for line in (tmp / f"batches-rank{rank}.jsonl").read_text().splitlines()]
+        assert len(batches) == FIT_STEPS
+        n = FIT_STEPS * TINY_DATA["batch_size"]
+        expected = [_digest(item["input_ids"]) for item in dm.train_stream(n, rank, 2)]
+        assert [d for b in batches for d in b] == expected, rank
+        seen.append(set(expected))
+    assert not seen[0] & seen[1]
+
+    s0, s1 = (torch.load(tmp / f"state-rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert s0.keys() == s1.keys() and any(k.startswith("target_") for k in s0)
+    for k in s0:
+        assert torch.equal(s0[k], s1[k]), k
+    ckpt = torch.load(tmp / "ckpt" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == FIT_STEPS
+    for k in s0:
+        assert torch.equal(ckpt["state_dict"][k], s0[k]), k
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="the agent and baselines seed each map's draws by its position in the rank's "
+                   "batch, not its index in the evaluation set: see /tmp/notes/issue5_6_ddp_eval_keys.patch")
+def test_ddp_fit_evaluation_equals_one_process(ddp_fit):
+    """The report of the evaluation at the end of the 2-rank fit (maps split across ranks, results
+    gathered) equals a single-process ``validate`` of the same checkpoint on the same maps."""
+    tmp, config = ddp_fit
+    reports = sorted((tmp / "root").rglob("report.json"))
+    assert len(reports) == 1
+    ddp = json.loads(reports[0].read_text())
+    out = subprocess.run([sys.executable, "-m", "icrl_lightning", "validate", "-c", str(config),
+                          "--ckpt_path", str(tmp / "ckpt" / "last.ckpt"),
+                          "--trainer.default_root_dir", str(tmp / "validate")],
+                         cwd=tmp, env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    (single_path,) = list((tmp / "validate").rglob("report.json"))
+    single = json.loads(single_path.read_text())
+    assert ddp["n_maps"] == single["n_maps"] == 5
+    assert ddp["maps"] == single["maps"]
+    for agent in single["agents"]:
+        assert ddp["agents"][agent]["per_map"] == single["agents"][agent]["per_map"], agent
+
+
+def _serializer():
+    from icrl_lightning.backbones import build_tokenizer
+    from icrl_lightning.serialize import Serializer
+
+    return Serializer(build_tokenizer("compact"), "compact")

@@ -6,6 +6,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
+from icrl_lightning.checks import InputError
 from icrl_lightning.envs import (
     STITCHING_MAP,
     generate_map,
@@ -63,7 +64,7 @@ def test_generate_maps_excludes():
 
 
 def test_impossible_generation_raises():
-    with pytest.raises(RuntimeError, match="min_hops"):
+    with pytest.raises(InputError, match="min_hops"):
         generate_map(np.random.default_rng(0), min_size=3, max_size=3, min_hops=50, max_tries=200)
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import gymnasium as gym
 import numpy as np
 
+from icrl_lightning.checks import InputError
+
 # gymnasium's action indices: 0 left, 1 down, 2 right, 3 up.
 ACTIONS = ("left", "down", "right", "up")
 _MOVES = ((0, -1), (1, 0), (0, 1), (-1, 0))
@@ -27,22 +29,22 @@ Map = tuple[str, ...]
 def validate_map(rows: Map | list[str], where: str = "map") -> Map:
     """Check a map's shape and letters; returns it as a tuple. ``where`` names it in errors."""
     if isinstance(rows, str) or not isinstance(rows, (list, tuple)):
-        raise ValueError(f"{where}: a map is a list of row strings, got {type(rows).__name__} {rows!r}")
+        raise InputError(f"{where}: a map is a list of row strings, got {type(rows).__name__} {rows!r}")
     rows = tuple(rows)
     if not rows or not all(isinstance(r, str) for r in rows):
-        raise ValueError(f"{where}: a map is a non-empty list of row strings, got {rows!r}")
+        raise InputError(f"{where}: a map is a non-empty list of row strings, got {rows!r}")
     width = len(rows[0])
     for i, row in enumerate(rows):
         if len(row) != width:
-            raise ValueError(f"{where}: row {i} has {len(row)} tiles, row 0 has {width} (ragged map)")
+            raise InputError(f"{where}: row {i} has {len(row)} tiles, row 0 has {width} (ragged map)")
         bad = set(row) - TILES
         if bad:
-            raise ValueError(f"{where}: row {i} has unknown tile letters {sorted(bad)} (allowed: S F H G)")
+            raise InputError(f"{where}: row {i} has unknown tile letters {sorted(bad)} (allowed: S F H G)")
     text = "".join(rows)
     if "S" not in text:
-        raise ValueError(f"{where}: the map has no start tile 'S'")
+        raise InputError(f"{where}: the map has no start tile 'S'")
     if "G" not in text:
-        raise ValueError(f"{where}: the map has no goal tile 'G'")
+        raise InputError(f"{where}: the map has no goal tile 'G'")
     return rows
 
 
@@ -114,7 +116,7 @@ def generate_map(
         starts = [dist[r, c] for r in range(nrow) for c in range(ncol) if rows[r][c] == "S"]
         if all(d >= min_hops for d in starts):  # also rejects unreachable goals (d == -1)
             return rows
-    raise RuntimeError(
+    raise InputError(
         f"no valid map in {max_tries} tries for sizes {min_size}..{max_size}, min_hops={min_hops}: "
         "lower min_hops or p_hole"
     )
@@ -144,6 +146,8 @@ class MapSplits:
 
 # Evaluation maps are reserved first, so that asking for more training maps never changes them.
 RESERVED_EVAL_MAPS = 200
+# SPEC "Splits": the out-of-distribution maps are 6..7 x 6..7.
+OOD_MIN_SIZE, OOD_MAX_SIZE = 6, 7
 
 
 def make_splits(
@@ -151,8 +155,8 @@ def make_splits(
     n_train: int,
     min_size: int = 3,
     max_size: int = 5,
-    ood_min_size: int = 6,
-    ood_max_size: int = 7,
+    ood_min_size: int = OOD_MIN_SIZE,
+    ood_max_size: int = OOD_MAX_SIZE,
     **kwargs,
 ) -> MapSplits:
     """Deterministic splits. Held-out and OOD maps are drawn from their own seed streams and the

@@ -1,0 +1,244 @@
+"""Training throughput of ``fit`` against a bare PyTorch loop, and the packing efficiency of the
+replay stream.
+
+* ``fit``: the real ``Trainer`` + ``ICRLModule`` + ``ReplayDataModule`` built by the command line
+  from an experiment config (default: the quickstart), as ``python -m icrl_lightning fit`` builds
+  them, with the in-context evaluation switched off (it is not training) and the logs in a
+  temporary folder.
+* ``bare``: a plain PyTorch loop written here: the same model (built from the same config and
+  seed), the same batches (the same replay stream, the same DataLoader), the same optimizer and
+  schedule, the same online + target forward, double-DQN loss and Polyak update.
+
+Each measurement runs in its own process (peak memory is per process) and the two are interleaved
+(fit, bare, fit, bare, ...) with the same thread count, so that load from other work on the machine
+hits both alike. A measurement's throughput is tokens per optimizer step over its median step time
+(step = end of one optimizer step to the end of the next: data, forward, backward, optimizer, Polyak
+update and, for fit, everything Lightning does between steps); the ratio compares the medians over
+the repeats. Tokens are padded sequence tokens processed (``accumulate x batch x seq_len`` per
+step); the packing efficiency (non-pad share) converts them to episode tokens.
+
+    python tools/bench_train.py                      # quickstart model, 3 x (fit, bare), 1 thread
+    python tools/bench_train.py --steps 20 --repeats 5 --threads 2 --out bench_train.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(config: str, tmp: str, data_dir: str, max_steps: int):
+    """Model, data module and trainer exactly as ``fit -c config`` builds them (not run)."""
+    from icrl_lightning.cli import ICRLCLI
+    from icrl_lightning.data import ReplayDataModule
+    from icrl_lightning.module import ICRLModule
+
+    return ICRLCLI(ICRLModule, ReplayDataModule, parser_kwargs={"parser_mode": "omegaconf"}, run=False, args=[
+        "-c", config,
+        "--trainer.max_steps", str(max_steps),
+        "--trainer.limit_val_batches", "0",
+        "--trainer.num_sanity_val_steps", "0",
+        "--trainer.default_root_dir", tmp,
+        "--trainer.logger.init_args.save_dir", tmp,
+        "--data.data_dir", data_dir,
+    ])
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def worker_fit(args) -> dict:
+    import lightning as L
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cli = _cli(args.config, tmp, args.data_dir, args.warmup + args.steps)
+        marks: list[float] = []
+
+        class Clock(L.Callback):
+            """The time at the end of every optimizer step (the last batch of its accumulation)."""
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+                    marks.append(time.perf_counter())
+
+        cli.trainer.callbacks.append(Clock())
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        h = cli.datamodule.hparams
+        tokens_per_step = cli.trainer.accumulate_grad_batches * h.batch_size * h.seq_len
+    return _result("fit", marks, args.warmup, tokens_per_step)
+
+
+def _result(impl: str, marks: list[float], warmup: int, tokens_per_step: int) -> dict:
+    """Step times from the optimizer-step marks after the warm-up steps."""
+    times = [b - a for a, b in zip(marks[warmup - 1:], marks[warmup:], strict=False)]
+    return {"impl": impl, "step_times": times, "tokens_per_step": tokens_per_step, "peak_rss_mb": _peak_rss_mb()}
+
+
+def worker_bare(args) -> dict:
+    import torch
+    from torch.func import functional_call
+    from torch.utils.data import DataLoader
+
+    from icrl_lightning.qlearning import action_q_values, bellman_loss, double_dqn_targets, next_step, polyak_
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cli = _cli(args.config, tmp, args.data_dir, args.warmup + args.steps)
+    module, dm, trainer = cli.model, cli.datamodule, cli.trainer
+    h, hd = module.hparams, dm.hparams
+    accumulate = trainer.accumulate_grad_batches
+    n_steps = args.warmup + args.steps
+
+    # The network: the module's transformer, trained as plain PyTorch.
+    model = module.model
+    model.train()
+    decoder, head = model.get_decoder(), model.get_output_embeddings().weight
+    action_ids = torch.as_tensor(module.serializer.action_token_ids)
+    online = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    target = [p.detach().clone() for _, p in online]
+    by_id = {id(p): t for (_, p), t in zip(online, target, strict=True)}
+    target_decoder = {n: by_id[id(p)] for n, p in decoder.named_parameters() if id(p) in by_id}
+    target_head = by_id.get(id(head), head)
+    params = [p for _, p in online]
+    opt = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay)
+    warm = max(1, h.warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
+
+    # The data: the same stream the data module gives fit.
+    dm.prepare_data()
+    dm.serializer = module.serializer
+    stream = dm.train_stream(n_steps * accumulate * hd.batch_size)
+    loader = DataLoader(stream, batch_size=hd.batch_size, num_workers=hd.num_workers)
+
+    def q_values(input_ids, q_mask, use_target: bool):
+        kwargs = {"input_ids": input_ids, "use_cache": False}
+        if use_target:
+            model.eval()
+            hidden = functional_call(decoder, target_decoder, (), kwargs, strict=False).last_hidden_state
+            model.train()
+            rows = target_head[action_ids]
+        else:
+            hidden = decoder(**kwargs).last_hidden_state
+            rows = head[action_ids]
+        return action_q_values(hidden[q_mask], rows)
+
+    marks: list[float] = []
+    for i, batch in enumerate(loader):
+        q_mask = batch["q_mask"]
+        q = q_values(batch["input_ids"], q_mask, False)
+        with torch.no_grad():
+            q_target = q_values(batch["input_ids"], q_mask, True)
+        q_taken = q.gather(1, batch["action"][q_mask][:, None]).squeeze(1)
+        y = double_dqn_targets(batch["reward"][q_mask], batch["done"][q_mask], next_step(q.detach()),
+                               next_step(q_target), h.gamma, h.reward_scale)
+        loss = bellman_loss(q_taken, y, h.loss, q_mask.nonzero()[:, 0])
+        (loss / accumulate).backward()
+        if (i + 1) % accumulate == 0:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            polyak_(target, params, h.alpha)
+            marks.append(time.perf_counter())
+    return _result("bare", marks, args.warmup, accumulate * hd.batch_size * hd.seq_len)
+
+
+def packing(args) -> dict:
+    """Non-pad share of the replay stream's sequences for the config."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cli = _cli(args.config, tmp, args.data_dir, 1)
+    dm = cli.datamodule
+    dm.prepare_data()
+    dm.serializer = cli.model.serializer
+    items = list(dm.train_stream(args.packing_sequences))
+    used = sum(int(it["n_tokens"]) for it in items)
+    return {"sequences": len(items), "seq_len": dm.hparams.seq_len,
+            "packing_efficiency": used / (len(items) * dm.hparams.seq_len)}
+
+
+def _load() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(REPO / "conf/experiment/quickstart.yaml"), help="experiment config")
+    p.add_argument("--data-dir", default=str(REPO / "data"), help="data.data_dir (the dataset is built if absent)")
+    p.add_argument("--steps", type=int, default=15, help="timed optimizer steps per measurement")
+    p.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps before the clock starts")
+    p.add_argument("--repeats", type=int, default=3, help="(fit, bare) pairs, interleaved")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each measurement process")
+    p.add_argument("--packing-sequences", type=int, default=2400, help="sequences drawn for the packing measure")
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
+    p.add_argument("--worker", choices=["fit", "bare"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.warmup < 1 or args.steps < 1:
+        p.error("--warmup and --steps must be >= 1 (the first timed step starts at the end of a warm-up step)")
+
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        result = worker_fit(args) if args.worker == "fit" else worker_bare(args)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "TOKENIZERS_PARALLELISM": "false"}
+    base = [sys.executable, __file__, "--config", args.config, "--data-dir", args.data_dir, "--steps",
+            str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    results: dict = {"config": args.config, "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
+                     "load_before": _load(), "runs": []}
+    print(results["load_before"], flush=True)
+    results["packing"] = packing(args)
+    print(f"packing efficiency {results['packing']['packing_efficiency']:.4f} "
+          f"({results['packing']['sequences']} sequences of {results['packing']['seq_len']} tokens)", flush=True)
+    for r in range(args.repeats):
+        for impl in ("fit", "bare"):
+            out = subprocess.run([*base, "--worker", impl], env=env, capture_output=True, text=True, cwd=REPO)
+            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if out.returncode != 0 or not lines:
+                sys.exit(f"{impl} worker failed:\n{out.stderr[-4000:]}")
+            run = json.loads(lines[-1][len("RESULT "):])
+            times = run["step_times"]
+            run["tokens_per_s"] = run["tokens_per_step"] / statistics.median(times)  # robust to load spikes
+            run["tokens_per_s_mean"] = run["tokens_per_step"] * len(times) / sum(times)
+            run["load"] = _load()
+            results["runs"].append(run)
+            print(f"[{r + 1}/{args.repeats}] {impl:4s} {run['tokens_per_s']:7.0f} tokens/s (median step), "
+                  f"{run['tokens_per_s_mean']:7.0f} (mean)  peak RSS {run['peak_rss_mb']:.0f} MB  | {run['load']}",
+                  flush=True)
+    summary = {}
+    for impl in ("fit", "bare"):
+        runs = [x for x in results["runs"] if x["impl"] == impl]
+        summary[impl] = {"tokens_per_s_median": statistics.median(x["tokens_per_s"] for x in runs),
+                         "tokens_per_s_mean_median": statistics.median(x["tokens_per_s_mean"] for x in runs),
+                         "tokens_per_s_all": [round(x["tokens_per_s"]) for x in runs],
+                         "peak_rss_mb_max": max(x["peak_rss_mb"] for x in runs)}
+    pairs = [f["tokens_per_s"] / b["tokens_per_s"] for f, b in zip(results["runs"][::2], results["runs"][1::2],
+                                                                   strict=True)]
+    summary["ratio_fit_over_bare"] = summary["fit"]["tokens_per_s_median"] / summary["bare"]["tokens_per_s_median"]
+    summary["ratio_fit_over_bare_mean_based"] = (summary["fit"]["tokens_per_s_mean_median"]
+                                                 / summary["bare"]["tokens_per_s_mean_median"])
+    summary["ratio_per_pair"] = [round(x, 3) for x in pairs]
+    summary["episode_tokens_per_s_fit"] = (summary["fit"]["tokens_per_s_median"]
+                                           * results["packing"]["packing_efficiency"])
+    results["summary"] = summary
+    results["load_after"] = _load()
+    print(json.dumps(summary, indent=2))
+    print(results["load_after"])
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
