@@ -2,21 +2,31 @@
 
 Each map's context is kept as a list of episodes of token ids. Every lock-step call appends only
 the tokens that are new for each map (the action just taken, the next observation, the next
-action header; right-padded to a common width and masked), reads the Q-values at each map's last
-token, and never re-encodes the history, except when a context must shrink to fit the window.
+action header), reads the Q-values at each map's last token, and never re-encodes the history,
+except when a context must shrink to fit the window.
 
-Context window policy: when a map's context would exceed ``max_context`` tokens, its oldest
-*whole* episodes are dropped and the batch is re-encoded from the trimmed contexts. The episode
-being played is never cut; a window too small for one longest episode is refused up front.
+The KV cache is *ragged*: row ``i`` holds its map's tokens in columns ``0 .. length[i]-1`` and a
+call writes each row's new tokens at that row's own offset, so rows that append fewer tokens leave
+no padded gaps, a token's RoPE position is its column, and a row is reset (no-context play) or
+re-encoded (context window) by rewriting it from column 0. Rows of maps that finished their trial
+are dropped from the batch, so late calls cost only the maps still playing, and a call appends at
+most one ordinary step's tokens per map (a map that also closes an episode and opens the next
+finishes writing in the next call), so no call is widened by the few maps at an episode boundary.
+
+Context window policy: before a map's new tokens are appended, if its context would exceed
+``max_context`` tokens, its oldest *whole* episodes are dropped until it fits and only that map
+is re-encoded (positions restart at 0). The episode being played is never cut; a window too small
+for two longest episodes is refused up front.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache
 
 from icrl_lightning.envs.frozen_lake import Map, make_env
 from icrl_lightning.serialize import Serializer
@@ -24,12 +34,20 @@ from icrl_lightning.serialize import Serializer
 
 @dataclass
 class TrialResult:
-    """Returns ``[maps, episodes]`` and, per map and episode, the tiles visited."""
+    """What a lock-step trial produced.
+
+    ``returns[map, episode]``; per map and episode the tiles visited (``trajectories``, the first
+    entry is the start tile) and the actions taken; ``longest_context``: the most tokens any map
+    had in its context when it acted; ``q_values``: per map, the Q row of every decision
+    (only with ``play(..., record_q=True)``)."""
 
     returns: np.ndarray
     trajectories: list[list[list[int]]] = field(default_factory=list)
+    actions: list[list[list[int]]] = field(default_factory=list)
     forward_calls: int = 0
     reencodes: int = 0
+    longest_context: int = 0
+    q_values: list[list[np.ndarray]] | None = None
 
 
 def draw_action(rng: np.random.Generator, greedy_prob: float, greedy) -> int:
@@ -40,35 +58,103 @@ def draw_action(rng: np.random.Generator, greedy_prob: float, greedy) -> int:
     return int(rng.integers(4))
 
 
-class _GrowingLayer(DynamicLayer):
-    """A KV-cache layer with spare capacity: appending writes in place (amortised O(new tokens))
-    instead of ``DynamicLayer``'s copy of the whole cache on every call."""
+class _RaggedCache(Cache):
+    """A KV cache whose rows have their own lengths (see the module docstring).
 
-    def assign(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self._k, self._v, self.length = keys[..., :0, :], values[..., :0, :], 0
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-        self.update(keys, values)
+    Per call: ``prepare(new)`` returns each row's positions for ``new`` columns (its length onwards)
+    and makes room; the decoder's layers then ``update`` (scatter the new keys/values at
+    those columns); ``commit(counts)`` advances each row by its count of real tokens. Columns past a
+    row's length (padding written by a wider row's call, or stale after a reset) are never visible:
+    the agent's 4-D mask lets query ``j`` of row ``i`` see columns ``<= length[i] + j`` only."""
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.assign(key_states[..., :0, :], value_states[..., :0, :])
-        end = self.length + key_states.shape[-2]
-        if end > self._k.shape[-2]:
-            cap = max(64, 2 * end)  # doubling: each column is copied O(1) times on average
-            spare = cap - self.length
-            self._k, self._v = (
-                torch.cat([t[..., : self.length, :], t.new_zeros((*t.shape[:2], spare, t.shape[-1]))], dim=-2)
-                for t in (self._k, self._v)
-            )
-        self._k[..., self.length:end, :] = key_states
-        self._v[..., self.length:end, :] = value_states
-        self.length = end
-        self.keys, self.values = self._k[..., :end, :], self._v[..., :end, :]
-        return self.keys, self.values
+    def __init__(self, rows: int, capacity: int):
+        super().__init__(layers=[])
+        self.k: list[torch.Tensor] = []  # per layer [rows, kv_heads, capacity, head_dim]
+        self.v: list[torch.Tensor] = []
+        self.capacity = capacity
+        self.lengths = torch.zeros(rows, dtype=torch.long)
+        self.width = 0
+        self._positions = torch.zeros((rows, 0), dtype=torch.long)
+        self._index: dict[torch.device, torch.Tensor] = {}
+
+    def prepare(self, new: int) -> torch.Tensor:
+        self.width = int(self.lengths.max()) + new
+        if self.width > self.capacity:
+            self._grow(max(self.width, self.capacity + 64))
+        self._positions = self.lengths[:, None] + torch.arange(new)[None, :]
+        self._index = {}
+        return self._positions
+
+    def commit(self, counts: torch.Tensor) -> None:
+        self.lengths += counts
+
+    def _grow(self, capacity: int) -> None:
+        self.k = [torch.cat([t, t.new_zeros((*t.shape[:2], capacity - t.shape[2], t.shape[3]))], 2) for t in self.k]
+        self.v = [torch.cat([t, t.new_zeros((*t.shape[:2], capacity - t.shape[2], t.shape[3]))], 2) for t in self.v]
+        self.capacity = capacity
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if layer_idx == len(self.k):
+            b, h, _, d = key_states.shape
+            self.k.append(key_states.new_zeros((b, h, self.capacity, d)))
+            self.v.append(value_states.new_zeros((b, h, self.capacity, d)))
+        dev = key_states.device
+        if dev not in self._index:
+            self._index[dev] = self._positions.to(dev)[:, None, :, None]
+        index = self._index[dev].expand_as(key_states)
+        k, v = self.k[layer_idx], self.v[layer_idx]
+        k.scatter_(2, index, key_states)
+        v.scatter_(2, index, value_states)
+        return k[:, :, : self.width], v[:, :, : self.width]
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        return self.width
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` of the batch (in that order)."""
+        self.k = [t[rows.to(t.device)] for t in self.k]
+        self.v = [t[rows.to(t.device)] for t in self.v]
+        self.lengths = self.lengths[rows]
+
+    def write_row(self, row: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Replace ``row`` by one sequence's keys and values (``[1, kv_heads, length, head_dim]`` per
+        layer, positions from 0)."""
+        length = layers[0][0].shape[2]
+        if length > self.capacity:
+            self._grow(length)
+        if not self.k:  # no call has run on this cache yet
+            n = len(self.lengths)
+            self.k = [k.new_zeros((n, k.shape[1], self.capacity, k.shape[3])) for k, _ in layers]
+            self.v = [v.new_zeros((n, v.shape[1], self.capacity, v.shape[3])) for _, v in layers]
+        for t, s, (k, v) in zip(self.k, self.v, layers, strict=True):
+            t[row, :, :length] = k[0]
+            s[row, :, :length] = v[0]
+        self.lengths[row] = length
 
 
-def _new_cache() -> Cache:
-    return Cache(layer_class_to_replicate=_GrowingLayer)
+@contextmanager
+def _last_position_only(decoder):
+    """While encoding one unpadded sequence, compute the last layer's output projection and MLP for
+    the last position only: every other position needs only that layer's keys and values (made
+    before them), and the residual sums broadcast the one row. About a fifth of the work of a
+    re-encoding. Decoders without Llama's ``layers[-1].self_attn.o_proj`` / ``layers[-1].mlp`` are
+    left alone."""
+    last = getattr(decoder, "layers", [None])[-1]
+    o_proj = getattr(getattr(last, "self_attn", None), "o_proj", None)
+    mlp = getattr(last, "mlp", None)
+    if not isinstance(o_proj, torch.nn.Module) or not isinstance(mlp, torch.nn.Module):
+        yield
+        return
+
+    def keep_last(module, args):
+        return (args[0][:, -1:], *args[1:])
+
+    handles = [o_proj.register_forward_pre_hook(keep_last), mlp.register_forward_pre_hook(keep_last)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class _Context:
@@ -83,7 +169,7 @@ class _Context:
     def __len__(self) -> int:
         return self.length
 
-    def add(self, ids: list[int]) -> None:
+    def add(self, ids) -> None:
         self.episodes[-1] += ids
         self.pending += ids
         self.length += len(ids)
@@ -108,10 +194,11 @@ class InContextAgent:
 
     Args:
         model: a causal LM (``LlamaForCausalLM`` or peft-wrapped) with ``get_decoder()`` and
-            ``get_output_embeddings()``.
+            ``get_output_embeddings()``; ``sdpa`` or ``eager`` attention (the agent passes its own
+            4-D attention mask).
         serializer: the format's token pieces.
         max_context: longest context in tokens (usually the trained sequence length).
-        max_episode_steps: episode time limit (to refuse a window smaller than one episode).
+        max_episode_steps: episode time limit (to refuse a window smaller than two episodes).
     """
 
     def __init__(self, model, serializer: Serializer, max_context: int, max_episode_steps: int = 100):
@@ -128,80 +215,53 @@ class InContextAgent:
         step = max(len(s.after_action(a, o, 0.0, False, False)) for a in range(4) for o in (0, s.max_tiles - 1))
         return len(s.begin(s.max_tiles - 1)) + n * step + len(s.reward(1.0)) + len(s.ending(True))
 
+    def _step_tokens(self) -> int:
+        """Tokens of an ordinary step (action, next observation, next action header)."""
+        s = self.s
+        return min(len(s.after_action(a, o, 0.0, False, False)) for a in range(4) for o in (0, s.max_tiles - 1))
+
     # --- model calls ----------------------------------------------------------------------------
-    def _head(self) -> torch.Tensor:
-        return self.model.get_output_embeddings().weight[torch.as_tensor(self.s.action_token_ids)]
+    @staticmethod
+    def _mask(positions: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """[rows, 1, new, width], additive: query ``j`` of row ``i`` sees columns ``0 .. positions[i, j]``.
+        Additive (not boolean) so that eager attention can add it and SDPA need not convert it in
+        every layer."""
+        hidden = (torch.arange(width)[None, None, :] > positions[:, :, None])[:, None]
+        return torch.zeros(hidden.shape, dtype=dtype).masked_fill_(hidden, torch.finfo(dtype).min)
 
-    def _decode(self, chunks: list[list[int]], cache: Cache, mask: torch.Tensor, positions: torch.Tensor):
-        """Run ``chunks`` (right-padded) through the decoder after ``cache``; returns the Q-values at
-        each row's last real token and the chunk's own mask."""
-        dev = self._head().device
-        width = max(1, max(len(c) for c in chunks))
-        ids = torch.full((len(chunks), width), self.s.pad_id, dtype=torch.long)
-        new_mask = torch.zeros((len(chunks), width), dtype=torch.long)
-        for i, c in enumerate(chunks):
-            ids[i, : len(c)] = torch.as_tensor(c)
-            new_mask[i, : len(c)] = 1
-        pos = positions[:, None] + torch.arange(width)[None, :]
+    def _decode(self, chunks: list[list[int]], cache: _RaggedCache, head: torch.Tensor) -> torch.Tensor:
+        """Append ``chunks[i]`` to row ``i`` of ``cache``; Q-values ``[rows, 4]`` at each row's last new
+        token (rows with an empty chunk get meaningless values)."""
+        dev = head.device
+        counts = torch.as_tensor([len(c) for c in chunks])
+        width = max(1, int(counts.max()))
+        pad = self.s.pad_id
+        ids = torch.as_tensor([c + [pad] * (width - len(c)) for c in chunks])
+        positions = cache.prepare(width)
+        mask = self._mask(positions, cache.width, head.dtype)
         out = self.model.get_decoder()(
-            input_ids=ids.to(dev), attention_mask=torch.cat([mask, new_mask], dim=1).to(dev),
-            position_ids=pos.to(dev), past_key_values=cache, use_cache=True)
-        last = (torch.as_tensor([len(c) for c in chunks]) - 1).clamp(min=0)
-        hidden = out.last_hidden_state[torch.arange(len(chunks)), last.to(dev)]
-        return (hidden @ self._head().T).float().cpu(), new_mask
+            input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
+            past_key_values=cache, use_cache=True)
+        cache.commit(counts)
+        last = (counts - 1).clamp(min=0).to(dev)
+        hidden = out.last_hidden_state[torch.arange(len(chunks), device=dev), last]
+        return (hidden @ head.T).float().cpu()
 
-    @torch.no_grad()
-    def _forward(self, chunks: list[list[int]], state: dict) -> torch.Tensor:
-        """Append ``chunks[i]`` to row i of the batch cache; Q-values at each row's last new token."""
-        q, new_mask = self._decode(chunks, state["cache"], state["mask"], state["positions"])
-        state["mask"] = torch.cat([state["mask"], new_mask], dim=1)
-        state["positions"] = state["positions"] + new_mask.sum(1)
+    def _reencode(self, contexts: list[list[int]], head: torch.Tensor, cache: _RaggedCache,
+                  rows: list[int]) -> torch.Tensor:
+        """Encode each of ``contexts`` afresh (positions from 0) into row ``rows[j]`` of ``cache``;
+        their Q-values. One map at a time: no padding, and the model's own causal attention."""
+        q = torch.empty((len(rows), 4))
+        decoder, dev = self.model.get_decoder(), head.device
+        with _last_position_only(decoder):
+            for j, (row, ids) in enumerate(zip(rows, contexts, strict=True)):
+                out = decoder(input_ids=torch.as_tensor([ids], device=dev), use_cache=True)
+                cache.write_row(row, [(layer.keys, layer.values) for layer in out.past_key_values.layers])
+                q[j] = (out.last_hidden_state[0, -1] @ head.T).float().cpu()
         return q
-
-    @torch.no_grad()
-    def _reencode(self, rows: list[int], contexts: list[list[int]], state: dict) -> torch.Tensor:
-        """Encode ``rows`` afresh from ``contexts`` (positions from 0) and write them over the first
-        columns of their own cache rows, masking the rest of those rows. Only these rows are
-        recomputed and the cache does not widen (but where a context is wider than the cache)."""
-        n = len(rows)
-        fresh = _new_cache()
-        empty = torch.zeros((n, 0), dtype=torch.long)
-        q, fresh_mask = self._decode(contexts, fresh, empty, torch.zeros(n, dtype=torch.long))
-        width, cache = fresh_mask.shape[1], state["cache"]
-        short = width - state["mask"].shape[1]
-        if short > 0:
-            for layer in cache.layers:
-                k, v = layer.keys, layer.values
-                layer.update(k.new_zeros((*k.shape[:2], short, k.shape[3])),
-                             v.new_zeros((*v.shape[:2], short, v.shape[3])))
-            state["mask"] = torch.cat([state["mask"], state["mask"].new_zeros((state["mask"].shape[0], short))], dim=1)
-        idx = torch.as_tensor(rows)
-        for layer, new in zip(cache.layers, fresh.layers, strict=True):
-            layer.keys[idx.to(new.keys.device), :, :width] = new.keys
-            layer.values[idx.to(new.keys.device), :, :width] = new.values
-        state["mask"][idx] = 0
-        state["mask"][idx, :width] = fresh_mask
-        state["positions"][idx] = fresh_mask.sum(1)
-        return q
-
-    @staticmethod
-    def _compact(state: dict) -> None:
-        """Drop cache columns no row can see (masked), keeping each row's visible ones in order."""
-        keep = state["mask"].bool()
-        width = int(keep.sum(1).max())
-        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
-        for layer in state["cache"].layers:
-            k, v = layer.keys, layer.values
-            o = order.to(k.device)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-            layer.assign(k.gather(2, o), v.gather(2, o))
-        state["mask"] = keep.gather(1, order).long()
-
-    @staticmethod
-    def _fresh_state(n: int) -> dict:
-        return {"cache": _new_cache(), "mask": torch.zeros((n, 0), dtype=torch.long),
-                "positions": torch.zeros(n, dtype=torch.long)}
 
     # --- the trial --------------------------------------------------------------------------------
+    @torch.inference_mode()
     def play(
         self,
         maps: list[Map],
@@ -209,69 +269,104 @@ class InContextAgent:
         seed: int,
         keep_context: bool = True,
         switch_to: list[Map] | None = None,
+        prefill: list[list[int]] | None = None,
+        record_q: bool = False,
     ) -> TrialResult:
         """One trial per map, all in lock-step: ``len(schedule)`` episodes, episode ``k`` taking the
-        greedy action with probability ``schedule[k]``. ``keep_context=False`` starts every episode
-        from an empty context. ``switch_to`` (non-stationary scenario) replaces each map by another
-        after ``len(schedule)`` episodes and plays the schedule again, context kept."""
+        greedy action with probability ``schedule[k]``.
+
+        Args:
+            maps: the maps, one trial each.
+            schedule: greedy probability of each episode.
+            seed: map ``i`` draws its resets and exploration from ``default_rng([seed, i])``.
+            keep_context: ``False`` starts every episode from an empty context (no-context baseline).
+            switch_to: non-stationary scenario: after ``len(schedule)`` episodes map ``i`` is replaced
+                by ``switch_to[i]`` and the schedule is played again, the context kept.
+            prefill: token ids of whole episodes put in every map's context before its first episode
+                (behaviour stitching); they are ordinary closed episodes for the window policy.
+            record_q: keep the Q row of every decision in ``TrialResult.q_values``.
+        """
         n_maps, n_eps = len(maps), len(schedule)
+        if switch_to is not None and len(switch_to) != n_maps:
+            raise ValueError(f"switch_to has {len(switch_to)} maps for {n_maps} maps")
         phases = [maps] if switch_to is None else [maps, switch_to]
         total = n_eps * len(phases)
         rngs = [np.random.default_rng([seed, i]) for i in range(n_maps)]
         envs = [make_env(m, self.max_episode_steps) for m in maps]
         ctx = [_Context() for _ in range(n_maps)]
+        for c in ctx:
+            for episode_ids in prefill or []:
+                c.add(list(episode_ids))
+                c.close_episode()
         returns = np.zeros((n_maps, total))
-        trajs: list[list[list[int]]] = [[] for _ in range(n_maps)]
+        result = TrialResult(returns=returns, trajectories=[[] for _ in range(n_maps)],
+                             actions=[[] for _ in range(n_maps)],
+                             q_values=[[] for _ in range(n_maps)] if record_q else None)
         episode = np.zeros(n_maps, dtype=int)
         ep_return = np.zeros(n_maps)
         active = np.ones(n_maps, dtype=bool)
+        head = self.model.get_output_embeddings().weight[torch.as_tensor(self.s.action_token_ids)]
+        cache = _RaggedCache(n_maps, self.max_context + 64)
+        slots = list(range(n_maps))  # batch row -> map
+        step = self._step_tokens()
 
-        def start_episode(i: int) -> None:
+        def start_episode(i: int, row: int) -> None:
             k = episode[i]
             if k % n_eps == 0 and k > 0:  # non-stationary switch: a new map, same context
                 envs[i].close()
                 envs[i] = make_env(phases[k // n_eps][i], self.max_episode_steps)
             o, _ = envs[i].reset(seed=int(rngs[i].integers(2**31)))
             ep_return[i] = 0.0
-            trajs[i].append([int(o)])
+            result.trajectories[i].append([int(o)])
+            result.actions[i].append([])
             if not keep_context:
+                # An empty context: the row restarts at column (= position) 0.
                 ctx[i].clear()
-                reset_cache_row(i)
+                cache.lengths[row] = 0
             ctx[i].add(self.s.begin(int(o)))
 
-        state = self._fresh_state(n_maps)
-
-        def reset_cache_row(i: int) -> None:
-            # An empty context for map i: hide its cached tokens and restart its positions.
-            # RoPE scores depend only on position differences, so this equals a fresh context.
-            state["mask"][i] = 0
-            state["positions"][i] = 0
-
         for i in range(n_maps):
-            start_episode(i)
-        result = TrialResult(returns=returns, trajectories=trajs)
+            start_episode(i, i)
         while active.any():
-            over = [i for i in np.flatnonzero(active) if len(ctx[i]) > self.max_context]
-            for i in over:
-                ctx[i].drop_oldest(self.max_context)  # the open episode fits by the check in __init__
-            chunks = [c.pending if active[i] and i not in over else [] for i, c in enumerate(ctx)]
-            for c in ctx:
-                c.pending = []
-            q = self._forward(chunks, state)
+            live = [r for r, i in enumerate(slots) if active[i]]
+            if len(live) < len(slots):  # drop finished maps' rows from the batch (a copy of the live rows)
+                cache.keep_rows(torch.as_tensor(live))
+                slots = [slots[r] for r in live]
+            over = [r for r, i in enumerate(slots) if active[i] and len(ctx[i]) > self.max_context]
+            for r in over:
+                ctx[slots[r]].drop_oldest(self.max_context)  # the open episode fits by the check in __init__
+            # A call appends at most one step's worth of tokens per row: the few rows that also close
+            # an episode and open the next finish writing in the next call(s) instead of widening
+            # every row's call with padding. A row acts once all its tokens are in.
+            chunks: list[list[int]] = []
+            for r, i in enumerate(slots):
+                c = ctx[i]
+                if not active[i] or (over and r in over):
+                    chunks.append([])
+                    if active[i]:
+                        c.pending = []  # written by the re-encoding
+                    continue
+                chunks.append(c.pending[:step])
+                c.pending = c.pending[step:]
+            q = self._decode(chunks, cache, head) if any(chunks) else torch.zeros((len(slots), 4))
             if over:
-                q[over] = self._reencode(over, [ctx[i].tokens() for i in over], state)
+                q[over] = self._reencode([ctx[slots[r]].tokens() for r in over], head, cache, over)
                 result.reencodes += len(over)
-            if state["mask"].shape[1] > 2 * self.max_context:
-                self._compact(state)
             result.forward_calls += 1
-            for i in np.flatnonzero(active):
+            result.longest_context = max(result.longest_context, int(cache.lengths.max()))
+            for r, i in enumerate(slots):
+                if not active[i] or ctx[i].pending:
+                    continue
                 k = episode[i]
-                a = draw_action(rngs[i], schedule[k % n_eps], lambda: q[i].argmax())
-                o2, r, term, trunc, _ = envs[i].step(a)
+                if record_q:
+                    result.q_values[i].append(q[r].numpy().copy())
+                a = draw_action(rngs[i], schedule[k % n_eps], lambda: q[r].argmax())
+                o2, rew, term, trunc, _ = envs[i].step(a)
                 done = term or trunc
-                ep_return[i] += r
-                trajs[i][-1].append(int(o2))
-                ctx[i].add(self.s.after_action(a, int(o2), float(r), done, bool(trunc and not term)))
+                ep_return[i] += rew
+                result.trajectories[i][-1].append(int(o2))
+                result.actions[i][-1].append(a)
+                ctx[i].add(self.s.after_action(a, int(o2), float(rew), done, bool(trunc and not term)))
                 if done:
                     returns[i, k] = ep_return[i]
                     ctx[i].close_episode()
@@ -279,7 +374,7 @@ class InContextAgent:
                     if episode[i] == total:
                         active[i] = False
                     else:
-                        start_episode(i)
+                        start_episode(i, r)
         for e in envs:
             e.close()
         return result

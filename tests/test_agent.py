@@ -20,10 +20,11 @@ MAX_STEPS = 16
 
 
 def reference_play(model, s, maps, schedule, seed, max_steps, max_context=None, keep_context=True, switch_to=None,
-                   switch_to_phase=None):
+                   prefill=None):
     """One map at a time; before every action the whole context is re-encoded from scratch with
     the plain HF forward (no cache, no padding). Oldest whole episodes are dropped while the
-    context is longer than ``max_context``. Returns (returns, trajectories, Q rows per map)."""
+    context is longer than ``max_context``. ``prefill``: episodes (token ids) the context starts
+    with. Returns (returns, trajectories, Q rows per map)."""
     phases = [maps] if switch_to is None else [maps, switch_to]
     n_eps = len(schedule)
     total = n_eps * len(phases)
@@ -32,7 +33,7 @@ def reference_play(model, s, maps, schedule, seed, max_steps, max_context=None, 
     head_ids = torch.as_tensor(s.action_token_ids)
     for i in range(len(maps)):
         rng = np.random.default_rng([seed, i])
-        episodes: list[list[int]] = []
+        episodes: list[list[int]] = [list(e) for e in prefill or []]
         traj, qrows = [], []
         env = None
         for k in range(total):
@@ -68,57 +69,28 @@ def reference_play(model, s, maps, schedule, seed, max_steps, max_context=None, 
     return returns, trajs, qs
 
 
-class Recorder:
-    """Wraps ``agent._forward`` and ``agent._reencode`` (a map whose context was trimmed gets its
-    Q-values from the re-encoding) and keeps, per map, the Q row of every decision it took."""
-
-    def __init__(self, agent: InContextAgent, n_maps: int):
-        self.rows: list[list[torch.Tensor]] = [[] for _ in range(n_maps)]
-        self.max_position = 0
-        inner = agent._forward
-
-        def wrapped(chunks, state):
-            q = inner(chunks, state)
-            self.max_position = max(self.max_position, int(state["positions"].max()))
-            for i, c in enumerate(chunks):
-                if len(c):  # an active map always appends tokens; finished maps append none
-                    self.rows[i].append(q[i])
-            return q
-
-        agent._forward = wrapped
-        inner_reencode = agent._reencode
-
-        def wrapped_reencode(rows, contexts, state):
-            q = inner_reencode(rows, contexts, state)
-            self.max_position = max(self.max_position, int(state["positions"].max()))
-            for j, i in enumerate(rows):
-                self.rows[i].append(q[j])
-            return q
-
-        agent._reencode = wrapped_reencode
-
-
-def _assert_same_play(result, rec, ref, atol=1e-4):
+def _assert_same_play(result, ref, atol=1e-4):
     ref_returns, ref_trajs, ref_q = ref
     assert np.array_equal(result.returns, ref_returns)
     assert result.trajectories == ref_trajs
-    for i, (rows, ref_rows) in enumerate(zip(rec.rows, ref_q, strict=True)):
+    for i, (rows, ref_rows) in enumerate(zip(result.q_values, ref_q, strict=True)):
         assert len(rows) == len(ref_rows), i
-        torch.testing.assert_close(torch.stack(rows), torch.stack(ref_rows), rtol=0, atol=atol)
+        torch.testing.assert_close(torch.as_tensor(np.stack(rows)), torch.stack(ref_rows), rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize(("fmt", "attn"), [("compact", "sdpa"), ("llama3", "sdpa"), ("compact", "eager")])
 def test_kv_cache_equals_full_recompute(fmt, attn):
     model, _, s = tiny_model(fmt, seed=1, attn_implementation=attn, max_position_embeddings=4096)
     agent = InContextAgent(model, s, max_context=4096, max_episode_steps=MAX_STEPS)
-    rec = Recorder(agent, len(MAPS))
-    result = agent.play(MAPS, SCHEDULE, seed=7)
+    result = agent.play(MAPS, SCHEDULE, seed=7, record_q=True)
     assert result.returns.shape == (len(MAPS), len(SCHEDULE))
     assert result.reencodes == 0
-    # Lock-step: one forward call per step of the longest-playing map.
-    assert result.forward_calls == max(len(r) for r in rec.rows)
+    # Lock-step: one forward call per decision of the longest-playing map, plus at most two per
+    # episode boundary (a call appends at most one step's tokens per map).
+    decisions = max(len(r) for r in result.q_values)
+    assert decisions <= result.forward_calls <= decisions + 2 * len(SCHEDULE)
     ref = reference_play(model, s, MAPS, SCHEDULE, seed=7, max_steps=MAX_STEPS)
-    _assert_same_play(result, rec, ref)
+    _assert_same_play(result, ref)
     # Greedy decisions happened (the comparison exercised the Q-values, not just the rng).
     assert sum(len(t) - 1 for traj in result.trajectories for t in traj[2:]) > 0
 
@@ -137,14 +109,17 @@ def test_small_window_reencodes_and_matches_reference():
     model, _, s = tiny_model("compact", seed=3)
     agent = InContextAgent(model, s, max_context=2 * 2 * MAX_STEPS + 20, max_episode_steps=MAX_STEPS)
     schedule = [0.0, 0.3, 0.6, 1.0, 1.0, 1.0]
-    rec = Recorder(agent, len(MAPS))
-    result = agent.play(MAPS, schedule, seed=11)
+    result = agent.play(MAPS, schedule, seed=11, record_q=True)
     assert result.reencodes > 0
     assert result.returns.shape == (len(MAPS), len(schedule))
     assert all(len(traj) == len(schedule) for traj in result.trajectories)
-    assert rec.max_position <= agent.max_context
+    assert agent.max_context - 2 * MAX_STEPS < result.longest_context <= agent.max_context
     ref = reference_play(model, s, MAPS, schedule, seed=11, max_steps=MAX_STEPS, max_context=agent.max_context)
-    _assert_same_play(result, rec, ref)
+    _assert_same_play(result, ref)
+    # Re-encoding computes the last layer's MLP for the last position only, through hooks that are
+    # gone afterwards.
+    last = model.get_decoder().layers[-1]
+    assert not last.mlp._forward_pre_hooks and not last.self_attn.o_proj._forward_pre_hooks
 
 
 def test_window_smaller_than_two_episodes_is_refused():
@@ -161,10 +136,9 @@ def test_window_smaller_than_two_episodes_is_refused():
 def test_no_context_equals_fresh_context_per_episode():
     model, _, s = tiny_model("compact", seed=4)
     agent = InContextAgent(model, s, max_context=256, max_episode_steps=MAX_STEPS)
-    rec = Recorder(agent, len(MAPS))
-    result = agent.play(MAPS, SCHEDULE, seed=5, keep_context=False)
+    result = agent.play(MAPS, SCHEDULE, seed=5, keep_context=False, record_q=True)
     ref = reference_play(model, s, MAPS, SCHEDULE, seed=5, max_steps=MAX_STEPS, keep_context=False)
-    _assert_same_play(result, rec, ref)
+    _assert_same_play(result, ref)
     # And the context matters: the first episode is the same either way, the first decision of
     # the second one is not.
     kept = reference_play(model, s, MAPS, SCHEDULE, seed=5, max_steps=MAX_STEPS)
@@ -178,11 +152,10 @@ def test_non_stationary_switch_matches_reference():
     agent = InContextAgent(model, s, max_context=512, max_episode_steps=MAX_STEPS)
     switch = [MAPS[2], MAPS[0], MAPS[1]]
     schedule = [0.0, 1.0]
-    rec = Recorder(agent, len(MAPS))
-    result = agent.play(MAPS, schedule, seed=9, switch_to=switch)
+    result = agent.play(MAPS, schedule, seed=9, switch_to=switch, record_q=True)
     assert result.returns.shape == (len(MAPS), 4)
     ref = reference_play(model, s, MAPS, schedule, seed=9, max_steps=MAX_STEPS, switch_to=switch)
-    _assert_same_play(result, rec, ref)
+    _assert_same_play(result, ref)
 
 
 def test_draw_action_rule():
@@ -191,3 +164,58 @@ def test_draw_action_rule():
     rng = np.random.default_rng(0)
     draws = [draw_action(rng, 0.0, lambda: pytest.fail("greedy must not be called at p=0")) for _ in range(400)]
     assert set(draws) == {0, 1, 2, 3}
+
+
+def test_prefilled_context_matches_reference():
+    """Behaviour stitching: the context starts with given episodes; with a window that cannot keep
+    them all, they are dropped (oldest first) like any other episode."""
+    model, _, s = tiny_model("compact", seed=6)
+    prefill = [s.episode([2, 6, 10], [1, 1], [0.0, 1.0], True, False).ids.tolist(),
+               s.episode([0, 1, 2, 3], [2, 2, 2], [0.0, 0.0, 0.0], True, False).ids.tolist()]
+    for window in (4096, 2 * (2 * MAX_STEPS + 3) + 4):
+        agent = InContextAgent(model, s, max_context=window, max_episode_steps=MAX_STEPS)
+        result = agent.play(MAPS, SCHEDULE, seed=13, prefill=prefill, record_q=True)
+        ref = reference_play(model, s, MAPS, SCHEDULE, seed=13, max_steps=MAX_STEPS, max_context=window,
+                             prefill=prefill)
+        _assert_same_play(result, ref)
+    # The prefill is in the context: the first decision differs from an empty context's.
+    empty = agent.play(MAPS, SCHEDULE, seed=13, record_q=True)
+    assert not np.allclose(empty.q_values[0][0], result.q_values[0][0], atol=1e-4)
+
+
+def test_many_maps_finishing_at_different_times_match_reference():
+    """Eight maps whose trials end at different calls: finished maps leave the batch (several
+    times), the window forces re-encodings, and every map still plays exactly as alone."""
+    from icrl_lightning.envs import make_splits
+
+    maps = make_splits(0, 0).heldout[:8]
+    model, _, s = tiny_model("compact", seed=8)
+    window = 2 * (2 * MAX_STEPS + 3) + 10
+    agent = InContextAgent(model, s, max_context=window, max_episode_steps=MAX_STEPS)
+    schedule = [0.0, 0.2, 0.6, 1.0, 1.0]
+    result = agent.play(maps, schedule, seed=21, record_q=True)
+    assert result.reencodes > 0
+    lengths = [sum(len(e) - 1 for e in t) for t in result.trajectories]
+    assert len(set(lengths)) > 3  # trials of different lengths
+    ref = reference_play(model, s, maps, schedule, seed=21, max_steps=MAX_STEPS, max_context=window)
+    _assert_same_play(result, ref)
+
+
+def test_actions_replay_to_the_trajectories():
+    model, _, s = tiny_model("compact", seed=9)
+    agent = InContextAgent(model, s, max_context=512, max_episode_steps=MAX_STEPS)
+    result = agent.play(MAPS, SCHEDULE, seed=2)
+    for i, rows in enumerate(MAPS):
+        env = make_env(rows, MAX_STEPS)
+        for k, (tiles, acts) in enumerate(zip(result.trajectories[i], result.actions[i], strict=True)):
+            env.reset()
+            env.unwrapped.s = tiles[0]  # the start the agent's reset drew
+            assert rows[tiles[0] // len(rows[0])][tiles[0] % len(rows[0])] == "S"
+            assert len(acts) == len(tiles) - 1
+            ret = 0.0
+            for a, tile in zip(acts, tiles[1:], strict=True):
+                o, r, *_ = env.step(a)
+                ret += r
+                assert o == tile
+            assert ret == result.returns[i, k]
+        env.close()

@@ -23,18 +23,23 @@ CONFIGS = sorted((REPO / "conf").rglob("*.yaml"))
 AGENTS = {"icrl", "no_context", "random", "q_learning", "oracle"}
 
 
-def _tiny_args(tmp: Path) -> list[str]:
+def _tiny_args(tmp: Path, overlays: tuple[str, ...] = ()) -> list[str]:
+    """The quickstart config, then ``overlays`` (conf/experiment/ file names), then tiny sizes."""
+    layered = [a for o in overlays for a in ("-c", str(REPO / "conf/experiment" / o))]
+    return ["-c", str(REPO / "conf/experiment/quickstart.yaml"), *layered,
+            "--trainer.logger.init_args.save_dir", str(tmp / "logs"), *_tiny_overrides(tmp)]
+
+
+def _tiny_overrides(tmp: Path, data_dir: Path | None = None) -> list[str]:
     return [
-        "-c", str(REPO / "conf/experiment/quickstart.yaml"),
         "--trainer.max_steps", "3",
         "--trainer.default_root_dir", str(tmp / "root"),
-        "--trainer.logger.init_args.save_dir", str(tmp / "logs"),
         "--data.num_train_maps", "4",
         "--data.episodes_per_map", "10",
         "--data.seq_len", "256",
         "--data.batch_size", "2",
         "--data.eval_maps", "3",
-        "--data.data_dir", str(tmp / "data"),
+        "--data.data_dir", str(data_dir or tmp / "data"),
         "--model.backbone.hidden_size", "32",
         "--model.backbone.num_layers", "1",
         "--model.backbone.num_heads", "2",
@@ -60,6 +65,8 @@ def _check_report(report: dict) -> None:
     assert report["agents"]["oracle"]["mean_return"][-10:] == [1.0] * 10
     assert len(report["trajectories"]) == 3 and all(len(t) == 30 for t in report["trajectories"])
     assert all(len(ep) <= 31 for traj in report["trajectories"] for ep in traj)  # 30-step limit
+    for png in ("curves.png", "trajectories.png"):  # the figures lie next to the report
+        assert (Path(report["_path"]).parent / png).stat().st_size > 0
 
 
 def _repo_datasets() -> set[str]:
@@ -88,7 +95,7 @@ def test_fit_then_validate(tmp_path):
     assert len(reports) == 1
     val_report = reports[0]
     _check_report(val_report)
-    assert val_report["checkpoint"] == str(ckpts[0])
+    assert val_report["checkpoint"] == str(ckpts[0]) and val_report["checkpoint_step"] == 3
     assert val_report["_path"] != fit_report["_path"]
     # The checkpoint restored the trained weights and the target network exactly ...
     trained, restored = fit.model.state_dict(), val.model.state_dict()
@@ -135,17 +142,146 @@ def test_there_are_configs():
     assert REPO / "conf/experiment/quickstart.yaml" in CONFIGS
 
 
+QUICKSTART = REPO / "conf/experiment/quickstart.yaml"
+OVERLAY_PREFIXES = ("eval_", "quality_")
+_QUICKSTART_CFG: dict[str, dict] = {}
+
+
+def _is_overlay(path: Path) -> bool:
+    """Overlays are layered on a full experiment config: conf/experiment/eval_*.yaml and quality_*.yaml
+    (evaluation scenarios, data-quality runs) and every YAML with CLI sections outside conf/experiment/
+    (e.g. conf/model/*.yaml). Everything else in conf/experiment/ is a full experiment."""
+    if path.parent.name == "experiment":
+        return path.name.startswith(OVERLAY_PREFIXES)
+    return True
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(REPO / "conf")) for p in CONFIGS])
 @pytest.mark.parametrize("subcommand", ["fit", "validate"])
 def test_every_config_parses(path, subcommand, capsys):
     top = yaml.safe_load(path.read_text()) or {}
     known = {"seed_everything", "trainer", "model", "data", "optimizer", "lr_scheduler", "ckpt_path"}
     if set(top) <= known:
-        args = [subcommand, "-c", str(path), "--print_config"]
+        base = ["-c", str(QUICKSTART)] if _is_overlay(path) else []
+        args = [subcommand, *base, "-c", str(path), "--print_config"]
     else:  # a fragment of one section, e.g. conf/model/*.yaml holding the model's arguments
         section = path.parent.name
         assert section in known, f"{path}: top-level keys {sorted(top)} are neither CLI sections nor a fragment"
-        args = [subcommand, f"--{section}", str(path), "--print_config"]
+        args = [subcommand, "-c", str(QUICKSTART), f"--{section}", str(path), "--print_config"]
     cfg = _print_config(args, capsys)
     assert {"trainer", "model", "data"} <= set(cfg)
     assert isinstance(cfg["data"]["seq_len"], int)
+    if path.name.startswith(OVERLAY_PREFIXES):
+        # An overlay changes what it names and keeps the rest of the experiment; its runs get their own
+        # logger name (never the training run's folder).
+        assert cfg["trainer"]["logger"]["init_args"]["name"] == path.stem
+        assert cfg["trainer"]["logger"]["class_path"].endswith("TensorBoardLogger")
+        if subcommand not in _QUICKSTART_CFG:
+            _QUICKSTART_CFG[subcommand] = _print_config([subcommand, "-c", str(QUICKSTART), "--print_config"], capsys)
+        assert cfg["model"]["backbone"] == _QUICKSTART_CFG[subcommand]["model"]["backbone"]
+        for section in ("data", "model"):
+            for key, value in (top.get(section) or {}).items():
+                if key != "evaluation":
+                    assert cfg[section][key] == value, (section, key)
+        for key, value in ((top.get("model") or {}).get("evaluation") or {}).items():
+            assert cfg["model"]["evaluation"][key] == value, key
+
+
+# --- evaluation scenarios, periodic evaluation and the comparison command ---------------------------
+SHORT = ["--model.evaluation.schedule", "[0.0, 0.5, 1.0]"]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory) -> dict:
+    """Two tiny checkpoints trained for 2 steps on high- and low-quality data (the quality overlays),
+    sharing one dataset."""
+    root = tmp_path_factory.mktemp("quality")
+    out = {"data": root / "data", "ckpt": {}}
+    for q in ("high", "low"):
+        main(["fit", *_tiny_args(root, (f"quality_{q}.yaml",)), "--trainer.max_steps", "2",
+              "--data.data_dir", str(out["data"]), *SHORT])
+        (ckpt,) = (root / "logs" / f"quality_{q}").rglob("last.ckpt")
+        hp = torch.load(ckpt, map_location="cpu", weights_only=True)["datamodule_hyper_parameters"]
+        assert hp["quality"] == q
+        out["ckpt"][q] = str(ckpt)
+    return out
+
+
+@pytest.mark.parametrize("overlay", ["eval_heldout", "eval_ood", "eval_nonstationary", "eval_stitching",
+                                     "eval_user_maps"])
+def test_scenario_overlay_validates(tiny_checkpoints, overlay, tmp_path):
+    ckpt = tiny_checkpoints["ckpt"]["high"]
+    extra = ["--data.data_dir", str(tiny_checkpoints["data"]), "--data.eval_maps", "3"]
+    if overlay != "eval_stitching":
+        extra += SHORT
+    user_maps = [["SFFH", "FHFF", "FFFG"], ["SFF", "FHF", "FFG"]]
+    if overlay == "eval_user_maps":
+        (tmp_path / "my_maps.json").write_text(json.dumps(user_maps))
+        extra += ["--data.eval_map_file", str(tmp_path / "my_maps.json")]
+    main(["validate", *_tiny_args(tmp_path, (f"{overlay}.yaml",)), *extra, "--ckpt_path", ckpt])
+    (path,) = (tmp_path / "logs" / overlay).rglob("report.json")  # the overlay names the run
+    report = json.loads(path.read_text())
+    assert report["checkpoint"] == ckpt and report["stage"] == "validate"
+    assert (path.parent / "curves.png").stat().st_size > 0 and (path.parent / "trajectories.png").stat().st_size > 0
+    assert set(report["agents"]) == AGENTS
+    assert report["config"]["model"]["backbone"]["hidden_size"] == 32
+    scenario = {"eval_nonstationary": "nonstationary", "eval_stitching": "stitching"}.get(overlay, "standard")
+    assert report["scenario"] == scenario == report["protocol"]["scenario"]
+    sizes = {(len(m), len(m[0])) for m in report["maps"]}
+    if overlay == "eval_ood":
+        assert report["config"]["data"]["eval_split"] == "ood"
+        assert all(6 <= h <= 7 and 6 <= w <= 7 for h, w in sizes)
+    elif overlay == "eval_user_maps":
+        assert report["maps"] == user_maps and report["n_maps"] == 2
+    elif overlay == "eval_stitching":
+        assert report["n_maps"] == 5 and report["n_episodes"] == 1
+        assert report["agents"]["oracle"]["per_map"] == [[1.0]] * 5
+        assert len(report["context"]) == 2
+    else:
+        assert all(3 <= h <= 5 and 3 <= w <= 5 for h, w in sizes) and report["n_maps"] == 3
+    if overlay == "eval_nonstationary":
+        assert report["n_episodes"] == 6 and report["switch_to"] == report["maps"][1:] + report["maps"][:1]
+        assert report["agents"]["oracle"]["mean_return"][2] == 1.0 == report["agents"]["oracle"]["mean_return"][5]
+
+
+def test_periodic_evaluation_logs_curve_figure(tiny_checkpoints, tmp_path):
+    """``--trainer.val_check_interval N`` evaluates every N training batches; each evaluation logs the
+    curve scalars and the curve figure to TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    main(["fit", *_tiny_args(tmp_path), "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+          "--data.data_dir", str(tiny_checkpoints["data"]), *SHORT])
+    (events,) = (tmp_path / "logs").rglob("events.out.tfevents*")
+    acc = EventAccumulator(str(events), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("val/curve")] == [2, 4]  # the figure at the optimizer step
+    # Lightning logs validation scalars at its own step counter (one behind here): two evaluations.
+    assert len(acc.Scalars("val_curve/return_ep02")) == 2 == len(acc.Scalars("val/icrl_last10"))
+
+
+def test_compare_checkpoints_into_one_figure(tiny_checkpoints, tmp_path):
+    from icrl_lightning.evaluation.compare import combine
+    from icrl_lightning.evaluation.compare import main as compare
+
+    ck = tiny_checkpoints["ckpt"]
+    out = tmp_path / "cmp"
+    overrides = [*_tiny_overrides(tmp_path, tiny_checkpoints["data"]), *SHORT]
+    record = compare(["--ckpt", ck["high"], ck["low"], "--labels", "high", "low",
+                      "-c", str(REPO / "conf/experiment/quickstart.yaml"), "--out", str(out), "--", *overrides])
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved == json.loads(json.dumps(record))
+    assert saved["labels"] == ["high", "low"] and saved["n_maps"] == 3 and saved["n_episodes"] == 3
+    assert [saved["runs"][q]["checkpoint"] for q in ("high", "low")] == [ck["high"], ck["low"]]
+    assert set(saved["runs"]["high"]["agents"]) == {"icrl", "no_context"}
+    assert set(saved["baselines"]) == {"random", "q_learning", "oracle"}
+    assert saved["baselines"]["oracle"]["mean_return"][-1] == 1.0
+    assert (out / "compare.png").stat().st_size > 0
+    reports = {q: json.loads(Path(saved["runs"][q]["report"]).read_text()) for q in ("high", "low")}
+    assert all(r["checkpoint"] == ck[q] for q, r in reports.items())
+    # Combining the written reports gives the same record; reports of other maps are refused.
+    again = compare(["--reports", saved["runs"]["high"]["report"], saved["runs"]["low"]["report"],
+                     "--labels", "high", "low", "--out", str(tmp_path / "again")])
+    assert again["runs"]["low"]["agents"] == saved["runs"]["low"]["agents"]
+    other = {**reports["low"], "maps": reports["low"]["maps"][::-1]}
+    with pytest.raises(ValueError, match="different maps"):
+        combine({"high": reports["high"], "low": other})

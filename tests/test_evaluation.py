@@ -72,6 +72,8 @@ def test_summarize_hand_computed():
     assert s["greedy_return_if_found"] is None
     assert s["greedy_return_if_not_found"] == pytest.approx(0.75)
     assert s["episodes_to_first_success"] == [1, 2]
+    assert s["first_success_histogram"] == [0, 1, 1]
+    assert s["first_success_median"] == 1.5 and s["never_succeeded"] == 0.0
     assert s["per_map"] == returns.tolist()
 
 
@@ -84,3 +86,34 @@ def test_write_report(tmp_path):
 def test_summarize_all_greedy_schedule():
     s = summarize(np.array([[1.0, 1.0], [0.0, 1.0]]), [1.0, 1.0], last_k=1)
     assert s["mean_return"] == [0.5, 1.0]
+
+
+def test_first_success_distribution_counts_never():
+    returns = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    s = summarize(returns, [0.0, 0.0, 1.0], last_k=1)
+    assert s["episodes_to_first_success"] == [None, 0, 2, None]
+    assert s["first_success_histogram"] == [1, 0, 1]
+    assert s["never_succeeded"] == 0.5 and s["first_success_median"] == 1.0
+    assert s["goal_found_before_greedy"] == 0.25
+    assert s["greedy_return_if_found"] == 1.0 and s["greedy_return_if_not_found"] == pytest.approx(1 / 3)
+    none = summarize(np.zeros((2, 3)), [0.0, 0.0, 1.0], last_k=1)
+    assert none["first_success_median"] is None and none["never_succeeded"] == 1.0
+    assert none["first_success_histogram"] == [0, 0, 0]
+
+
+def test_print_table_rows_per_agent_and_phase():
+    from rich.console import Console
+
+    from icrl_lightning.evaluation.report import print_table, summarize_phases
+
+    schedule = [0.0, 1.0]
+    returns = np.array([[0.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 1.0]])
+    s = summarize(returns, schedule * 2, last_k=1)
+    s["phases"] = summarize_phases(returns, schedule, 2, last_k=1)
+    assert s["phases"][0]["last1"] == 1.0 and s["phases"][1]["last1"] == 0.5
+    assert s["phases"][1]["first_success_median"] == 1.0
+    report = {"last_k": 1, "n_maps": 2, "n_episodes": 4, "scenario": "nonstationary", "agents": {"icrl": s}}
+    console = Console(record=True, width=140)
+    print_table(report, console)
+    text = console.export_text()
+    assert "icrl (map A)" in text and "icrl (map B)" in text and "nonstationary" in text

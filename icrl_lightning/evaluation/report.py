@@ -10,11 +10,17 @@ from rich.table import Table
 
 from icrl_lightning.episodes import write_json_atomic
 
+# Headline numbers repeated per phase of a non-stationary trial (the per-episode lists are not).
+PHASE_KEYS = ("first_episodes", "overall", "goal_found_before_greedy", "greedy_return_if_found",
+              "greedy_return_if_not_found", "first_success_median", "never_succeeded")
+
 
 def summarize(returns: np.ndarray, schedule: list[float], last_k: int = 10) -> dict:
     """Per-episode-index mean with a 95 % interval over maps, the headline numbers, and the
     exploration / exploitation split: the share of maps whose goal was reached before the fully
-    greedy phase, and the greedy-phase return on those maps against the rest."""
+    greedy phase, the greedy-phase return on those maps against the rest, and the distribution of
+    the episode index of each map's first success (``first_success_histogram[k]`` maps first
+    succeeded in episode ``k``; ``never_succeeded`` is the share that never did)."""
     n_maps, n_eps = returns.shape
     mean = returns.mean(axis=0)
     half = 1.96 * returns.std(axis=0, ddof=1) / np.sqrt(n_maps) if n_maps > 1 else np.zeros(n_eps)
@@ -24,6 +30,7 @@ def summarize(returns: np.ndarray, schedule: list[float], last_k: int = 10) -> d
     found = returns[:, explore].max(axis=1) > 0 if explore.any() else np.zeros(n_maps, dtype=bool)
     greedy_ret = returns[:, greedy].mean(axis=1) if greedy.any() else np.full(n_maps, np.nan)
     first = [int(np.flatnonzero(r > 0)[0]) if (r > 0).any() else None for r in returns]
+    reached = [f for f in first if f is not None]
 
     def _m(x):
         return float(np.mean(x)) if len(x) else None
@@ -38,26 +45,60 @@ def summarize(returns: np.ndarray, schedule: list[float], last_k: int = 10) -> d
         "greedy_return_if_found": _m(greedy_ret[found]),
         "greedy_return_if_not_found": _m(greedy_ret[~found]),
         "episodes_to_first_success": first,
+        "first_success_histogram": np.bincount(reached, minlength=n_eps).tolist() if reached else [0] * n_eps,
+        "first_success_median": float(np.median(reached)) if reached else None,
+        "never_succeeded": float(np.mean([f is None for f in first])),
         "per_map": returns.round(4).tolist(),
     }
 
 
-def print_table(report: dict, console: Console | None = None) -> None:
-    k = report["last_k"]
-    table = Table(title=f"In-context evaluation: {report['n_maps']} maps x {report['n_episodes']} episodes")
-    columns = ("agent", "first eps", f"last {k}", "overall", "goal found pre-greedy", "greedy | found",
-               "greedy | not found")
-    for col in columns:
-        table.add_column(col, justify="right" if col != "agent" else "left")
+def summarize_phases(returns: np.ndarray, schedule: list[float], phases: int, last_k: int) -> list[dict]:
+    """Headline numbers of each phase (episodes ``p * len(schedule) ...``) of a non-stationary trial."""
+    n = len(schedule)
+    out = []
+    for p in range(phases):
+        s = summarize(returns[:, p * n:(p + 1) * n], schedule, last_k)
+        out.append({f"last{last_k}": s[f"last{last_k}"], **{k: s[k] for k in PHASE_KEYS}})
+    return out
 
-    def fmt(x):
-        return "-" if x is None else f"{x:.3f}"
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def print_table(report: dict, console: Console | None = None) -> None:
+    """The rich summary table: one row per agent (per phase for a non-stationary trial)."""
+    k = report["last_k"]
+    scenario = report.get("scenario", "standard")
+    title = (f"In-context evaluation ({scenario}): {report['n_maps']} "
+             f"{'trials' if scenario == 'stitching' else 'maps'} x {report['n_episodes']} episodes")
+    caption = (f"first/last {k}: mean return of a trial's first/last {k} episodes; found: share of trials that "
+               "reached the goal before the greedy phase; g|found, g|not: greedy-phase return on those / the rest; "
+               "1st win: median episode of the first success; never: share with no success")
+    table = Table(title=title, caption=caption, caption_justify="left")
+    table.add_column("agent", no_wrap=True, min_width=10)
+    for col in (f"first {k}", f"last {k}", "all", "found", "g|found", "g|not", "1st win", "never"):
+        table.add_column(col, justify="right", no_wrap=True)
+
+    def row(name: str, s: dict) -> None:
+        med = s["first_success_median"]
+        table.add_row(name, _fmt(s["first_episodes"]), _fmt(s[f"last{k}"]), _fmt(s["overall"]),
+                      _fmt(s["goal_found_before_greedy"]), _fmt(s["greedy_return_if_found"]),
+                      _fmt(s["greedy_return_if_not_found"]), "-" if med is None else f"{med:g}",
+                      _fmt(s["never_succeeded"]))
 
     for name, s in report["agents"].items():
-        table.add_row(name, fmt(s["first_episodes"]), fmt(s[f"last{k}"]), fmt(s["overall"]),
-                      fmt(s["goal_found_before_greedy"]), fmt(s["greedy_return_if_found"]),
-                      fmt(s["greedy_return_if_not_found"]))
-    (console or Console()).print(table)
+        phases = s.get("phases")
+        if phases:
+            for p, ps in enumerate(phases):
+                row(f"{name} (map {'AB'[p] if p < 2 else p + 1})", ps)
+        else:
+            row(name, s)
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # logs and pipes: wide enough for the whole table
+            console = Console(width=max(console.width, 110))
+    console.print(table)
 
 
 def write_report(report: dict, path: Path) -> None:

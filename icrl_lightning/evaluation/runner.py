@@ -4,19 +4,22 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 
 import numpy as np
 
 from icrl_lightning.agent import InContextAgent
 from icrl_lightning.evaluation.protocol import BASELINES, EvalProtocol, run_baseline
-from icrl_lightning.evaluation.report import summarize
+from icrl_lightning.evaluation.report import summarize, summarize_phases
+from icrl_lightning.evaluation.scenarios import context_tokens, make_plan
 
 
 class Evaluator:
     """Plays the protocol's agents on maps and turns their returns into a report.
 
-    Baseline returns depend only on the maps, schedule, seed and step limit, so they are cached
-    across the periodic evaluations of one ``fit``.
+    Every agent plays the same plan (maps, schedule, map switch, seeds and exploration draws).
+    Baseline returns depend only on the plan, seed and step limit, so they are cached across the
+    periodic evaluations of one ``fit``.
     """
 
     def __init__(self, protocol: EvalProtocol):
@@ -26,23 +29,31 @@ class Evaluator:
     def run(self, agent: InContextAgent, batch: list[tuple[int, tuple[str, ...]]]) -> dict:
         """Returns of every agent on this batch of ``(index, rows)`` maps."""
         p = self.protocol
-        schedule = p.greedy_probs()
-        index = [i for i, _ in batch]
-        maps = [m for _, m in batch]
+        plan = make_plan(p, batch)
+        prefill = context_tokens(agent.s, plan.context) if plan.context else None
+        timings: dict = {}
         started = time.perf_counter()
-        trial = agent.play(maps, schedule, p.seed)
-        out = {"index": index, "maps": maps, "icrl": trial.returns, "trajectories": trial.trajectories,
-               "timings": {"icrl_s": time.perf_counter() - started, "forward_calls": trial.forward_calls}}
+        trial = agent.play(plan.maps, plan.schedule, p.seed, switch_to=plan.switch_to, prefill=prefill)
+        timings.update(icrl_s=time.perf_counter() - started, forward_calls=trial.forward_calls,
+                       reencodes=trial.reencodes, longest_context=trial.longest_context)
+        out = {"index": plan.index, "maps": plan.maps, "switch_to": plan.switch_to, "icrl": trial.returns,
+               "trajectories": trial.trajectories, "actions": trial.actions, "timings": timings}
         if p.no_context:
             started = time.perf_counter()
-            out["no_context"] = agent.play(maps, schedule, p.seed, keep_context=False).returns
-            out["timings"]["no_context_s"] = time.perf_counter() - started
+            out["no_context"] = agent.play(plan.maps, plan.schedule, p.seed, keep_context=False,
+                                           switch_to=plan.switch_to).returns
+            timings["no_context_s"] = time.perf_counter() - started
         if p.baselines:
+            started = time.perf_counter()
             for name in BASELINES:
-                key = (name, tuple(maps), tuple(schedule), p.seed, p.max_episode_steps)
+                key = (name, tuple(plan.maps), tuple(plan.switch_to or ()), repr(plan.context), tuple(plan.schedule),
+                       p.seed, p.max_episode_steps)
                 if key not in self._baseline_cache:
-                    self._baseline_cache[key] = run_baseline(name, maps, schedule, p.seed, p.max_episode_steps)
+                    self._baseline_cache[key] = run_baseline(name, plan.maps, plan.schedule, p.seed,
+                                                             p.max_episode_steps, plan.switch_to, plan.context)
                 out[name] = self._baseline_cache[key]
+            timings["baselines_s"] = time.perf_counter() - started
+        out["plan"] = plan
         return out
 
     def finish(self, outputs: list[dict], global_step: int) -> tuple[dict[str, float], dict]:
@@ -51,24 +62,44 @@ class Evaluator:
         # Lightning's DistributedSampler repeats maps to even out ranks: keep each map once.
         _, order = np.unique(index, return_index=True)
         p = self.protocol
-        schedule = p.greedy_probs()
+        plan = outputs[0]["plan"]
+        phase_schedule = plan.schedule
+        schedule = phase_schedule * plan.phases
         agents = [a for a in ("icrl", "no_context", *BASELINES) if a in outputs[0]]
         returns = {a: np.concatenate([o[a] for o in outputs])[order] for a in agents}
-        summaries = {a: summarize(r, schedule, p.last_k) for a, r in returns.items()}
         k = p.last_k
+        summaries = {}
+        for a, r in returns.items():
+            summaries[a] = summarize(r, schedule, k)
+            if plan.phases > 1:
+                summaries[a]["phases"] = summarize_phases(r, phase_schedule, plan.phases, k)
         icrl = summaries["icrl"]
         metrics = {f"val_curve/return_ep{e:02d}": v for e, v in enumerate(icrl["mean_return"])}
         metrics.update({f"val/{a}_last{k}": s[f"last{k}"] for a, s in summaries.items()})
+        metrics.update({f"val/{a}_goal_found_before_greedy": s["goal_found_before_greedy"]
+                        for a, s in summaries.items()})
+        if plan.phases > 1:
+            metrics.update({f"val/{a}_map_a_last{k}": s["phases"][0][f"last{k}"] for a, s in summaries.items()})
         if "no_context" in summaries:
             metrics["val/context_gain"] = icrl[f"last{k}"] / max(summaries["no_context"][f"last{k}"], 1e-9)
-        maps = [m for o in outputs for m in o["maps"]]
-        trajectories = [t for o in outputs for t in o["trajectories"]]
+        flat = {key: [x for o in outputs for x in (o[key] or [])] for key in ("maps", "trajectories", "actions")}
+        switch = [m for o in outputs for m in (o["switch_to"] or [])]
+        steps = [[len(ep) - 1 for ep in flat["trajectories"][i]] for i in order]
+        icrl["mean_episode_steps"] = np.mean(steps, axis=0).round(2).tolist()
+        timings = [o["timings"] for o in outputs]
         report = {
+            "scenario": p.scenario,
             "n_maps": len(order), "n_episodes": len(schedule), "last_k": k, "schedule": schedule,
-            "global_step": global_step, "protocol": vars(p),
-            "maps": [list(maps[i]) for i in order],
+            "phases": plan.phases, "phase_length": len(phase_schedule),
+            "global_step": global_step, "protocol": asdict(p),
+            "maps": [list(flat["maps"][i]) for i in order],
+            "switch_to": [list(switch[i]) for i in order] if switch else None,
+            "context": [asdict(e) for e in plan.context] if plan.context else None,
             "agents": summaries,
-            "trajectories": [trajectories[i] for i in order],
-            "timings": [o["timings"] for o in outputs],
+            "trajectories": [flat["trajectories"][i] for i in order],
+            "actions": [flat["actions"][i] for i in order],
+            "timings": {"per_rank": timings,
+                        "icrl_s": max(t["icrl_s"] for t in timings),
+                        "total_s": max(sum(v for key, v in t.items() if key.endswith("_s")) for t in timings)},
         }
         return metrics, report
