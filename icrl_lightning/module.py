@@ -2,27 +2,46 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import torch
 from torch.func import functional_call
 
 from icrl_lightning.agent import InContextAgent
-from icrl_lightning.backbones import TinyLlama
-from icrl_lightning.checks import check_module_args
+from icrl_lightning.backbones import TARGET, CausalLM, TinyLlama, active_adapter, adapter_pairs, is_peft
+from icrl_lightning.checks import InputError, check_module_args
 from icrl_lightning.evaluation.protocol import EvalProtocol
 from icrl_lightning.evaluation.runner import Evaluator
 from icrl_lightning.qlearning import action_q_values, bellman_loss, double_dqn_targets, next_step, polyak_
 from icrl_lightning.serialize import Serializer
 
+Q_HEADS = ("tokens", "linear")
+
 
 class ICRLModule(L.LightningModule):
-    """Online network = the backbone's trainable weights; target network = the *same* module with
-    those weights swapped for Polyak-averaged copies (never a second copy of frozen weights).
+    """Online network theta and target network phi share every frozen weight:
+
+    * adapters (``pretrained`` with ``adapter: ia3`` or ``lora``): theta = base + adapter
+      ``default``, phi = the same base + adapter ``delayed``;
+    * full training (``backbone``, or ``adapter: full``): phi = the same module with its weights
+      swapped for Polyak-averaged copies (``torch.func.functional_call``).
+
+    After every optimizer step phi <- alpha * theta + (1 - alpha) * phi. Lightning checkpoints hold
+    what trains (adapters, heads, targets, optimizer), never the frozen base; with adapters the
+    ``adapter/`` folder beside the checkpoints loads with ``PeftModel.from_pretrained``.
 
     Args:
-        backbone: what to train (a ``TinyLlama`` trained from scratch).
+        backbone: a ``TinyLlama`` trained from scratch (used when ``pretrained`` is not set).
+        pretrained: a Hugging Face causal LM (local folder, GGUF file or hub id) with IA3 / LoRA
+            adapters or full fine-tuning; replaces ``backbone`` when set.
+        q_head: ``tokens`` (paper): Q = the LM logits of the four action words at the action
+            position; ``linear``: a trainable ``hidden -> 4`` layer (online + target), initialised
+            from those four output-embedding rows.
         lr: AdamW learning rate after warm-up.
         weight_decay: AdamW weight decay.
         warmup_steps: linear learning-rate warm-up, in optimizer steps.
@@ -38,6 +57,8 @@ class ICRLModule(L.LightningModule):
     def __init__(
         self,
         backbone: TinyLlama | None = None,
+        pretrained: CausalLM | None = None,
+        q_head: str = "tokens",
         lr: float = 5e-4,
         weight_decay: float = 0.01,
         warmup_steps: int = 10,
@@ -50,22 +71,54 @@ class ICRLModule(L.LightningModule):
     ):
         super().__init__()
         check_module_args(lr, weight_decay, warmup_steps, alpha, gamma, reward_scale, loss, seq_len)
+        if q_head not in Q_HEADS:
+            raise InputError(f"model.q_head={q_head!r}: choose one of {list(Q_HEADS)}")
+        # Specs are kept as plain dicts in the hyper-parameters (as LightningCLI writes them), so a
+        # checkpoint loads with torch.load(weights_only=True); load_from_checkpoint passes them back.
+        backbone, pretrained = _as_dict(backbone), _as_dict(pretrained)
         # The evaluation protocol is not a property of the trained weights: leaving it out of the
         # checkpoint's hyper-parameters lets `validate --ckpt_path ... --model.evaluation.*` change
         # it (LightningCLI applies checkpoint hyper-parameters over the command line).
         self.save_hyperparameters(ignore=["evaluation"])
-        self.backbone_spec = backbone or TinyLlama()
+        self.backbone_spec = CausalLM(**pretrained) if pretrained else TinyLlama(**(backbone or {}))
         self.protocol = evaluation or EvalProtocol()
         self.model, self.tokenizer = self.backbone_spec.build()
         self.serializer = Serializer(self.tokenizer, self.backbone_spec.format, self.backbone_spec.max_tiles)
+        self._check_vocabulary()
         self.register_buffer("action_ids", torch.as_tensor(self.serializer.action_token_ids), persistent=False)
-        self._online = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        for k, (_, p) in enumerate(self._online):
-            self.register_buffer(f"target_{k}", p.detach().clone())
+        self._peft = is_peft(self.model)
+        if self._peft:
+            online, self._target_adapter = adapter_pairs(self.model)
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            self._online = [(names[id(p)], p) for p in online]
+        else:
+            self._online = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            self._n_copies = len(self._online)
+            for k, (_, p) in enumerate(self._online):
+                self.register_buffer(f"target_{k}", p.detach().clone())
+        if q_head == "linear":
+            rows = self.model.get_output_embeddings().weight.detach()[self.action_ids].float()
+            self.q_head = torch.nn.Linear(rows.shape[1], 4, bias=False, device=rows.device)
+            with torch.no_grad():
+                self.q_head.weight.copy_(rows)
+            self.register_buffer("q_head_target", rows.clone())
+            self._online.append(("q_head.weight", self.q_head.weight))
+        targets = {id(t) for t in self.target_params()}
+        # Frozen base weights: left out of Lightning checkpoints (rebuilt from the backbone spec).
+        self._frozen_keys = {k for k, v in self.state_dict(keep_vars=True).items()
+                             if isinstance(v, torch.nn.Parameter) and not v.requires_grad and id(v) not in targets}
         self._step_clock: float | None = None
         self._eval_outputs: list[dict] = []
         self.evaluator = Evaluator(self.protocol)
         self.eval_report: dict | None = None
+
+    def _check_vocabulary(self) -> None:
+        rows = self.model.get_input_embeddings().num_embeddings
+        s = self.serializer
+        used = max(max(ids) for ids in s._cache.values() if ids)
+        if max(used, s.pad_id) >= rows:
+            raise InputError(f"the tokenizer writes id {max(used, s.pad_id)} but the model has only {rows} "
+                             "embedding rows: the tokenizer does not belong to this model")
 
     def setup(self, stage: str) -> None:
         # Refuse a context window too small for the evaluation before any training is spent.
@@ -73,32 +126,71 @@ class ICRLModule(L.LightningModule):
 
     def _agent(self) -> InContextAgent:
         p = self.protocol
-        return InContextAgent(self.model, self.serializer, p.max_context or self.hparams.seq_len, p.max_episode_steps)
+        window = p.max_context or self.hparams.seq_len
+        limit = self.backbone_spec.max_context
+        if limit and window > limit:
+            raise InputError(f"evaluation max_context={window} tokens (0 = data.seq_len) exceeds the model's "
+                             f"max_position_embeddings={limit}")
+        return InContextAgent(self.acting_network(), self.serializer, window, p.max_episode_steps)
+
+    def acting_network(self):
+        """What the in-context agent plays with: ``get_decoder()`` is the online network and
+        ``get_output_embeddings().weight[action_token_ids]`` its Q readout rows, as in training."""
+        if self.hparams.q_head == "linear":
+            return _LinearHeadNetwork(self.model, self.q_head, self.serializer.action_token_ids)
+        return self.model
 
     # --- Q-values ---------------------------------------------------------------------------------
     def target_params(self) -> list[torch.Tensor]:
-        return [getattr(self, f"target_{k}") for k in range(len(self._online))]
-
-    def _q_values(self, input_ids: torch.Tensor, q_mask: torch.Tensor, target: bool = False) -> torch.Tensor:
-        """Q(context, .) at every action position of the batch, ``[N, 4]`` in row-major order."""
-        decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
-        if not target:
-            hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
-            weight = head.weight
+        """The target network's trained tensors, in the order of ``self._online``."""
+        if self._peft:
+            targets = list(self._target_adapter)
         else:
-            swap = dict(zip((id(p) for _, p in self._online), self.target_params(), strict=True))
+            targets = [getattr(self, f"target_{k}") for k in range(self._n_copies)]
+        if self.hparams.q_head == "linear":
+            targets.append(self.q_head_target)
+        return targets
+
+    def _swap(self) -> dict[int, torch.Tensor]:
+        """Full training: id of each trained weight -> its Polyak copy."""
+        return dict(zip((id(p) for _, p in self._online), self.target_params(), strict=True))
+
+    def _hidden(self, input_ids: torch.Tensor, target: bool) -> torch.Tensor:
+        decoder = self.model.get_decoder()
+        kwargs = {"input_ids": input_ids, "use_cache": False}
+        if not target:
+            return decoder(**kwargs).last_hidden_state
+        with _eval_mode(self.model):  # the target is a fixed function: no (LoRA) dropout
+            if self._peft:
+                with active_adapter(self.model, TARGET):
+                    return decoder(**kwargs).last_hidden_state
+            swap = self._swap()
             params = {n: swap[id(p)] for n, p in decoder.named_parameters() if id(p) in swap}
-            hidden = functional_call(decoder, params, (), {"input_ids": input_ids, "use_cache": False},
-                                     strict=False).last_hidden_state
-            weight = swap.get(id(head.weight), head.weight)
-        return action_q_values(hidden[q_mask], weight[self.action_ids])
+            return functional_call(decoder, params, (), kwargs, strict=False).last_hidden_state
+
+    def _head_rows(self, target: bool) -> torch.Tensor:
+        """``[4, d]``: the rows whose products with a hidden state are Q(., left/down/right/up)."""
+        if self.hparams.q_head == "linear":
+            return self.q_head_target if target else self.q_head.weight
+        weight = self.model.get_output_embeddings().weight
+        if target and not self._peft:
+            weight = self._swap().get(id(weight), weight)
+        return weight[self.action_ids]
+
+    def q_values(self, input_ids: torch.Tensor, q_mask: torch.Tensor, target: bool = False) -> torch.Tensor:
+        """Q(context, .) at every action position of the batch, ``[N, 4]`` float32, row-major order;
+        ``target=True`` reads the target network."""
+        hidden = self._hidden(input_ids, target)[q_mask]
+        return action_q_values(hidden, self._head_rows(target).to(hidden.dtype)).float()
+
+    _q_values = q_values  # the name tools/context_td_error.py uses
 
     # --- training -----------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         q_mask = batch["q_mask"]
-        q = self._q_values(batch["input_ids"], q_mask)
+        q = self.q_values(batch["input_ids"], q_mask)
         with torch.no_grad():
-            q_target = self._q_values(batch["input_ids"], q_mask, target=True)
+            q_target = self.q_values(batch["input_ids"], q_mask, target=True)
         action, reward, done = batch["action"][q_mask], batch["reward"][q_mask], batch["done"][q_mask]
         q_taken = q.gather(1, action[:, None]).squeeze(1)
         h = self.hparams
@@ -129,6 +221,43 @@ class ICRLModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    # --- checkpoints: only what was trained ----------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("state_dict", {})
+        for key in self._frozen_keys:
+            state.pop(key, None)
+        callback = self.trainer.checkpoint_callback if self._trainer is not None else None
+        folder = getattr(callback, "dirpath", None)
+        if self._peft and folder and self.trainer.is_global_zero:
+            self.save_adapter(Path(folder) / "adapter")
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As ``nn.Module.load_state_dict``, but the frozen base may be absent (Lightning checkpoints
+        leave it out: it is rebuilt from the backbone spec); any other missing key is an error."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if k not in self._frozen_keys]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: "
+                               f"missing keys {missing}, unexpected keys {result.unexpected_keys}")
+        return result
+
+    def save_adapter(self, folder: str | Path) -> Path:
+        """Write the online adapter (``folder/``) and the target adapter (``folder/delayed/``) in
+        peft's safetensors format (``PeftModel.from_pretrained(base, folder)`` loads the online one),
+        and with ``q_head: linear`` the head's online and target rows (``folder/q_head.safetensors``)."""
+        if not self._peft:
+            raise ValueError("save_adapter: there is no adapter in full training; the Lightning checkpoint "
+                             "holds every trained weight")
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        self.model.save_pretrained(str(folder))
+        if self.hparams.q_head == "linear":
+            save_file({"online": self.q_head.weight.detach().cpu().contiguous(),
+                       "target": self.q_head_target.detach().cpu().contiguous(),
+                       "action_token_ids": self.action_ids.cpu()}, str(folder / "q_head.safetensors"))
+        return folder
+
     # --- in-context evaluation (the validation loop) ---------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self._eval_outputs = []
@@ -147,3 +276,46 @@ class ICRLModule(L.LightningModule):
         metrics, self.eval_report = self.evaluator.finish(outputs, int(self.global_step))
         for name, value in metrics.items():
             self.log(name, value, rank_zero_only=True, sync_dist=False)
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module):
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _as_dict(spec) -> dict | None:
+    return dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) else spec
+
+
+class _ActionRows:
+    """``rows[action_token_ids]`` -> the linear Q-head's rows in action order, in the decoder's dtype."""
+
+    def __init__(self, weight: torch.Tensor, action_token_ids, dtype: torch.dtype):
+        self.weight, self.dtype = weight, dtype
+        self.index = {int(t): a for a, t in enumerate(action_token_ids)}
+
+    def __getitem__(self, ids) -> torch.Tensor:
+        order = [self.index[int(t)] for t in torch.as_tensor(ids).flatten()]
+        return self.weight[order].to(self.dtype)
+
+
+class _LinearHeadNetwork:
+    """The online network with a linear Q-head, shaped like a causal LM for the agent:
+    ``get_output_embeddings().weight[action_token_ids]`` are the head's rows."""
+
+    def __init__(self, model, q_head: torch.nn.Linear, action_token_ids):
+        self.model, self.config = model, model.config
+        dtype = model.get_input_embeddings().weight.dtype
+        self._rows = SimpleNamespace(weight=_ActionRows(q_head.weight, action_token_ids, dtype))
+
+    def get_decoder(self):
+        return self.model.get_decoder()
+
+    def get_output_embeddings(self):
+        return self._rows

@@ -35,6 +35,9 @@ class Format:
     observation: str = "{}"  # "{}" is replaced by the tile index
     reward: str = "{}"  # "{}" is replaced by round(r, 2)
     truncation: str = "truncated"
+    # Other names of the pad token in the same family, tried in order when ``pad`` is not one token
+    # of the tokenizer (the Llama 3.0 tokenizer calls id 128004 <|reserved_special_token_2|>).
+    pad_alternatives: tuple[str, ...] = ()
     roles: dict[str, str] = field(default_factory=lambda: {r: r for r in ("observation", "action", "reward", "edit")})
 
     def header(self, role: str) -> str:
@@ -49,8 +52,13 @@ LLAMA3 = Format(
     pad="<|finetune_right_pad_id|>",
     role_prefix="<|start_header_id|>{role}<|end_header_id|>",
     role_suffix="<|eot_id|>",
+    pad_alternatives=("<|reserved_special_token_2|>",),
 )
-# The same roles in ChatML (SmolLM2, Qwen).
+# The same roles in ChatML (SmolLM2, Qwen): ``<|im_start|>role\nvalue<|im_end|>\n``, the chat
+# template's layout. The action word follows the newline of its header, so it is written without
+# a leading space: with SmolLM2's tokenizer "left", "down", "right", "up" are one token each
+# (" left" is another single token, but not the one a chat turn starts with). Tile indices may
+# be several tokens (SmolLM2 splits digits); only the action word must be one.
 CHATML = Format(
     name="chatml",
     episode_start="",
@@ -106,7 +114,7 @@ class Serializer:
         self.max_tiles = max_tiles
         self._tokenizer = tokenizer
         self._cache: dict[str, tuple[int, ...]] = {}
-        self.pad_id = self._single(self.fmt.pad, "pad token")
+        self.pad_id = self._pad_id()
         self.action_token_ids = np.array([self._single(a, f"action word {a!r}") for a in ACTIONS])
         self.action_header = self.encode(self.fmt.header("action"))
         self.warm_up()
@@ -122,11 +130,24 @@ class Serializer:
                 raise KeyError(f"piece {text!r} is not in this serializer's cache (tile >= max_tiles?)")
             ids = tuple(self._tokenizer.encode(text, add_special_tokens=False))
             unk = getattr(self._tokenizer, "unk_token_id", None)
-            if unk is not None and unk in ids:
+            # Some tokenizers reuse a real special token as unk (SmolLM2: <|endoftext|>): only an
+            # unk that the text did not spell out is an unknown piece.
+            if unk is not None and unk in ids and str(self._tokenizer.unk_token) not in text:
                 raise KeyError(f"format {self.fmt.name}: {text!r} is not in the tokenizer's vocabulary "
                                f"(a tile >= max_tiles={self.max_tiles}?)")
             self._cache[text] = ids
         return ids
+
+    def _pad_id(self) -> int:
+        for pad in (self.fmt.pad, *self.fmt.pad_alternatives):
+            try:
+                ids = self.encode(pad)
+            except KeyError:  # not in a word-level vocabulary
+                continue
+            if len(ids) == 1:
+                return ids[0]
+        names = [self.fmt.pad, *self.fmt.pad_alternatives]
+        raise ValueError(f"format {self.fmt.name}: no pad token among {names} is one token of this tokenizer")
 
     def _single(self, text: str, what: str) -> int:
         ids = self.encode(text)

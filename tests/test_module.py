@@ -110,8 +110,8 @@ def test_target_forward_matches_online_when_weights_equal(tiny_data_dir):
     batch = _batch(module, tiny_data_dir)
     ids, mask = batch["input_ids"], batch["q_mask"]
     with torch.no_grad():
-        q_online = module._q_values(ids, mask)
-        q_target = module._q_values(ids, mask, target=True)
+        q_online = module.q_values(ids, mask)
+        q_target = module.q_values(ids, mask, target=True)
     assert q_online.shape == (int(mask.sum()), 4)
     torch.testing.assert_close(q_target, q_online, rtol=0, atol=1e-6)
     # The online Q are the LM logits of the action words at the masked positions.
@@ -127,20 +127,20 @@ def test_target_forward_reads_the_target_weights(tiny_data_dir):
     ids, mask = batch["input_ids"], batch["q_mask"]
     names = [n for n, _ in module._online]
     with torch.no_grad():
-        q_online = module._q_values(ids, mask)
+        q_online = module.q_values(ids, mask)
         # A change to the target's output layer moves only the target Q.
         head_k = names.index("lm_head.weight")
         module.target_params()[head_k].add_(0.5)
-        q_target = module._q_values(ids, mask, target=True)
-        assert torch.equal(module._q_values(ids, mask), q_online)
+        q_target = module.q_values(ids, mask, target=True)
+        assert torch.equal(module.q_values(ids, mask), q_online)
         assert (q_target - q_online).abs().max() > 1e-2
         module.target_params()[head_k].sub_(0.5)
         # So does a change to a decoder weight of the target.
         layer_k = names.index("model.layers.0.self_attn.v_proj.weight")
         module.target_params()[layer_k].mul_(3.0)
-        q_target = module._q_values(ids, mask, target=True)
+        q_target = module.q_values(ids, mask, target=True)
         assert (q_target - q_online).abs().max() > 1e-3
-        assert torch.equal(module._q_values(ids, mask), q_online)
+        assert torch.equal(module.q_values(ids, mask), q_online)
 
 
 def _reference_loss(module: ICRLModule, batch: dict, kind: str) -> torch.Tensor:
@@ -236,3 +236,41 @@ def test_evaluation_protocol_is_not_a_checkpointed_hyperparameter():
     module = _module()
     assert "evaluation" not in module.hparams
     assert module.protocol.max_episode_steps == 30
+
+
+def test_checkpoint_loads_weights_only_and_rebuilds(tmp_path, tiny_data_dir):
+    # Backbone specs are plain dicts in the hyper-parameters, so a checkpoint of a module built in
+    # code (not through the CLI) loads with weights_only=True, and load_from_checkpoint rebuilds it.
+    module = _module()
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.fit(module, datamodule=tiny_datamodule(tiny_data_dir))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    ckpt = torch.load(tmp_path / "m.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["backbone"]["hidden_size"] == 32
+    assert ckpt["hyper_parameters"]["pretrained"] is None
+    # Full training: nothing is frozen, so the checkpoint holds every weight.
+    assert not module._frozen_keys and ckpt["state_dict"].keys() == module.state_dict().keys()
+    loaded = ICRLModule.load_from_checkpoint(tmp_path / "m.ckpt", evaluation=EvalProtocol(max_episode_steps=30))
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+
+
+def test_missing_trained_weights_are_an_error():
+    state = _module().state_dict()
+    state.pop("target_0")
+    with pytest.raises(RuntimeError, match="target_0"):
+        _module().load_state_dict(state)
+
+
+def test_unknown_q_head_is_an_error():
+    with pytest.raises(ValueError, match="model.q_head"):
+        _module(q_head="softmax")
+
+
+def test_linear_q_head_on_the_tiny_model(tmp_path, tiny_data_dir):
+    module = _module(q_head="linear")
+    assert module._online[-1][0] == "q_head.weight" and len(module.target_params()) == len(module._online)
+    check = PolyakCheck(0.1)
+    head0 = module.q_head.weight.detach().clone()
+    _trainer(tmp_path, max_steps=2, callbacks=[check]).fit(module, datamodule=tiny_datamodule(tiny_data_dir))
+    assert check.checked == [True, True] and not torch.equal(module.q_head.weight, head0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,3 +183,113 @@ def test_tile_outside_vocabulary_is_an_error():
     s = Serializer(build_tokenizer("compact", max_tiles=16), "compact", max_tiles=16)
     with pytest.raises((KeyError, ValueError)):
         s.observation(20)  # e.g. a 5x5 map (25 tiles) with max_tiles=16
+
+
+# --- real tokenizers (tools/fetch_models.py puts them in data/models/; skipped when absent) -----------
+LLAMA3_TOKENIZER = Path(__file__).resolve().parents[1] / "data/models/llama3-tokenizer/tokenizer.json"
+needs_llama3 = pytest.mark.skipif(not LLAMA3_TOKENIZER.exists(),
+                                  reason="Llama 3 tokenizer not fetched: python tools/fetch_models.py --only llama3")
+
+# A Figure-2-style episode on the 4x4 map SFFF/FHFH/FFFH/HFFG: right, right, down, down, down, right
+# to the goal (reward 1.0), then one that hits the 100-step limit (here: 2 steps, truncated).
+FIG2 = ([0, 1, 2, 6, 10, 14, 15], [2, 2, 1, 1, 1, 2], [0.0] * 5 + [1.0])
+BOT, EOT_TEXT, SH, EH, EOT = 128000, 128001, 128006, 128007, 128009
+OBS_ID, ACT_ID, REW_ID, EDIT_ID = 79060, 1335, 50107, 3671
+LEFT, DOWN, RIGHT, UP = 2414, 2996, 1315, 455
+TILE = {0: 15, 1: 16, 2: 17, 6: 21, 10: 605, 14: 975, 15: 868}
+
+
+def _authors_text(obs, acts, rews, truncated: bool) -> str:
+    """The authors' format written out as one string (SPEC "Serialization")."""
+    def block(role, value):
+        return f"<|start_header_id|>{role}<|end_header_id|>{value}<|eot_id|>"
+    text = "<|begin_of_text|>" + block("observation", obs[0])
+    for t, a in enumerate(acts):
+        text += block("action", ACTIONS[a]) + block("observation", obs[t + 1])
+        if rews[t] != 0:
+            text += block("reward", round(rews[t], 2))
+    if truncated:
+        text += block("edit", "truncated")
+    return text + "<|end_of_text|>"
+
+
+@pytest.fixture(scope="module")
+def real_llama3():
+    from transformers import PreTrainedTokenizerFast
+
+    return Serializer(PreTrainedTokenizerFast(tokenizer_file=str(LLAMA3_TOKENIZER)), "llama3")
+
+
+@needs_llama3
+def test_paper_episode_has_the_authors_token_ids(real_llama3):
+    s = real_llama3
+    obs, acts, rews = FIG2
+    enc = s.episode(obs, acts, rews, terminated=True, truncated=False)
+    # Pinned ids: one token per header, role, tile index and action word.
+    expected = [BOT, SH, OBS_ID, EH, TILE[0], EOT]
+    for t, a in enumerate(acts):
+        expected += [SH, ACT_ID, EH, (LEFT, DOWN, RIGHT, UP)[a], EOT, SH, OBS_ID, EH, TILE[obs[t + 1]], EOT]
+    expected += [SH, REW_ID, EH, 16, 13, 15, EOT, EOT_TEXT]  # "1.0" is three tokens: 1 . 0
+    assert enc.ids.tolist() == expected
+    # ... which is exactly the authors' text tokenized in one go.
+    whole = s._tokenizer.encode(_authors_text(obs, acts, rews, False), add_special_tokens=False)
+    assert enc.ids.tolist() == whole
+    # Q positions: the <|end_header_id|> of each action header; the next token is the action word.
+    assert enc.q_pos.tolist() == [9 + 10 * t - 1 for t in range(len(acts))]
+    assert [int(enc.ids[q]) for q in enc.q_pos] == [EH] * len(acts)
+    assert [int(enc.ids[q + 1]) for q in enc.q_pos] == [(LEFT, DOWN, RIGHT, UP)[a] for a in acts]
+    assert s.action_token_ids.tolist() == [LEFT, DOWN, RIGHT, UP]
+    assert len(s.after_action(2, 14, 0.0, False, False)) == 10  # a step costs 10 tokens (SPEC)
+
+
+@needs_llama3
+def test_paper_truncated_episode_and_pad(real_llama3):
+    s = real_llama3
+    obs, acts, rews = [0, 1, 1], [2, 3], [0.0, 0.0]
+    enc = s.episode(obs, acts, rews, terminated=False, truncated=True)
+    whole = s._tokenizer.encode(_authors_text(obs, acts, rews, True), add_special_tokens=False)
+    assert enc.ids.tolist() == whole
+    assert enc.ids.tolist()[-7:] == [SH, EDIT_ID, EH, 376, 39107, EOT, EOT_TEXT]  # "truncated": two tokens
+    # This (Llama 3.0) tokenizer names id 128004 <|reserved_special_token_2|>; Llama 3.1 calls it
+    # <|finetune_right_pad_id|>: the pad id is the same.
+    assert s.pad_id == 128004
+    for tile in range(64):
+        assert len(s._tokenizer.encode(str(tile), add_special_tokens=False)) == 1
+
+
+def test_pad_falls_back_to_the_family_alternative():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    from icrl_lightning.serialize import LLAMA3, format_vocabulary
+
+    specials, words = format_vocabulary(LLAMA3)
+    specials = ["<|reserved_special_token_2|>" if t == LLAMA3.pad else t for t in specials]
+    vocab = {t: i for i, t in enumerate(["<unk>", *specials, *words])}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    tok.add_special_tokens(specials)
+    s = Serializer(PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>"), "llama3")
+    assert s.pad_id == vocab["<|reserved_special_token_2|>"]
+
+
+def test_unk_that_is_a_real_special_token_is_accepted():
+    # SmolLM2's tokenizer uses <|endoftext|> (the ChatML episode end) as its unk token.
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    from icrl_lightning.serialize import CHATML, format_vocabulary
+
+    specials, words = format_vocabulary(CHATML)
+    vocab = {t: i for i, t in enumerate(["<|endoftext|>", *[t for t in specials if t != "<|endoftext|>"], *words])}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    tok.add_special_tokens(specials)
+    s = Serializer(PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<|endoftext|>"), "chatml")
+    assert s.ending(truncated=False) == (0,)
+    with pytest.raises(KeyError, match="not in the tokenizer"):
+        s.encode("observation_unknown_word")
