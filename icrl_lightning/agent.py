@@ -271,6 +271,7 @@ class InContextAgent:
         switch_to: list[Map] | None = None,
         prefill: list[list[int]] | None = None,
         record_q: bool = False,
+        keys: list[int] | None = None,
     ) -> TrialResult:
         """One trial per map, all in lock-step: ``len(schedule)`` episodes, episode ``k`` taking the
         greedy action with probability ``schedule[k]``.
@@ -285,13 +286,15 @@ class InContextAgent:
             prefill: token ids of whole episodes put in every map's context before its first episode
                 (behaviour stitching); they are ordinary closed episodes for the window policy.
             record_q: keep the Q row of every decision in ``TrialResult.q_values``.
+            keys: map ``i`` draws from ``default_rng([seed, keys[i]])`` instead (its index in the whole
+                evaluation set, so that a map plays the same whichever rank and batch position it gets).
         """
         n_maps, n_eps = len(maps), len(schedule)
         if switch_to is not None and len(switch_to) != n_maps:
             raise ValueError(f"switch_to has {len(switch_to)} maps for {n_maps} maps")
         phases = [maps] if switch_to is None else [maps, switch_to]
         total = n_eps * len(phases)
-        rngs = [np.random.default_rng([seed, i]) for i in range(n_maps)]
+        rngs = [np.random.default_rng([seed, k]) for k in (range(n_maps) if keys is None else keys)]
         envs = [make_env(m, self.max_episode_steps) for m in maps]
         ctx = [_Context() for _ in range(n_maps)]
         for c in ctx:

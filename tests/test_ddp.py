@@ -191,8 +191,6 @@ def test_ddp_fit_data_and_weights(ddp_fit, tiny_data_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the agent and baselines seed each map's draws by its position in the rank's "
-                   "batch, not its index in the evaluation set: see /tmp/notes/issue5_6_ddp_eval_keys.patch")
 def test_ddp_fit_evaluation_equals_one_process(ddp_fit):
     """The report of the evaluation at the end of the 2-rank fit (maps split across ranks, results
     gathered) equals a single-process ``validate`` of the same checkpoint on the same maps."""

@@ -104,6 +104,7 @@ def run_baseline(
     switch_to: list[Map] | None = None,
     context: list[ContextEpisode] | None = None,
     context_sweeps: int = 100,
+    keys: list[int] | None = None,
 ) -> np.ndarray:
     """Returns ``[maps, episodes]`` of a baseline on the same maps, schedule and draws as the agent.
 
@@ -115,7 +116,8 @@ def run_baseline(
     ``switch_to[i]`` and the schedule restarts; the Q-learner keeps its table (it is not told
     either), the oracle plans on the new map. ``context`` (stitching): the Q-learner first learns
     from these episodes, replayed ``context_sweeps`` times (the tabular counterpart of reading
-    them in context); the other baselines ignore them.
+    them in context); the other baselines ignore them. ``keys``: map ``i`` draws from
+    ``default_rng([seed, keys[i]])`` instead of ``[seed, i]`` (as ``InContextAgent.play``).
     """
     if name not in BASELINES:
         raise ValueError(f"baseline {name!r}: choose from {BASELINES}")
@@ -125,7 +127,7 @@ def run_baseline(
     n_eps = len(schedule)
     out = np.zeros((len(maps), n_eps * len(phases)))
     for i in range(len(maps)):
-        rng = np.random.default_rng([seed, i])
+        rng = np.random.default_rng([seed, i if keys is None else keys[i]])
         n_states = max(len(p[i]) * len(p[i][0]) for p in phases)
         learner = TabularQLearner(n_states, rng=rng)
         if name == "q_learning":

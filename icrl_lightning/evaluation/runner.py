@@ -33,7 +33,10 @@ class Evaluator:
         prefill = context_tokens(agent.s, plan.context) if plan.context else None
         timings: dict = {}
         started = time.perf_counter()
-        trial = agent.play(plan.maps, plan.schedule, p.seed, switch_to=plan.switch_to, prefill=prefill)
+        # Draws are keyed by the map's index in the evaluation set, not its place in this rank's batch,
+        # so that one process and several ranks play every map identically.
+        trial = agent.play(plan.maps, plan.schedule, p.seed, switch_to=plan.switch_to, prefill=prefill,
+                           keys=plan.index)
         timings.update(icrl_s=time.perf_counter() - started, forward_calls=trial.forward_calls,
                        reencodes=trial.reencodes, longest_context=trial.longest_context)
         out = {"index": plan.index, "maps": plan.maps, "switch_to": plan.switch_to, "icrl": trial.returns,
@@ -41,16 +44,17 @@ class Evaluator:
         if p.no_context:
             started = time.perf_counter()
             out["no_context"] = agent.play(plan.maps, plan.schedule, p.seed, keep_context=False,
-                                           switch_to=plan.switch_to).returns
+                                           switch_to=plan.switch_to, keys=plan.index).returns
             timings["no_context_s"] = time.perf_counter() - started
         if p.baselines:
             started = time.perf_counter()
             for name in BASELINES:
-                key = (name, tuple(plan.maps), tuple(plan.switch_to or ()), repr(plan.context), tuple(plan.schedule),
-                       p.seed, p.max_episode_steps)
+                key = (name, tuple(plan.maps), tuple(plan.index), tuple(plan.switch_to or ()), repr(plan.context),
+                       tuple(plan.schedule), p.seed, p.max_episode_steps)
                 if key not in self._baseline_cache:
                     self._baseline_cache[key] = run_baseline(name, plan.maps, plan.schedule, p.seed,
-                                                             p.max_episode_steps, plan.switch_to, plan.context)
+                                                             p.max_episode_steps, plan.switch_to, plan.context,
+                                                             keys=plan.index)
                 out[name] = self._baseline_cache[key]
             timings["baselines_s"] = time.perf_counter() - started
         out["plan"] = plan
