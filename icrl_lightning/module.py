@@ -14,10 +14,17 @@ from torch.func import functional_call
 
 from icrl_lightning.agent import InContextAgent
 from icrl_lightning.backbones import TARGET, CausalLM, TinyLlama, active_adapter, adapter_pairs, is_peft
-from icrl_lightning.checks import InputError, check_module_args
+from icrl_lightning.checks import InputError, check_module_args, check_range
 from icrl_lightning.evaluation.protocol import EvalProtocol
 from icrl_lightning.evaluation.runner import Evaluator
-from icrl_lightning.qlearning import action_q_values, bellman_loss, double_dqn_targets, next_step, polyak_
+from icrl_lightning.qlearning import (
+    action_q_values,
+    bellman_loss,
+    conservative_penalty,
+    double_dqn_targets,
+    next_step,
+    polyak_,
+)
 from icrl_lightning.serialize import Serializer
 
 Q_HEADS = ("tokens", "linear")
@@ -49,6 +56,10 @@ class ICRLModule(L.LightningModule):
         gamma: discount (SPEC: 0.9).
         reward_scale: rewards are multiplied by this in the TD target (SPEC: 30).
         loss: ``mse`` (paper) or ``normalized`` (authors' code: squared error / mean target).
+        cql_weight: weight of a conservative penalty (CQL(H): ``logsumexp_a Q - Q(a_taken)`` at
+            every action position) added to the TD loss; 0 (default, paper) is pure double DQN.
+            Offline data shows one action per context, so the other actions' Q-values are never
+            trained; the penalty keeps them below the action the data took.
         seq_len: trained sequence length (linked from ``data.seq_len``); the default context window
             of the in-context agent.
         evaluation: the in-context evaluation protocol run by ``validate`` and at the end of ``fit``.
@@ -66,11 +77,13 @@ class ICRLModule(L.LightningModule):
         gamma: float = 0.9,
         reward_scale: float = 30.0,
         loss: str = "mse",
+        cql_weight: float = 0.0,
         seq_len: int = 1024,
         evaluation: EvalProtocol | None = None,
     ):
         super().__init__()
         check_module_args(lr, weight_decay, warmup_steps, alpha, gamma, reward_scale, loss, seq_len)
+        check_range("model.cql_weight", cql_weight, 0, None)
         if q_head not in Q_HEADS:
             raise InputError(f"model.q_head={q_head!r}: choose one of {list(Q_HEADS)}")
         # Specs are kept as plain dicts in the hyper-parameters (as LightningCLI writes them), so a
@@ -195,7 +208,12 @@ class ICRLModule(L.LightningModule):
         q_taken = q.gather(1, action[:, None]).squeeze(1)
         h = self.hparams
         y = double_dqn_targets(reward, done, next_step(q.detach()), next_step(q_target), h.gamma, h.reward_scale)
-        loss = bellman_loss(q_taken, y, h.loss, q_mask.nonzero()[:, 0])
+        td_loss = bellman_loss(q_taken, y, h.loss, q_mask.nonzero()[:, 0])
+        loss = td_loss
+        cql_weight = h.get("cql_weight", 0.0)
+        if cql_weight:
+            penalty = conservative_penalty(q, action)
+            loss = td_loss + cql_weight * penalty
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite TD loss ({loss.item()}) at global step {self.global_step}; "
                                      "the last checkpoint is untouched")
@@ -204,7 +222,9 @@ class ICRLModule(L.LightningModule):
             self.log("train/tokens_per_s", batch["input_ids"].numel() / (now - self._step_clock), on_step=True)
         self._step_clock = now
         bs = batch["input_ids"].shape[0]
-        self.log("train/td_loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/td_loss", td_loss, prog_bar=True, batch_size=bs)
+        if cql_weight:
+            self.log("train/cql_penalty", penalty.detach(), batch_size=bs)
         self.log("train/q_mean", q_taken.detach().mean(), batch_size=bs)
         self.log("train/target_mean", y.mean(), batch_size=bs)
         self.log("train/packing", batch["n_tokens"].sum() / batch["input_ids"].numel(), batch_size=bs)

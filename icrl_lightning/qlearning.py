@@ -58,6 +58,14 @@ def bellman_loss(
     raise ValueError(f"loss={kind!r}: choose 'mse' or 'normalized'")
 
 
+def conservative_penalty(q: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """CQL(H) regulariser: mean over actions taken of ``logsumexp_a Q(., a) - Q(., a_taken)``.
+
+    Offline data shows one action per context, so the Q-values of the other three are never
+    trained and can be over-estimated; this term pushes them below the action the data took."""
+    return (torch.logsumexp(q, dim=-1) - q.gather(-1, action[:, None]).squeeze(-1)).mean()
+
+
 @torch.no_grad()
 def polyak_(target: list[torch.Tensor], online: list[torch.Tensor], alpha: float) -> None:
     """phi <- alpha * theta + (1 - alpha) * phi, in place."""

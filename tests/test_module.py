@@ -182,6 +182,20 @@ def test_training_step_loss_matches_reference(tiny_data_dir, kind, fmt, seq_len)
     assert not torch.allclose(loss, _reference_loss(module, batch, other), rtol=1e-3, atol=1e-3)
 
 
+def test_conservative_penalty_is_added_to_the_td_loss(tiny_data_dir):
+    module = _module(cql_weight=2.0)
+    module.eval()
+    batch = _batch(module, tiny_data_dir)
+    with torch.no_grad():
+        loss = module.training_step(batch, 0)
+        logits = module.model(input_ids=batch["input_ids"]).logits[..., module.action_ids]
+    mask = batch["q_mask"]
+    q, action = logits[mask], batch["action"][mask]
+    penalty = (torch.logsumexp(q, -1) - q[torch.arange(len(action)), action]).mean()
+    assert penalty > 0.1
+    torch.testing.assert_close(loss, _reference_loss(module, batch, "mse") + 2.0 * penalty, rtol=1e-4, atol=1e-4)
+
+
 def test_training_step_rejects_non_finite_loss(tiny_data_dir):
     module = _module()
     batch = _batch(module, tiny_data_dir)

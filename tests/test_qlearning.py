@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from icrl_lightning.qlearning import action_q_values, bellman_loss, double_dqn_targets, next_step, polyak_
+from icrl_lightning.qlearning import (
+    action_q_values,
+    bellman_loss,
+    conservative_penalty,
+    double_dqn_targets,
+    next_step,
+    polyak_,
+)
 
 
 def test_double_dqn_targets_hand_computed():
@@ -75,6 +82,19 @@ def test_bellman_loss_errors():
         bellman_loss(q, y, "normalized")
     with pytest.raises(ValueError, match="huber"):
         bellman_loss(q, y, "huber")
+
+
+def test_conservative_penalty_hand_computed():
+    ln3 = float(torch.log(torch.tensor(3.0)))
+    q = torch.tensor([[0.0, ln3, 0.0, 0.0],   # logsumexp = ln 6; taken ln 3 -> ln 2
+                      [5.0, 5.0, 5.0, 5.0]])  # logsumexp = 5 + ln 4; taken 5 -> ln 4
+    action = torch.tensor([1, 2])
+    expected = (torch.log(torch.tensor(2.0)) + torch.log(torch.tensor(4.0))) / 2
+    torch.testing.assert_close(conservative_penalty(q, action), expected)
+    # Its gradient lowers the actions not taken and raises the one taken.
+    q = q.clone().requires_grad_(True)
+    conservative_penalty(q, action).backward()
+    assert q.grad[0, 1] < 0 and (q.grad[0, [0, 2, 3]] > 0).all()
 
 
 def test_action_q_values():
