@@ -1,0 +1,99 @@
+"""How fast can a backbone learn to use its context at all? A supervised yardstick for the DQN runs.
+
+Trains a fresh tiny Llama (the quickstart's sizes unless told otherwise) on the quickstart's replay
+stream with behaviour cloning instead of double DQN: cross-entropy of the behaviour learner's
+action over the four action logits at every action position. Then, on single-map sequences of 30
+random episodes of a training map (as ``tools/context_td_error.py`` builds them), it reports the
+cross-entropy grouped by how many earlier episodes of the same map precede the action. A model
+that reads its context predicts the behaviour far better after a few episodes than at episode 0
+(the behaviour mostly repeats the path it has converged to); uniform is ln 4 = 1.386 and the
+behaviour's own epsilon-greedy noise (epsilon 0.1) leaves about 0.35 once it has converged.
+
+    python tools/bc_context_probe.py --steps 300            # about 6 minutes on one CPU core
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from icrl_lightning.backbones import TinyLlama
+from icrl_lightning.data import ReplayDataModule
+from icrl_lightning.module import ICRLModule
+
+BUCKETS = ((0, 1), (1, 3), (3, 8), (8, 10**9))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    ap.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (no warm-up)")
+    ap.add_argument("--batch-size", type=int, default=12)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--hidden-size", type=int, default=128)
+    ap.add_argument("--num-layers", type=int, default=4)
+    ap.add_argument("--data-dir", default="data", help="data_dir (the quickstart's dataset is built if absent)")
+    ap.add_argument("--maps", type=int, default=120, help="training maps in the context measurement")
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    backbone = TinyLlama(format="compact", hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=4,
+                         intermediate_size=4 * args.hidden_size, max_position_embeddings=max(2048, args.seq_len))
+    module = ICRLModule(backbone=backbone, seq_len=args.seq_len)
+    data = ReplayDataModule(data_dir=args.data_dir, seq_len=args.seq_len, batch_size=args.batch_size)
+    data.serializer = module.serializer
+    data.prepare_data()
+    loader = DataLoader(data.train_stream(args.steps * args.batch_size), batch_size=args.batch_size)
+    opt = torch.optim.AdamW(module.parameters(), lr=args.lr, weight_decay=0.01)
+    started, losses = time.perf_counter(), []
+    for step, batch in enumerate(loader):
+        if step >= args.steps:
+            break
+        mask = batch["q_mask"]
+        loss = torch.nn.functional.cross_entropy(module.q_values(batch["input_ids"], mask), batch["action"][mask])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if (step + 1) % 50 == 0:
+            print(f"step {step + 1}: train CE {np.mean(losses[-50:]):.3f} ({time.perf_counter() - started:.0f} s)",
+                  flush=True)
+
+    module.eval()
+    s = module.serializer
+    by_map: dict[int, list] = {}
+    for e in data.load_episodes():
+        by_map.setdefault(e.map_id, []).append(e)
+    rng = np.random.default_rng(1)
+    ce: dict[int, list[float]] = {b: [] for b in range(len(BUCKETS))}
+    with torch.no_grad():
+        for map_id in sorted(by_map)[: args.maps]:
+            episodes = by_map[map_id]
+            ids: list[int] = []
+            pos, actions, index = [], [], []
+            for k, i in enumerate(rng.choice(len(episodes), size=min(30, len(episodes)), replace=False)):
+                e = episodes[i]
+                enc = s.episode(e.observations, e.actions, e.rewards, e.terminated, e.truncated)
+                if len(ids) + len(enc) > args.seq_len:
+                    break
+                pos += (enc.q_pos + len(ids)).tolist()
+                actions += enc.actions.tolist()
+                index += [k] * len(enc.actions)
+                ids += enc.ids.tolist()
+            x = torch.tensor([ids])
+            mask = torch.zeros_like(x, dtype=torch.bool)
+            mask[0, pos] = True
+            errs = torch.nn.functional.cross_entropy(module.q_values(x, mask), torch.tensor(actions), reduction="none")
+            for k, c in zip(index, errs.tolist(), strict=True):
+                ce[next(b for b, (lo, hi) in enumerate(BUCKETS) if lo <= k < hi)].append(c)
+    for b, (lo, hi) in enumerate(BUCKETS):
+        name = "episode 0 (no context)" if lo == 0 else f"episodes {lo}-{hi - 1}" if hi < 10**9 else f"episodes {lo}+"
+        print(f"{name:24s} CE {np.mean(ce[b]):.3f}  (n={len(ce[b])})")
+
+
+if __name__ == "__main__":
+    main()
