@@ -210,10 +210,9 @@ class ICRLModule(L.LightningModule):
         y = double_dqn_targets(reward, done, next_step(q.detach()), next_step(q_target), h.gamma, h.reward_scale)
         td_loss = bellman_loss(q_taken, y, h.loss, q_mask.nonzero()[:, 0])
         loss = td_loss
-        cql_weight = h.get("cql_weight", 0.0)
-        if cql_weight:
+        if h.cql_weight:
             penalty = conservative_penalty(q, action)
-            loss = td_loss + cql_weight * penalty
+            loss = td_loss + h.cql_weight * penalty
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite TD loss ({loss.item()}) at global step {self.global_step}; "
                                      "the last checkpoint is untouched")
@@ -223,7 +222,7 @@ class ICRLModule(L.LightningModule):
         self._step_clock = now
         bs = batch["input_ids"].shape[0]
         self.log("train/td_loss", td_loss, prog_bar=True, batch_size=bs)
-        if cql_weight:
+        if h.cql_weight:
             self.log("train/cql_penalty", penalty.detach(), batch_size=bs)
         self.log("train/q_mean", q_taken.detach().mean(), batch_size=bs)
         self.log("train/target_mean", y.mean(), batch_size=bs)

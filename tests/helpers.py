@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+import yaml
 
 from icrl_lightning.backbones import TinyLlama
+from icrl_lightning.cli import main
 from icrl_lightning.serialize import Serializer
 
 TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "max_position_embeddings": 256}
@@ -36,3 +39,12 @@ def tiny_datamodule(data_dir, **overrides):
     from icrl_lightning.data import ReplayDataModule
 
     return ReplayDataModule(data_dir=str(data_dir), **{**TINY_DATA, **overrides})
+
+
+def print_config(args: list[str], capsys) -> dict:
+    """The configuration ``python -m icrl_lightning ... --print_config`` prints, parsed."""
+    with pytest.raises(SystemExit) as err:
+        main(args)
+    out = capsys.readouterr().out
+    assert err.value.code in (0, None), out
+    return yaml.safe_load(out)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import print_config
 
 from icrl_lightning.cli import main
 from icrl_lightning.module import ICRLModule
@@ -130,14 +131,6 @@ def test_unknown_flag_is_an_error(capsys):
     assert err.value.code != 0
 
 
-def _print_config(args: list[str], capsys) -> dict:
-    with pytest.raises(SystemExit) as err:
-        main(args)
-    out = capsys.readouterr().out
-    assert err.value.code in (0, None), out
-    return yaml.safe_load(out)
-
-
 def test_there_are_configs():
     assert REPO / "conf/experiment/quickstart.yaml" in CONFIGS
 
@@ -168,7 +161,7 @@ def test_every_config_parses(path, subcommand, capsys):
         section = path.parent.name
         assert section in known, f"{path}: top-level keys {sorted(top)} are neither CLI sections nor a fragment"
         args = [subcommand, "-c", str(QUICKSTART), f"--{section}", str(path), "--print_config"]
-    cfg = _print_config(args, capsys)
+    cfg = print_config(args, capsys)
     assert {"trainer", "model", "data"} <= set(cfg)
     assert isinstance(cfg["data"]["seq_len"], int)
     if path.name.startswith(OVERLAY_PREFIXES):
@@ -177,7 +170,7 @@ def test_every_config_parses(path, subcommand, capsys):
         assert cfg["trainer"]["logger"]["init_args"]["name"] == path.stem
         assert cfg["trainer"]["logger"]["class_path"].endswith("TensorBoardLogger")
         if subcommand not in _QUICKSTART_CFG:
-            _QUICKSTART_CFG[subcommand] = _print_config([subcommand, "-c", str(QUICKSTART), "--print_config"], capsys)
+            _QUICKSTART_CFG[subcommand] = print_config([subcommand, "-c", str(QUICKSTART), "--print_config"], capsys)
         assert cfg["model"]["backbone"] == _QUICKSTART_CFG[subcommand]["model"]["backbone"]
         for section in ("data", "model"):
             for key, value in (top.get(section) or {}).items():

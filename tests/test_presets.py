@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import TINY
+from helpers import TINY, print_config
 
 from icrl_lightning.cli import ICRLCLI, main
 from icrl_lightning.data import ReplayDataModule
@@ -31,18 +31,10 @@ def _contains(actual, expected) -> bool:
     return actual == expected
 
 
-def _print_config(args: list[str], capsys) -> dict:
-    with pytest.raises(SystemExit) as err:
-        main(args)
-    out = capsys.readouterr().out
-    assert err.value.code in (0, None), out
-    return yaml.safe_load(out)
-
-
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_layers_on_an_experiment(name, capsys):
     preset = yaml.safe_load(PRESETS[name].read_text())["trainer"]
-    cfg = _print_config(["fit", "-c", str(QUICKSTART), "-c", str(PRESETS[name]), "--print_config"], capsys)
+    cfg = print_config(["fit", "-c", str(QUICKSTART), "-c", str(PRESETS[name]), "--print_config"], capsys)
     trainer = cfg["trainer"]
     assert _contains(trainer, preset)
     # The experiment's own settings survive the layering.
@@ -79,7 +71,7 @@ def test_fsdp_wraps_each_llama_decoder_layer(tmp_path):
 
 
 def test_deepspeed_preset_is_zero_stage_2(capsys):
-    cfg = _print_config(["fit", "-c", str(QUICKSTART), "-c", str(PRESETS["deepspeed"]), "--print_config"], capsys)
+    cfg = print_config(["fit", "-c", str(QUICKSTART), "-c", str(PRESETS["deepspeed"]), "--print_config"], capsys)
     strategy = cfg["trainer"]["strategy"]
     assert strategy["class_path"] == "lightning.pytorch.strategies.DeepSpeedStrategy"
     assert strategy["init_args"]["stage"] == 2

@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 import torch
+from context_td_error import single_map_sequences  # tools/ is on sys.path when run as a script
 from torch.utils.data import DataLoader
 
 from icrl_lightning.backbones import TinyLlama
@@ -64,29 +65,13 @@ def main() -> None:
                   flush=True)
 
     module.eval()
-    s = module.serializer
     by_map: dict[int, list] = {}
     for e in data.load_episodes():
         by_map.setdefault(e.map_id, []).append(e)
-    rng = np.random.default_rng(1)
     ce: dict[int, list[float]] = {b: [] for b in range(len(BUCKETS))}
     with torch.no_grad():
-        for map_id in sorted(by_map)[: args.maps]:
-            episodes = by_map[map_id]
-            ids: list[int] = []
-            pos, actions, index = [], [], []
-            for k, i in enumerate(rng.choice(len(episodes), size=min(30, len(episodes)), replace=False)):
-                e = episodes[i]
-                enc = s.episode(e.observations, e.actions, e.rewards, e.terminated, e.truncated)
-                if len(ids) + len(enc) > args.seq_len:
-                    break
-                pos += (enc.q_pos + len(ids)).tolist()
-                actions += enc.actions.tolist()
-                index += [k] * len(enc.actions)
-                ids += enc.ids.tolist()
-            x = torch.tensor([ids])
-            mask = torch.zeros_like(x, dtype=torch.bool)
-            mask[0, pos] = True
+        for x, mask, actions, _, _, index in single_map_sequences(
+                by_map, module.serializer, args.maps, args.seq_len, np.random.default_rng(1)):
             errs = torch.nn.functional.cross_entropy(module.q_values(x, mask), torch.tensor(actions), reduction="none")
             for k, c in zip(index, errs.tolist(), strict=True):
                 ce[next(b for b, (lo, hi) in enumerate(BUCKETS) if lo <= k < hi)].append(c)

@@ -23,6 +23,31 @@ from icrl_lightning.qlearning import double_dqn_targets, next_step
 BUCKETS = (("episode 0 (no context)", 0, 1), ("episodes 1-2", 1, 3), ("episodes 3-7", 3, 8), ("episodes 8+", 8, 10**9))
 
 
+def single_map_sequences(by_map: dict[int, list], serializer, n_maps: int, seq_len: int, rng: np.random.Generator):
+    """For each of the first ``n_maps`` maps: 30 of its episodes drawn at random, packed whole into
+    one sequence of at most ``seq_len`` tokens. Yields ``(input_ids [1, T], action-position mask
+    [1, T], actions, rewards, episode-end flags, episode index of each action)``."""
+    for map_id in sorted(by_map)[:n_maps]:
+        episodes = by_map[map_id]
+        ids: list[int] = []
+        q_pos, action, reward, done, index = [], [], [], [], []
+        for k, i in enumerate(rng.choice(len(episodes), size=min(30, len(episodes)), replace=False)):
+            e = episodes[i]
+            enc = serializer.episode(e.observations, e.actions, e.rewards, e.terminated, e.truncated)
+            if len(ids) + len(enc) > seq_len or not len(enc.q_pos):
+                break
+            q_pos += (enc.q_pos + len(ids)).tolist()
+            action += enc.actions.tolist()
+            reward += enc.rewards.tolist()
+            done += [False] * (len(enc.actions) - 1) + [True]
+            index += [k] * len(enc.actions)
+            ids += enc.ids.tolist()
+        x = torch.tensor([ids])
+        mask = torch.zeros_like(x, dtype=torch.bool)
+        mask[0, q_pos] = True
+        yield x, mask, action, reward, done, index
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint")
@@ -45,28 +70,10 @@ def main() -> None:
     for e in data.load_episodes():
         by_map.setdefault(e.map_id, []).append(e)
 
-    rng = np.random.default_rng(0)
     errors: dict[int, list[float]] = {i: [] for i in range(len(BUCKETS))}
-    s = module.serializer
     with torch.no_grad():
-        for map_id in sorted(by_map)[: args.maps]:
-            episodes = by_map[map_id]
-            ids: list[int] = []
-            q_pos, action, reward, done, index = [], [], [], [], []
-            for k, i in enumerate(rng.choice(len(episodes), size=min(30, len(episodes)), replace=False)):
-                e = episodes[i]
-                enc = s.episode(e.observations, e.actions, e.rewards, e.terminated, e.truncated)
-                if len(ids) + len(enc) > args.seq_len or not len(enc.q_pos):
-                    break
-                q_pos += (enc.q_pos + len(ids)).tolist()
-                action += enc.actions.tolist()
-                reward += enc.rewards.tolist()
-                done += [False] * (len(enc.actions) - 1) + [True]
-                index += [k] * len(enc.actions)
-                ids += enc.ids.tolist()
-            x = torch.tensor([ids])
-            mask = torch.zeros_like(x, dtype=torch.bool)
-            mask[0, q_pos] = True
+        for x, mask, action, reward, done, index in single_map_sequences(
+                by_map, module.serializer, args.maps, args.seq_len, np.random.default_rng(0)):
             q, q_target = module._q_values(x, mask), module._q_values(x, mask, target=True)
             y = double_dqn_targets(torch.tensor(reward), torch.tensor(done), next_step(q), next_step(q_target),
                                    hp["gamma"], hp["reward_scale"])
