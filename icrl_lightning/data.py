@@ -74,6 +74,11 @@ class ReplayStream(IterableDataset):
         self.seq_len, self.pad_id, self.num_sequences = seq_len, pad_id, num_sequences
         self.set_size, self.seed, self.rank, self.world_size = set_size, seed, rank, world_size
         self.batch_size, self.set_order, self.skip_batches = batch_size, set_order, skip_batches
+        # Online fine-tuning (callbacks.OnlineTrials): whole trials the model played itself, each a
+        # set of its own in the order played, drawn instead of an offline set with probability
+        # ``online_fraction``. Both stay empty / 0 for offline training.
+        self.online: list[list[EncodedEpisode]] = []
+        self.online_fraction = 0.0
 
     def __len__(self) -> int:
         return self.num_sequences
@@ -104,6 +109,9 @@ class ReplayStream(IterableDataset):
         """Sets of episodes (lists), forever."""
         lo, hi = self.set_size
         while True:
+            if self.online and self.online_fraction and rng.random() < self.online_fraction:
+                yield list(self.online[rng.integers(len(self.online))])
+                continue
             m = maps[rng.integers(len(maps))]
             eps, w = self.episodes[m], self.weights[m]
             k = min(int(rng.integers(lo, hi + 1)), len(eps))
@@ -375,6 +383,8 @@ class ReplayDataModule(L.LightningDataModule):
         by_map: dict[int, list[Episode]] = {}
         for e in self.load_episodes():
             by_map.setdefault(e.map_id, []).append(e)
+        # Map rows by training-map id: online fine-tuning plays its trials on them.
+        self.train_maps = {m: eps[0].map_rows for m, eps in by_map.items()}
         encoded = {m: [self.serializer.episode(e.observations, e.actions, e.rewards, e.terminated, e.truncated)
                        for e in eps] for m, eps in by_map.items()}
         weights = {m: quality_weights(eps, h.quality) for m, eps in by_map.items()}

@@ -24,10 +24,12 @@ from icrl_lightning.qlearning import (
     double_dqn_targets,
     next_step,
     polyak_,
+    successful_episode,
 )
 from icrl_lightning.serialize import Serializer
 
 Q_HEADS = ("tokens", "linear")
+CQL_ON = ("all", "successful")
 
 
 class ICRLModule(L.LightningModule):
@@ -60,6 +62,10 @@ class ICRLModule(L.LightningModule):
             every action position) added to the TD loss; 0 (default, paper) is pure double DQN.
             Offline data shows one action per context, so the other actions' Q-values are never
             trained; the penalty keeps them below the action the data took.
+        cql_on: where the penalty applies: ``all`` action positions, or only the actions of
+            ``successful`` episodes (those that reach a goal). ``all`` also teaches the model to
+            copy failed behaviour: a data action that led into a hole is pushed above the
+            untried ones.
         seq_len: trained sequence length (linked from ``data.seq_len``); the default context window
             of the in-context agent.
         evaluation: the in-context evaluation protocol run by ``validate`` and at the end of ``fit``.
@@ -78,12 +84,15 @@ class ICRLModule(L.LightningModule):
         reward_scale: float = 30.0,
         loss: str = "mse",
         cql_weight: float = 0.0,
+        cql_on: str = "all",
         seq_len: int = 1024,
         evaluation: EvalProtocol | None = None,
     ):
         super().__init__()
         check_module_args(lr, weight_decay, warmup_steps, alpha, gamma, reward_scale, loss, seq_len)
         check_range("model.cql_weight", cql_weight, 0, None)
+        if cql_on not in CQL_ON:
+            raise InputError(f"model.cql_on={cql_on!r}: choose one of {list(CQL_ON)}")
         if q_head not in Q_HEADS:
             raise InputError(f"model.q_head={q_head!r}: choose one of {list(Q_HEADS)}")
         # Specs are kept as plain dicts in the hyper-parameters (as LightningCLI writes them), so a
@@ -211,7 +220,8 @@ class ICRLModule(L.LightningModule):
         td_loss = bellman_loss(q_taken, y, h.loss, q_mask.nonzero()[:, 0])
         loss = td_loss
         if h.cql_weight:
-            penalty = conservative_penalty(q, action)
+            where = successful_episode(reward, done) if h.cql_on == "successful" else None
+            penalty = conservative_penalty(q, action, where)
             loss = td_loss + h.cql_weight * penalty
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite TD loss ({loss.item()}) at global step {self.global_step}; "

@@ -58,12 +58,27 @@ def bellman_loss(
     raise ValueError(f"loss={kind!r}: choose 'mse' or 'normalized'")
 
 
-def conservative_penalty(q: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+def conservative_penalty(q: torch.Tensor, action: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
     """CQL(H) regulariser: mean over actions taken of ``logsumexp_a Q(., a) - Q(., a_taken)``.
 
     Offline data shows one action per context, so the Q-values of the other three are never
-    trained and can be over-estimated; this term pushes them below the action the data took."""
-    return (torch.logsumexp(q, dim=-1) - q.gather(-1, action[:, None]).squeeze(-1)).mean()
+    trained and can be over-estimated; this term pushes them below the action the data took.
+    ``where`` (bool per action): only those positions are penalised (the others count as zero in
+    the mean, so the weight means the same whatever share is selected)."""
+    gap = torch.logsumexp(q, dim=-1) - q.gather(-1, action[:, None]).squeeze(-1)
+    if where is not None:
+        gap = gap * where.to(gap.dtype)
+    return gap.mean()
+
+
+def successful_episode(reward: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+    """Per action (rows in sequence order, ``done`` closing each episode): whether its episode
+    ends with a nonzero reward, i.e. reached a goal in Frozen Lake."""
+    ends = done.long()
+    episode = torch.cumsum(ends, 0) - ends  # index of the episode each action belongs to
+    if not bool(done[-1]):
+        raise ValueError("the last action row must close an episode")
+    return (reward[done] != 0)[episode]
 
 
 @torch.no_grad()

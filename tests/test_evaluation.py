@@ -83,6 +83,20 @@ def test_write_report(tmp_path):
     assert json.loads(path.read_text()) == {"a": [1, 2]}
 
 
+def test_repeated_failures_counts_greedy_replays_of_a_failed_path():
+    from icrl_lightning.evaluation.report import repeated_failures
+
+    schedule = [0.0, 1.0, 1.0, 1.0]
+    returns = np.array([[0.0, 0.0, 0.0, 1.0],    # greedy fails twice: once new, once a replay
+                        [1.0, 1.0, 0.0, 0.0]])   # a replay of a success is not counted
+    paths = [[[0, 1], [0, 4], [0, 4], [0, 3, 6]],
+             [[0, 3, 6], [0, 3, 6], [0, 4], [0, 1]]]
+    # Greedy failures: map 0 episodes 1 (path differs from episode 0), 2 (replays 1);
+    # map 1 episodes 2 (after a success), 3 (a different path). One replay in four.
+    assert repeated_failures(returns, paths, schedule) == 0.25
+    assert repeated_failures(np.ones((2, 4)), paths, schedule) is None
+
+
 def test_summarize_all_greedy_schedule():
     s = summarize(np.array([[1.0, 1.0], [0.0, 1.0]]), [1.0, 1.0], last_k=1)
     assert s["mean_return"] == [0.5, 1.0]

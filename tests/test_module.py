@@ -196,6 +196,28 @@ def test_conservative_penalty_is_added_to_the_td_loss(tiny_data_dir):
     torch.testing.assert_close(loss, _reference_loss(module, batch, "mse") + 2.0 * penalty, rtol=1e-4, atol=1e-4)
 
 
+def test_conservative_penalty_on_successful_episodes_only(tiny_data_dir):
+    module = _module(cql_weight=2.0, cql_on="successful")
+    module.eval()
+    batch = _batch(module, tiny_data_dir)
+    with torch.no_grad():
+        loss = module.training_step(batch, 0)
+        logits = module.model(input_ids=batch["input_ids"]).logits[..., module.action_ids]
+    mask = batch["q_mask"]
+    q, action = logits[mask], batch["action"][mask]
+    reward, done = batch["reward"][mask], batch["done"][mask]
+    # By hand: walk the episodes backwards, carrying whether the current one ends on a reward.
+    success, ok = [], False
+    for r, d in zip(reversed(reward.tolist()), reversed(done.tolist()), strict=True):
+        ok = r != 0 if d else ok
+        success.append(ok)
+    success = torch.tensor(success[::-1])
+    assert 0 < success.sum() < len(success)  # the batch mixes successes and failures
+    gap = torch.logsumexp(q, -1) - q[torch.arange(len(action)), action]
+    penalty = (gap * success).sum() / len(gap)
+    torch.testing.assert_close(loss, _reference_loss(module, batch, "mse") + 2.0 * penalty, rtol=1e-4, atol=1e-4)
+
+
 def test_training_step_rejects_non_finite_loss(tiny_data_dir):
     module = _module()
     batch = _batch(module, tiny_data_dir)

@@ -12,6 +12,7 @@ from icrl_lightning.qlearning import (
     double_dqn_targets,
     next_step,
     polyak_,
+    successful_episode,
 )
 
 
@@ -95,6 +96,19 @@ def test_conservative_penalty_hand_computed():
     q = q.clone().requires_grad_(True)
     conservative_penalty(q, action).backward()
     assert q.grad[0, 1] < 0 and (q.grad[0, [0, 2, 3]] > 0).all()
+
+    # `where` keeps only the selected rows; the others count as zero in the mean.
+    torch.testing.assert_close(conservative_penalty(q.detach(), action, torch.tensor([False, True])),
+                               torch.log(torch.tensor(4.0)) / 2)
+
+
+def test_successful_episode_marks_every_action_of_an_episode_that_reached_a_goal():
+    # Three episodes: 3 actions ending on the goal, 2 ending in a hole, 1 reaching the goal.
+    reward = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 1.0])
+    done = torch.tensor([False, False, True, False, True, True])
+    assert successful_episode(reward, done).tolist() == [True, True, True, False, False, True]
+    with pytest.raises(ValueError, match="close an episode"):
+        successful_episode(reward[:3], torch.tensor([False, True, False]))
 
 
 def test_action_q_values():

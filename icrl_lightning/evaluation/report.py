@@ -52,6 +52,20 @@ def summarize(returns: np.ndarray, schedule: list[float], last_k: int = 10) -> d
     }
 
 
+def repeated_failures(returns: np.ndarray, trajectories: list[list[list[int]]], schedule: list[float]) -> float | None:
+    """Share of the greedy-phase episodes that fail by replaying the previous episode's failed
+    path tile for tile: an agent that learns from its context should not do that (the
+    environment is deterministic, so a repeated path fails again). ``None`` without a greedy
+    failure."""
+    repeats = fails = 0
+    for r, paths in zip(returns, trajectories, strict=True):
+        for k in range(1, len(paths)):
+            if schedule[k % len(schedule)] >= 1.0 and r[k] == 0:
+                fails += 1
+                repeats += int(r[k - 1] == 0 and paths[k] == paths[k - 1])
+    return repeats / fails if fails else None
+
+
 def summarize_phases(returns: np.ndarray, schedule: list[float], phases: int, last_k: int) -> list[dict]:
     """Headline numbers of each phase (episodes ``p * len(schedule) ...``) of a non-stationary trial."""
     n = len(schedule)

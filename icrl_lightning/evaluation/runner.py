@@ -10,7 +10,7 @@ import numpy as np
 
 from icrl_lightning.agent import InContextAgent
 from icrl_lightning.evaluation.protocol import BASELINES, EvalProtocol, run_baseline
-from icrl_lightning.evaluation.report import summarize, summarize_phases
+from icrl_lightning.evaluation.report import repeated_failures, summarize, summarize_phases
 from icrl_lightning.evaluation.scenarios import context_tokens, make_plan
 
 
@@ -90,6 +90,10 @@ class Evaluator:
         switch = [m for o in outputs for m in (o["switch_to"] or [])]
         steps = [[len(ep) - 1 for ep in flat["trajectories"][i]] for i in order]
         icrl["mean_episode_steps"] = np.mean(steps, axis=0).round(2).tolist()
+        icrl["greedy_repeats_failure"] = repeated_failures(returns["icrl"], [flat["trajectories"][i] for i in order],
+                                                           phase_schedule)
+        if icrl["greedy_repeats_failure"] is not None:
+            metrics["val/icrl_greedy_repeats_failure"] = icrl["greedy_repeats_failure"]
         timings = [o["timings"] for o in outputs]
         report = {
             "scenario": p.scenario,
