@@ -157,6 +157,7 @@ class ReplayStream(IterableDataset):
         action = np.zeros(L_, dtype=np.int64)
         reward = np.zeros(L_, dtype=np.float32)
         done = np.zeros(L_, dtype=bool)
+        truncated = np.zeros(L_, dtype=bool)
         at = 0
         for e in chunk:
             ids[at:at + len(e)] = e.ids
@@ -164,10 +165,12 @@ class ReplayStream(IterableDataset):
                 pos = e.q_pos + at
                 q_mask[pos], action[pos], reward[pos] = True, e.actions, e.rewards
                 done[pos[-1]] = True  # the last action of an episode does not bootstrap
+                truncated[pos[-1]] = e.truncated
             at += len(e)
         return {"input_ids": torch.from_numpy(ids), "q_mask": torch.from_numpy(q_mask),
                 "action": torch.from_numpy(action), "reward": torch.from_numpy(reward),
-                "done": torch.from_numpy(done), "n_tokens": torch.tensor(at)}
+                "done": torch.from_numpy(done), "truncated": torch.from_numpy(truncated),
+                "n_tokens": torch.tensor(at)}
 
 
 class MapList(Dataset):

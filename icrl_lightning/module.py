@@ -22,6 +22,7 @@ from icrl_lightning.qlearning import (
     bellman_loss,
     conservative_penalty,
     double_dqn_targets,
+    failure_rewards,
     next_step,
     polyak_,
     successful_episode,
@@ -66,6 +67,9 @@ class ICRLModule(L.LightningModule):
             ``successful`` episodes (those that reach a goal). ``all`` also teaches the model to
             copy failed behaviour: a data action that led into a hole is pushed above the
             untried ones.
+        failure_reward: reward (before ``reward_scale``) given to the last action of an episode that
+            ends without reward before the time limit, i.e. in a hole; 0 (default) is the paper and
+            the environment. A negative value separates "led into a hole" from "not tried".
         seq_len: trained sequence length (linked from ``data.seq_len``); the default context window
             of the in-context agent.
         evaluation: the in-context evaluation protocol run by ``validate`` and at the end of ``fit``.
@@ -85,12 +89,14 @@ class ICRLModule(L.LightningModule):
         loss: str = "mse",
         cql_weight: float = 0.0,
         cql_on: str = "all",
+        failure_reward: float = 0.0,
         seq_len: int = 1024,
         evaluation: EvalProtocol | None = None,
     ):
         super().__init__()
         check_module_args(lr, weight_decay, warmup_steps, alpha, gamma, reward_scale, loss, seq_len)
         check_range("model.cql_weight", cql_weight, 0, None)
+        check_range("model.failure_reward", failure_reward, None, 0)
         if cql_on not in CQL_ON:
             raise InputError(f"model.cql_on={cql_on!r}: choose one of {list(CQL_ON)}")
         if q_head not in Q_HEADS:
@@ -216,11 +222,13 @@ class ICRLModule(L.LightningModule):
         action, reward, done = batch["action"][q_mask], batch["reward"][q_mask], batch["done"][q_mask]
         q_taken = q.gather(1, action[:, None]).squeeze(1)
         h = self.hparams
+        where = successful_episode(reward, done) if h.cql_weight and h.cql_on == "successful" else None
+        if h.failure_reward:
+            reward = failure_rewards(reward, done, batch["truncated"][q_mask], h.failure_reward)
         y = double_dqn_targets(reward, done, next_step(q.detach()), next_step(q_target), h.gamma, h.reward_scale)
         td_loss = bellman_loss(q_taken, y, h.loss, q_mask.nonzero()[:, 0])
         loss = td_loss
         if h.cql_weight:
-            where = successful_episode(reward, done) if h.cql_on == "successful" else None
             penalty = conservative_penalty(q, action, where)
             loss = td_loss + h.cql_weight * penalty
         if not torch.isfinite(loss):

@@ -81,6 +81,13 @@ def successful_episode(reward: torch.Tensor, done: torch.Tensor) -> torch.Tensor
     return (reward[done] != 0)[episode]
 
 
+def failure_rewards(reward: torch.Tensor, done: torch.Tensor, truncated: torch.Tensor, value: float) -> torch.Tensor:
+    """``reward`` with ``value`` at the last action of each episode that ended without reward and
+    not on the time limit (in Frozen Lake: fell into a hole)."""
+    failed = done & (reward == 0) & ~truncated
+    return torch.where(failed, torch.full_like(reward, value), reward)
+
+
 @torch.no_grad()
 def polyak_(target: list[torch.Tensor], online: list[torch.Tensor], alpha: float) -> None:
     """phi <- alpha * theta + (1 - alpha) * phi, in place."""

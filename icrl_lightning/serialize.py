@@ -214,6 +214,7 @@ class Serializer:
             q_pos=np.asarray(q_pos, dtype=np.int32),
             actions=np.asarray(actions, dtype=np.int64),
             rewards=np.asarray(rewards, dtype=np.float32),
+            truncated=bool(truncated),
         )
 
 
@@ -223,6 +224,7 @@ class EncodedEpisode:
     q_pos: np.ndarray  # int32 [n_actions]: position whose logits predict each action
     actions: np.ndarray  # int64 [n_actions]
     rewards: np.ndarray  # float32 [n_actions]
+    truncated: bool = False  # the episode ended on the time limit (not on a goal or a hole)
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -160,12 +160,14 @@ def test_stream_packs_whole_episodes(tiny_data_dir, compact):
             assert it["action"][pos].tolist() == enc.actions.tolist()
             assert it["reward"][pos].tolist() == enc.rewards.tolist()
             assert it["done"][pos].tolist() == [False] * (len(pos) - 1) + [True]
+            assert it["truncated"][pos].tolist() == [False] * (len(pos) - 1) + [enc.truncated]
             # the action that follows each q position is the token after it
             assert ids[pos + 1].tolist() == compact.action_token_ids[enc.actions].tolist()
             at += len(ep)
         assert at == n
         assert it["done"].sum() == len(episodes)
         assert not (it["done"] & ~it["q_mask"]).any()
+        assert not (it["truncated"] & ~it["done"]).any()
         # The next episode would not have fitted (packing is greedy).
         assert 256 - n < max(len(k) for k in known)
 

@@ -143,8 +143,9 @@ def test_target_forward_reads_the_target_weights(tiny_data_dir):
         assert torch.equal(module.q_values(ids, mask), q_online)
 
 
-def _reference_loss(module: ICRLModule, batch: dict, kind: str) -> torch.Tensor:
-    """The double-DQN loss written out per sequence, from the full LM logits."""
+def _reference_loss(module: ICRLModule, batch: dict, kind: str, failure: float = 0.0) -> torch.Tensor:
+    """The double-DQN loss written out per sequence, from the full LM logits; ``failure`` is the
+    reward of an episode's last action when it ends in a hole."""
     h = module.hparams
     with torch.no_grad():
         logits = module.model(input_ids=batch["input_ids"]).logits[..., module.action_ids]
@@ -154,6 +155,8 @@ def _reference_loss(module: ICRLModule, batch: dict, kind: str) -> torch.Tensor:
         seq_errs, seq_targets = [], []
         for j, p in enumerate(pos):
             r = float(batch["reward"][b, p])
+            if bool(batch["done"][b, p]) and r == 0 and not bool(batch["truncated"][b, p]):
+                r = failure
             y = h.reward_scale * r
             if not bool(batch["done"][b, p]):
                 nxt = pos[j + 1]
@@ -216,6 +219,18 @@ def test_conservative_penalty_on_successful_episodes_only(tiny_data_dir):
     gap = torch.logsumexp(q, -1) - q[torch.arange(len(action)), action]
     penalty = (gap * success).sum() / len(gap)
     torch.testing.assert_close(loss, _reference_loss(module, batch, "mse") + 2.0 * penalty, rtol=1e-4, atol=1e-4)
+
+
+def test_failure_reward_on_the_action_that_ends_in_a_hole(tiny_data_dir):
+    module = _module(failure_reward=-0.5)
+    module.eval()
+    batch = _batch(module, tiny_data_dir)
+    holes = batch["done"] & (batch["reward"] == 0) & ~batch["truncated"]
+    assert holes.sum() >= 1  # the batch has an episode that ends in a hole
+    with torch.no_grad():
+        loss = module.training_step(batch, 0)
+    torch.testing.assert_close(loss, _reference_loss(module, batch, "mse", failure=-0.5), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(loss, _reference_loss(module, batch, "mse"), rtol=1e-3, atol=1e-3)
 
 
 def test_training_step_rejects_non_finite_loss(tiny_data_dir):

@@ -10,6 +10,7 @@ from icrl_lightning.qlearning import (
     bellman_loss,
     conservative_penalty,
     double_dqn_targets,
+    failure_rewards,
     next_step,
     polyak_,
     successful_episode,
@@ -109,6 +110,16 @@ def test_successful_episode_marks_every_action_of_an_episode_that_reached_a_goal
     assert successful_episode(reward, done).tolist() == [True, True, True, False, False, True]
     with pytest.raises(ValueError, match="close an episode"):
         successful_episode(reward[:3], torch.tensor([False, True, False]))
+
+
+def test_failure_rewards_only_on_episodes_that_end_in_a_hole():
+    # Episodes: goal (reward 1), hole, time limit, hole after one action.
+    reward = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    done = torch.tensor([False, True, False, True, False, True, True])
+    truncated = torch.tensor([False, False, False, False, False, True, False])
+    out = failure_rewards(reward, done, truncated, -0.5)
+    assert out.tolist() == [0.0, 1.0, 0.0, -0.5, 0.0, 0.0, -0.5]
+    assert reward.tolist() == [0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # not modified in place
 
 
 def test_action_q_values():

@@ -92,6 +92,7 @@ def test_llama3_step_costs_ten_tokens(llama3):
 
 def test_llama3_truncated_episode_has_edit_role(llama3):
     enc = llama3.episode([0, 1, 1], [2, 3], [0.0, 0.0], terminated=False, truncated=True)
+    assert enc.truncated and not llama3.episode([0, 1], [2], [0.0], terminated=True, truncated=False).truncated
     toks = _tokens(llama3, enc.ids)
     assert toks[-6:] == ["<|start_header_id|>", "edit", "<|end_header_id|>", "truncated", "<|eot_id|>",
                          "<|end_of_text|>"]
