@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from icrl_lightning.behaviour import q_learning_run
 from icrl_lightning.checks import InputError, MissingInputFile, check_data_args, check_range
-from icrl_lightning.envs.frozen_lake import OOD_MAX_SIZE, RESERVED_EVAL_MAPS, make_splits, validate_map
+from icrl_lightning.envs.frozen_lake import OOD_MAX_SIZE, RESERVED_EVAL_MAPS, make_splits, optimal_actions, validate_map
 from icrl_lightning.episodes import (
     Episode,
     quality_weights,
@@ -158,6 +158,7 @@ class ReplayStream(IterableDataset):
         reward = np.zeros(L_, dtype=np.float32)
         done = np.zeros(L_, dtype=bool)
         truncated = np.zeros(L_, dtype=bool)
+        optimal = np.zeros((L_, 4), dtype=bool)
         at = 0
         for e in chunk:
             ids[at:at + len(e)] = e.ids
@@ -166,10 +167,13 @@ class ReplayStream(IterableDataset):
                 q_mask[pos], action[pos], reward[pos] = True, e.actions, e.rewards
                 done[pos[-1]] = True  # the last action of an episode does not bootstrap
                 truncated[pos[-1]] = e.truncated
+                if e.optimal is not None:
+                    optimal[pos] = e.optimal
             at += len(e)
         return {"input_ids": torch.from_numpy(ids), "q_mask": torch.from_numpy(q_mask),
                 "action": torch.from_numpy(action), "reward": torch.from_numpy(reward),
                 "done": torch.from_numpy(done), "truncated": torch.from_numpy(truncated),
+                "optimal": torch.from_numpy(optimal),
                 "n_tokens": torch.tensor(at)}
 
 
@@ -388,12 +392,17 @@ class ReplayDataModule(L.LightningDataModule):
             by_map.setdefault(e.map_id, []).append(e)
         # Map rows by training-map id: online fine-tuning plays its trials on them.
         self.train_maps = {m: eps[0].map_rows for m, eps in by_map.items()}
-        encoded = {m: [self.serializer.episode(e.observations, e.actions, e.rewards, e.terminated, e.truncated)
-                       for e in eps] for m, eps in by_map.items()}
+        encoded = {m: [self._encode(e, optimal_actions(eps[0].map_rows)) for e in eps] for m, eps in by_map.items()}
         weights = {m: quality_weights(eps, h.quality) for m, eps in by_map.items()}
         return ReplayStream(encoded, weights, h.seq_len, self.serializer.pad_id, num_sequences,
                             (h.set_size_min, h.set_size_max), h.seed, rank, world_size, h.batch_size, h.set_order,
                             skip_batches)
+
+    def _encode(self, e: Episode, optimal: np.ndarray) -> EncodedEpisode:
+        """One episode's ids and masks, with the shortest-path actions of each step (from the map)."""
+        enc = self.serializer.episode(e.observations, e.actions, e.rewards, e.terminated, e.truncated)
+        enc.optimal = optimal[np.asarray(e.observations[: len(e.actions)], dtype=np.int64)]
+        return enc
 
     def train_dataloader(self) -> DataLoader:
         t = self.trainer

@@ -31,6 +31,7 @@ from icrl_lightning.serialize import Serializer
 
 Q_HEADS = ("tokens", "linear")
 CQL_ON = ("all", "successful")
+CQL_TARGETS = ("data", "oracle")
 
 
 class ICRLModule(L.LightningModule):
@@ -67,6 +68,10 @@ class ICRLModule(L.LightningModule):
             ``successful`` episodes (those that reach a goal). ``all`` also teaches the model to
             copy failed behaviour: a data action that led into a hole is pushed above the
             untried ones.
+        cql_target: which actions the penalty pushes up: the one the ``data`` took (CQL), or the
+            ``oracle``'s, every action that starts a shortest path to a goal on the (known)
+            training map (like the Decision-Pretrained Transformer's supervised target): the
+            model must infer the map from its context to predict them.
         failure_reward: reward (before ``reward_scale``) given to the last action of an episode that
             ends without reward before the time limit, i.e. in a hole; 0 (default) is the paper and
             the environment. A negative value separates "led into a hole" from "not tried".
@@ -89,6 +94,7 @@ class ICRLModule(L.LightningModule):
         loss: str = "mse",
         cql_weight: float = 0.0,
         cql_on: str = "all",
+        cql_target: str = "data",
         failure_reward: float = 0.0,
         seq_len: int = 1024,
         evaluation: EvalProtocol | None = None,
@@ -99,6 +105,8 @@ class ICRLModule(L.LightningModule):
         check_range("model.failure_reward", failure_reward, None, 0)
         if cql_on not in CQL_ON:
             raise InputError(f"model.cql_on={cql_on!r}: choose one of {list(CQL_ON)}")
+        if cql_target not in CQL_TARGETS:
+            raise InputError(f"model.cql_target={cql_target!r}: choose one of {list(CQL_TARGETS)}")
         if q_head not in Q_HEADS:
             raise InputError(f"model.q_head={q_head!r}: choose one of {list(Q_HEADS)}")
         # Specs are kept as plain dicts in the hyper-parameters (as LightningCLI writes them), so a
@@ -229,7 +237,8 @@ class ICRLModule(L.LightningModule):
         td_loss = bellman_loss(q_taken, y, h.loss, q_mask.nonzero()[:, 0])
         loss = td_loss
         if h.cql_weight:
-            penalty = conservative_penalty(q, action, where)
+            optimal = batch["optimal"][q_mask] if h.cql_target == "oracle" else None
+            penalty = conservative_penalty(q, action, where, optimal)
             loss = td_loss + h.cql_weight * penalty
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite TD loss ({loss.item()}) at global step {self.global_step}; "

@@ -225,6 +225,7 @@ class EncodedEpisode:
     actions: np.ndarray  # int64 [n_actions]
     rewards: np.ndarray  # float32 [n_actions]
     truncated: bool = False  # the episode ended on the time limit (not on a goal or a hole)
+    optimal: np.ndarray | None = None  # bool [n_actions, 4]: shortest-path actions at each step (training maps)
 
     def __len__(self) -> int:
         return len(self.ids)

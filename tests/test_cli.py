@@ -136,14 +136,15 @@ def test_there_are_configs():
 
 
 QUICKSTART = REPO / "conf/experiment/quickstart.yaml"
-OVERLAY_PREFIXES = ("eval_", "quality_")
+OVERLAY_PREFIXES = ("eval_", "quality_", "online_")
 _QUICKSTART_CFG: dict[str, dict] = {}
 
 
 def _is_overlay(path: Path) -> bool:
-    """Overlays are layered on a full experiment config: conf/experiment/eval_*.yaml and quality_*.yaml
-    (evaluation scenarios, data-quality runs) and every YAML with CLI sections outside conf/experiment/
-    (e.g. conf/model/*.yaml). Everything else in conf/experiment/ is a full experiment."""
+    """Overlays are layered on a full experiment config: conf/experiment/eval_*.yaml, quality_*.yaml and
+    online_*.yaml (evaluation scenarios, data-quality runs, online fine-tuning) and every YAML with CLI
+    sections outside conf/experiment/ (e.g. conf/model/*.yaml). Everything else in conf/experiment/ is a
+    full experiment."""
     if path.parent.name == "experiment":
         return path.name.startswith(OVERLAY_PREFIXES)
     return True
@@ -178,6 +179,14 @@ def test_every_config_parses(path, subcommand, capsys):
                     assert cfg[section][key] == value, (section, key)
         for key, value in ((top.get("model") or {}).get("evaluation") or {}).items():
             assert cfg["model"]["evaluation"][key] == value, key
+
+
+def test_online_overlay_keeps_the_quickstart_callbacks(capsys):
+    cfg = print_config(["fit", "-c", str(QUICKSTART), "-c", str(REPO / "conf/experiment/online_trials.yaml"),
+                        "--print_config"], capsys)
+    base = print_config(["fit", "-c", str(QUICKSTART), "--print_config"], capsys)
+    names = [c["class_path"] for c in cfg["trainer"]["callbacks"]]
+    assert names == [c["class_path"] for c in base["trainer"]["callbacks"]] + ["icrl_lightning.callbacks.OnlineTrials"]
 
 
 # --- evaluation scenarios, periodic evaluation and the comparison command ---------------------------

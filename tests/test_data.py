@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from icrl_lightning.backbones import build_tokenizer
 from icrl_lightning.data import ReplayStream, load_map_file
 from icrl_lightning.envs import make_env, make_splits
+from icrl_lightning.envs.frozen_lake import optimal_actions
 from icrl_lightning.episodes import Episode, quality_weights, read_shard
 from icrl_lightning.serialize import Serializer
 
@@ -443,3 +444,27 @@ def test_packing_fills_from_the_current_set_only(set_order, expected):
     # Sets stay contiguous: every episode of set 0 comes before every episode of set 1.
     order = [int(e.ids[0]) // 10 for c in got for e in c]
     assert order == sorted(order)
+
+
+def test_training_batches_carry_the_shortest_path_actions(tiny_data_dir, compact):
+    """``optimal`` marks, at each action position, the moves that bring the agent one step closer to
+    a goal: checked against the transitions the episodes really made."""
+    from icrl_lightning.envs.frozen_lake import goal_distances
+
+    dm = tiny_datamodule(tiny_data_dir)
+    dm.serializer = compact
+    seen = {True: 0, False: 0}
+    for e in dm.load_episodes()[:200]:
+        dist = goal_distances(e.map_rows).flatten()
+        enc = dm._encode(e, optimal_actions(e.map_rows))
+        assert enc.optimal.shape == (len(e.actions), 4)
+        for t, a in enumerate(e.actions):
+            s, nxt = e.observations[t], e.observations[t + 1]
+            if dist[s] > 0:
+                assert enc.optimal[t, a] == (dist[nxt] == dist[s] - 1), (e.map_rows, t)
+                seen[bool(enc.optimal[t, a])] += 1
+    assert seen[True] and seen[False]  # the data holds optimal and other moves
+    item = next(iter(dm.train_stream(num_sequences=1)))
+    assert item["optimal"].shape == (dm.hparams.seq_len, 4)
+    assert not (item["optimal"].any(-1) & ~item["q_mask"]).any()
+    assert item["optimal"].any(-1).sum() > 0

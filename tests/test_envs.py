@@ -16,7 +16,7 @@ from icrl_lightning.envs import (
     shortest_path_actions,
     validate_map,
 )
-from icrl_lightning.envs.frozen_lake import goal_distances
+from icrl_lightning.envs.frozen_lake import goal_distances, optimal_actions
 
 LEFT, DOWN, RIGHT, UP = 0, 1, 2, 3
 
@@ -208,6 +208,14 @@ def test_goal_distances_on_stitching_map():
     assert dist[5, 2] == 0
     assert dist[2, 0] == 5  # tile 8 -> 9 -> 10 -> 14 -> 18 -> 22
     assert dist[0, 0] == -1 and dist[2, 3] == -1  # holes
+
+
+def test_optimal_actions_hand_case():
+    rows = ("SFH", "FFG")  # tiles 0 1 2 / 3 4 5; actions left, down, right, up
+    best = optimal_actions(rows)
+    assert best.astype(int).tolist() == [[0, 1, 1, 0], [0, 1, 0, 0], [0, 0, 0, 0],
+                                         [0, 0, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+    assert shortest_path_actions(rows).tolist() == [1, 1, -1, 2, 2, -1]
 
 
 def test_shortest_path_actions_reach_goal_on_stitching_map():

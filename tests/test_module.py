@@ -221,6 +221,24 @@ def test_conservative_penalty_on_successful_episodes_only(tiny_data_dir):
     torch.testing.assert_close(loss, _reference_loss(module, batch, "mse") + 2.0 * penalty, rtol=1e-4, atol=1e-4)
 
 
+def test_conservative_penalty_towards_the_oracle_actions(tiny_data_dir):
+    module = _module(cql_weight=2.0, cql_target="oracle")
+    module.eval()
+    batch = _batch(module, tiny_data_dir)
+    with torch.no_grad():
+        loss = module.training_step(batch, 0)
+        logits = module.model(input_ids=batch["input_ids"]).logits[..., module.action_ids]
+    mask = batch["q_mask"]
+    q, best, action = logits[mask], batch["optimal"][mask], batch["action"][mask]
+    assert best.any(-1).all()  # every action is taken on a tile with a path to a goal
+    taken = best[torch.arange(len(action)), action]
+    assert taken.any() and not taken.all()  # the data takes oracle moves and others
+    gap = [torch.logsumexp(q[i], 0) - torch.logsumexp(q[i][best[i]], 0) if best[i].any() else torch.tensor(0.0)
+           for i in range(len(q))]
+    penalty = torch.stack(gap).mean()
+    torch.testing.assert_close(loss, _reference_loss(module, batch, "mse") + 2.0 * penalty, rtol=1e-4, atol=1e-4)
+
+
 def test_failure_reward_on_the_action_that_ends_in_a_hole(tiny_data_dir):
     module = _module(failure_reward=-0.5)
     module.eval()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -110,6 +112,18 @@ def test_successful_episode_marks_every_action_of_an_episode_that_reached_a_goal
     assert successful_episode(reward, done).tolist() == [True, True, True, False, False, True]
     with pytest.raises(ValueError, match="close an episode"):
         successful_episode(reward[:3], torch.tensor([False, True, False]))
+
+
+def test_conservative_penalty_towards_a_preferred_set_hand_computed():
+    q = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]], requires_grad=True)
+    preferred = torch.tensor([[False, False, True, True], [False] * 4, [True, False, False, False]])
+    out = conservative_penalty(q, torch.tensor([0, 0, 0]), None, preferred)
+    # row 0: log(e+e^2+e^3+e^4) - log(e^3+e^4); row 1 (no preferred action): 0; row 2: log 4
+    e = math.e
+    hand = (math.log(e + e**2 + e**3 + e**4) - math.log(e**3 + e**4) + 0.0 + math.log(4)) / 3
+    assert out.item() == pytest.approx(hand, rel=1e-6)
+    out.backward()
+    assert torch.isfinite(q.grad).all() and q.grad[1].abs().sum() == 0
 
 
 def test_failure_rewards_only_on_episodes_that_end_in_a_hole():

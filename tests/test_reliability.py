@@ -87,6 +87,7 @@ IMPOSSIBLE = [
     (["--model.loss", "l1"], "model.loss='l1': choose one of 'mse', 'normalized'"),
     (["--model.cql_weight", "-1"], "model.cql_weight=-1.0 is out of range: allowed [0, inf)"),
     (["--model.cql_on", "failures"], "model.cql_on='failures': choose one of ['all', 'successful']"),
+    (["--model.cql_target", "bfs"], "model.cql_target='bfs': choose one of ['data', 'oracle']"),
     (["--model.failure_reward", "0.5"], "model.failure_reward=0.5 is out of range: allowed (-inf, 0]"),
     (["--data.seq_len", "100"],
      "data.seq_len=100 is out of range: allowed [205, inf) (an episode of data.max_episode_steps=100 steps is "

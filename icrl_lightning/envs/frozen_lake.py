@@ -76,20 +76,26 @@ def goal_distances(rows: Map) -> np.ndarray:
     return dist
 
 
-def shortest_path_actions(rows: Map) -> np.ndarray:
-    """For every tile index, an action on a shortest path to a goal (-1 where none exists)."""
+def optimal_actions(rows: Map) -> np.ndarray:
+    """``[n_tiles, 4]`` bool: the actions that start a shortest path to a goal from each tile
+    (none on goals, holes and tiles with no path)."""
     dist = goal_distances(rows)
     nrow, ncol = dist.shape
-    best = np.full(nrow * ncol, -1, dtype=np.int64)
+    best = np.zeros((nrow * ncol, 4), dtype=bool)
     for r in range(nrow):
         for c in range(ncol):
             if dist[r, c] <= 0 or rows[r][c] == "H":
                 continue
             for a, rr, cc in _neighbours(rows, r, c):
-                if dist[rr, cc] == dist[r, c] - 1:
-                    best[r * ncol + c] = a
-                    break
+                best[r * ncol + c, a] = dist[rr, cc] == dist[r, c] - 1
     return best
+
+
+def shortest_path_actions(rows: Map) -> np.ndarray:
+    """For every tile index, an action on a shortest path to a goal (the first in action order;
+    -1 where none exists)."""
+    best = optimal_actions(rows)
+    return np.where(best.any(axis=1), best.argmax(axis=1), -1)
 
 
 def generate_map(
