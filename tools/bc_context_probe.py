@@ -70,7 +70,7 @@ def main() -> None:
         by_map.setdefault(e.map_id, []).append(e)
     ce: dict[int, list[float]] = {b: [] for b in range(len(BUCKETS))}
     with torch.no_grad():
-        for x, mask, actions, _, _, index in single_map_sequences(
+        for x, mask, actions, _, _, index, _ in single_map_sequences(
                 by_map, module.serializer, args.maps, args.seq_len, np.random.default_rng(1)):
             errs = torch.nn.functional.cross_entropy(module.q_values(x, mask), torch.tensor(actions), reduction="none")
             for k, c in zip(index, errs.tolist(), strict=True):

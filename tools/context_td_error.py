@@ -3,7 +3,9 @@
 For each of the first ``--maps`` training maps, 30 of its episodes are drawn at random and
 packed whole into one sequence of at most ``--seq-len`` tokens. The squared double-DQN TD error
 of every action is grouped by how many earlier episodes of the same map precede it. A model
-that learns in context has a lower error with more context.
+that learns in context has a lower error with more context. Beside it, two numbers that need
+the map: the cross-entropy of the shortest-path actions under softmax(Q) (``oracle CE``,
+``-log P(shortest-path set)``) and how often the greedy action is a shortest-path one.
 
     python tools/context_td_error.py runs/quickstart/version_0/checkpoints/last.ckpt --data-dir data
 """
@@ -16,7 +18,9 @@ import numpy as np
 import torch
 
 from icrl_lightning.backbones import TinyLlama
+from icrl_lightning.behaviour import q_learning_run
 from icrl_lightning.data import ReplayDataModule
+from icrl_lightning.envs.frozen_lake import make_splits, optimal_actions
 from icrl_lightning.module import ICRLModule
 from icrl_lightning.qlearning import double_dqn_targets, next_step
 
@@ -26,11 +30,13 @@ BUCKETS = (("episode 0 (no context)", 0, 1), ("episodes 1-2", 1, 3), ("episodes 
 def single_map_sequences(by_map: dict[int, list], serializer, n_maps: int, seq_len: int, rng: np.random.Generator):
     """For each of the first ``n_maps`` maps: 30 of its episodes drawn at random, packed whole into
     one sequence of at most ``seq_len`` tokens. Yields ``(input_ids [1, T], action-position mask
-    [1, T], actions, rewards, episode-end flags, episode index of each action)``."""
+    [1, T], actions, rewards, episode-end flags, episode index of each action, shortest-path
+    actions [n, 4] bool)``."""
     for map_id in sorted(by_map)[:n_maps]:
         episodes = by_map[map_id]
         ids: list[int] = []
-        q_pos, action, reward, done, index = [], [], [], [], []
+        q_pos, action, reward, done, index, optimal = [], [], [], [], [], []
+        best = optimal_actions(episodes[0].map_rows)
         for k, i in enumerate(rng.choice(len(episodes), size=min(30, len(episodes)), replace=False)):
             e = episodes[i]
             enc = serializer.episode(e.observations, e.actions, e.rewards, e.terminated, e.truncated)
@@ -41,11 +47,12 @@ def single_map_sequences(by_map: dict[int, list], serializer, n_maps: int, seq_l
             reward += enc.rewards.tolist()
             done += [False] * (len(enc.actions) - 1) + [True]
             index += [k] * len(enc.actions)
+            optimal += [best[s] for s in e.observations[: len(e.actions)]]
             ids += enc.ids.tolist()
         x = torch.tensor([ids])
         mask = torch.zeros_like(x, dtype=torch.bool)
         mask[0, q_pos] = True
-        yield x, mask, action, reward, done, index
+        yield x, mask, action, reward, done, index, torch.from_numpy(np.array(optimal, dtype=bool).reshape(-1, 4))
 
 
 def main() -> None:
@@ -54,6 +61,9 @@ def main() -> None:
     ap.add_argument("--data-dir", default="data", help="data_dir of the run (its default dataset settings)")
     ap.add_argument("--maps", type=int, default=120)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--split", choices=("train", "heldout"), default="train",
+                    help="heldout: fresh Q-learning runs (the dataset's behaviour settings) on the held-out maps, "
+                         "to tell reading the context from recognising a memorised training map")
     args = ap.parse_args()
 
     ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
@@ -67,21 +77,38 @@ def main() -> None:
     settings = {k: v for k, v in saved.items() if not k.startswith("_")} | {"data_dir": args.data_dir}
     data = ReplayDataModule(**settings)
     by_map: dict[int, list] = {}
-    for e in data.load_episodes():
-        by_map.setdefault(e.map_id, []).append(e)
+    if args.split == "train":
+        for e in data.load_episodes():
+            by_map.setdefault(e.map_id, []).append(e)
+    else:
+        h = data.hparams
+        for i, rows in enumerate(make_splits(h.seed, 0, **data._split_kwargs()).heldout[: args.maps]):
+            by_map[i] = q_learning_run(rows, i, h.episodes_per_map, seed=[h.seed, 4, i], epsilon=h.behaviour_epsilon,
+                                       lr=h.behaviour_lr, gamma=h.behaviour_gamma,
+                                       max_episode_steps=h.max_episode_steps)
 
     errors: dict[int, list[float]] = {i: [] for i in range(len(BUCKETS))}
+    oracle_ce: dict[int, list[float]] = {i: [] for i in range(len(BUCKETS))}
+    greedy_ok: dict[int, list[float]] = {i: [] for i in range(len(BUCKETS))}
     with torch.no_grad():
-        for x, mask, action, reward, done, index in single_map_sequences(
+        for x, mask, action, reward, done, index, best in single_map_sequences(
                 by_map, module.serializer, args.maps, args.seq_len, np.random.default_rng(0)):
             q, q_target = module._q_values(x, mask), module._q_values(x, mask, target=True)
             y = double_dqn_targets(torch.tensor(reward), torch.tensor(done), next_step(q), next_step(q_target),
                                    hp["gamma"], hp["reward_scale"])
             err = (q.gather(1, torch.tensor(action)[:, None]).squeeze(1) - y) ** 2
-            for k, e2 in zip(index, err.tolist(), strict=True):
-                errors[next(b for b, (_, lo, hi) in enumerate(BUCKETS) if lo <= k < hi)].append(e2)
+            has = best.any(-1)
+            ce = torch.logsumexp(q, -1) - torch.logsumexp(q.masked_fill(~(best | ~has[:, None]), float("-inf")), -1)
+            ok = best.gather(1, q.argmax(-1, keepdim=True)).squeeze(1).float()
+            for k, e2, c, g, h in zip(index, err.tolist(), ce.tolist(), ok.tolist(), has.tolist(), strict=True):
+                b = next(b for b, (_, lo, hi) in enumerate(BUCKETS) if lo <= k < hi)
+                errors[b].append(e2)
+                if h:  # a tile with a path to a goal
+                    oracle_ce[b].append(c)
+                    greedy_ok[b].append(g)
     for b, (name, _, _) in enumerate(BUCKETS):
-        print(f"{name:24s} TD MSE {np.mean(errors[b]):7.2f}  (n={len(errors[b])})")
+        print(f"{name:24s} TD MSE {np.mean(errors[b]):7.2f}  oracle CE {np.mean(oracle_ce[b]):.3f}  "
+              f"greedy on a shortest path {np.mean(greedy_ok[b]):.3f}  (n={len(errors[b])})")
 
 
 if __name__ == "__main__":
