@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from icrl_lightning.checks import InputError, check_range
+from icrl_lightning.envs.frozen_lake import optimal_actions
 from icrl_lightning.evaluation.figures import curve_figure, write_figures
 from icrl_lightning.evaluation.report import print_table, write_report
 from icrl_lightning.module import _eval_mode
@@ -124,7 +125,9 @@ class OnlineTrials(L.Callback):
     ``maps`` training maps, never the held-out ones. Each trial becomes a set of the replay
     stream in the order played, and a set is drawn from the newest ``buffer`` trials instead of
     the offline data with probability ``fraction``. TD targets on those sets teach, for example,
-    that the move which ended the last episode in a hole is worth 0 here.
+    that the move which ended the last episode in a hole is worth 0 here. With
+    ``model.cql_target: oracle`` the trials carry the map's shortest-path actions, so the penalty
+    teaches the best move from the model's own exploration contexts (like DAgger).
 
     Logs ``online/last10`` (the mean return of the trials' last 10 episodes, training maps) and
     ``online/trials``. Needs ``data.num_workers: 0`` (the trials must reach the stream that
@@ -176,7 +179,13 @@ class OnlineTrials(L.Callback):
         serializer = pl_module.serializer
         for k, i in enumerate(ids):
             episodes = trial_episodes(rows[i], trial.trajectories[k], trial.actions[k], protocol.max_episode_steps)
-            stream.online.append([serializer.episode(**e) for e in episodes])
+            best = optimal_actions(rows[i])  # for model.cql_target=oracle, as on the offline data
+            encoded = []
+            for e in episodes:
+                enc = serializer.episode(**e)
+                enc.optimal = best[np.asarray(e["observations"][: len(e["actions"])], dtype=np.int64)]
+                encoded.append(enc)
+            stream.online.append(encoded)
         del stream.online[: -self.buffer]
         stream.online_fraction = self.fraction
         last = trial.returns[:, -protocol.last_k:].mean()
