@@ -76,6 +76,7 @@ def test_fit_with_online_trials_feeds_the_stream(tiny_data_dir, tmp_path):
         assert len(trial) == 4  # one episode per schedule entry
         for e in trial:
             assert len(e.actions) == len(e.q_pos) >= 1 and np.isin(e.actions, range(4)).all()
+            assert e.optimal.shape == (len(e.actions), 4)  # the map's shortest-path moves, for cql_target=oracle
     assert trainer.callback_metrics["online/trials"] == 4
 
 
