@@ -107,6 +107,9 @@ class ICRLModule(L.LightningModule):
             raise InputError(f"model.cql_on={cql_on!r}: choose one of {list(CQL_ON)}")
         if cql_target not in CQL_TARGETS:
             raise InputError(f"model.cql_target={cql_target!r}: choose one of {list(CQL_TARGETS)}")
+        if not cql_weight and (cql_on, cql_target) != ("all", "data"):
+            raise InputError(f"model.cql_on={cql_on!r} / model.cql_target={cql_target!r} shape the conservative "
+                             "penalty, which is off (model.cql_weight=0): set model.cql_weight > 0")
         if q_head not in Q_HEADS:
             raise InputError(f"model.q_head={q_head!r}: choose one of {list(Q_HEADS)}")
         # Specs are kept as plain dicts in the hyper-parameters (as LightningCLI writes them), so a

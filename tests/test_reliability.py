@@ -88,6 +88,9 @@ IMPOSSIBLE = [
     (["--model.cql_weight", "-1"], "model.cql_weight=-1.0 is out of range: allowed [0, inf)"),
     (["--model.cql_on", "failures"], "model.cql_on='failures': choose one of ['all', 'successful']"),
     (["--model.cql_target", "bfs"], "model.cql_target='bfs': choose one of ['data', 'oracle']"),
+    (["--model.cql_weight", "0", "--model.cql_target", "oracle"],
+     "model.cql_on='all' / model.cql_target='oracle' shape the conservative penalty, which is off "
+     "(model.cql_weight=0): set model.cql_weight > 0"),
     (["--model.failure_reward", "0.5"], "model.failure_reward=0.5 is out of range: allowed (-inf, 0]"),
     (["--data.seq_len", "100"],
      "data.seq_len=100 is out of range: allowed [205, inf) (an episode of data.max_episode_steps=100 steps is "
