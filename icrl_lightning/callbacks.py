@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from icrl_lightning.checks import InputError, check_range
+from icrl_lightning.data import with_optimal
 from icrl_lightning.envs.frozen_lake import optimal_actions
 from icrl_lightning.evaluation.figures import curve_figure, write_figures
 from icrl_lightning.evaluation.report import print_table, write_report
@@ -180,12 +181,7 @@ class OnlineTrials(L.Callback):
         for k, i in enumerate(ids):
             episodes = trial_episodes(rows[i], trial.trajectories[k], trial.actions[k], protocol.max_episode_steps)
             best = optimal_actions(rows[i])  # for model.cql_target=oracle, as on the offline data
-            encoded = []
-            for e in episodes:
-                enc = serializer.episode(**e)
-                enc.optimal = best[np.asarray(e["observations"][: len(e["actions"])], dtype=np.int64)]
-                encoded.append(enc)
-            stream.online.append(encoded)
+            stream.online.append([with_optimal(serializer.episode(**e), e["observations"], best) for e in episodes])
         del stream.online[: -self.buffer]
         stream.online_fraction = self.fraction
         last = trial.returns[:, -protocol.last_k:].mean()

@@ -177,6 +177,13 @@ class ReplayStream(IterableDataset):
                 "n_tokens": torch.tensor(at)}
 
 
+def with_optimal(enc: EncodedEpisode, observations, table: np.ndarray) -> EncodedEpisode:
+    """``enc`` with ``optimal`` set: the shortest-path actions (``table``, from ``optimal_actions``
+    of its map) at the tile of each of its steps."""
+    enc.optimal = table[np.asarray(observations[: len(enc.actions)], dtype=np.int64)]
+    return enc
+
+
 class MapList(Dataset):
     """Evaluation maps; a batch is a list of ``(index, rows)``."""
 
@@ -392,17 +399,15 @@ class ReplayDataModule(L.LightningDataModule):
             by_map.setdefault(e.map_id, []).append(e)
         # Map rows by training-map id: online fine-tuning plays its trials on them.
         self.train_maps = {m: eps[0].map_rows for m, eps in by_map.items()}
-        encoded = {m: [self._encode(e, optimal_actions(eps[0].map_rows)) for e in eps] for m, eps in by_map.items()}
+        encoded = {}
+        for m, eps in by_map.items():
+            table = optimal_actions(eps[0].map_rows)  # one BFS per map
+            encoded[m] = [with_optimal(self.serializer.episode(e.observations, e.actions, e.rewards, e.terminated,
+                                                               e.truncated), e.observations, table) for e in eps]
         weights = {m: quality_weights(eps, h.quality) for m, eps in by_map.items()}
         return ReplayStream(encoded, weights, h.seq_len, self.serializer.pad_id, num_sequences,
                             (h.set_size_min, h.set_size_max), h.seed, rank, world_size, h.batch_size, h.set_order,
                             skip_batches)
-
-    def _encode(self, e: Episode, optimal: np.ndarray) -> EncodedEpisode:
-        """One episode's ids and masks, with the shortest-path actions of each step (from the map)."""
-        enc = self.serializer.episode(e.observations, e.actions, e.rewards, e.terminated, e.truncated)
-        enc.optimal = optimal[np.asarray(e.observations[: len(e.actions)], dtype=np.int64)]
-        return enc
 
     def train_dataloader(self) -> DataLoader:
         t = self.trainer

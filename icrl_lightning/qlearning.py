@@ -58,6 +58,19 @@ def bellman_loss(
     raise ValueError(f"loss={kind!r}: choose 'mse' or 'normalized'")
 
 
+def conservative_gap(q: torch.Tensor, action: torch.Tensor, preferred: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row, ``logsumexp_a Q(., a) - Q(., a_taken)`` (the cross-entropy of the action taken under
+    softmax(Q)); with ``preferred`` (bool ``[N, 4]``) the set instead of the action taken,
+    ``logsumexp_a Q - logsumexp_{a in set} Q``, and 0 on rows with an empty set."""
+    lse = torch.logsumexp(q, dim=-1)
+    if preferred is None:
+        return lse - q.gather(-1, action[:, None]).squeeze(-1)
+    # A row with no preferred action prefers all four: its gap is exactly 0 (and no -inf row
+    # reaches logsumexp, whose gradient would be NaN).
+    preferred = preferred | ~preferred.any(dim=-1, keepdim=True)
+    return lse - torch.logsumexp(q.masked_fill(~preferred, float("-inf")), dim=-1)
+
+
 def conservative_penalty(q: torch.Tensor, action: torch.Tensor, where: torch.Tensor | None = None,
                          preferred: torch.Tensor | None = None) -> torch.Tensor:
     """CQL(H) regulariser: mean over actions taken of ``logsumexp_a Q(., a) - Q(., a_taken)``.
@@ -65,17 +78,9 @@ def conservative_penalty(q: torch.Tensor, action: torch.Tensor, where: torch.Ten
     Offline data shows one action per context, so the Q-values of the other three are never
     trained and can be over-estimated; this term pushes them below the action the data took.
     ``where`` (bool per action): only those positions are penalised (the others count as zero in
-    the mean, so the weight means the same whatever share is selected). ``preferred`` (bool
-    ``[N, 4]``): push up this set of actions instead of the one taken,
-    ``logsumexp_a Q - logsumexp_{a in set} Q``; rows with an empty set count as zero."""
-    lse = torch.logsumexp(q, dim=-1)
-    if preferred is None:
-        gap = lse - q.gather(-1, action[:, None]).squeeze(-1)
-    else:
-        # A row with no preferred action prefers all four: its gap is exactly 0 (and no -inf row
-        # reaches logsumexp, whose gradient would be NaN).
-        preferred = preferred | ~preferred.any(dim=-1, keepdim=True)
-        gap = lse - torch.logsumexp(q.masked_fill(~preferred, float("-inf")), dim=-1)
+    the mean, so the weight means the same whatever share is selected). ``preferred``: push up
+    that set of actions instead of the one taken (see ``conservative_gap``)."""
+    gap = conservative_gap(q, action, preferred)
     if where is not None:
         gap = gap * where.to(gap.dtype)
     return gap.mean()

@@ -11,7 +11,7 @@ from helpers import tiny_datamodule
 from torch.utils.data import DataLoader
 
 from icrl_lightning.backbones import build_tokenizer
-from icrl_lightning.data import ReplayStream, load_map_file
+from icrl_lightning.data import ReplayStream, load_map_file, with_optimal
 from icrl_lightning.envs import make_env, make_splits
 from icrl_lightning.envs.frozen_lake import optimal_actions
 from icrl_lightning.episodes import Episode, quality_weights, read_shard
@@ -456,7 +456,8 @@ def test_training_batches_carry_the_shortest_path_actions(tiny_data_dir, compact
     seen = {True: 0, False: 0}
     for e in dm.load_episodes()[:200]:
         dist = goal_distances(e.map_rows).flatten()
-        enc = dm._encode(e, optimal_actions(e.map_rows))
+        enc = with_optimal(compact.episode(e.observations, e.actions, e.rewards, e.terminated, e.truncated),
+                           e.observations, optimal_actions(e.map_rows))
         assert enc.optimal.shape == (len(e.actions), 4)
         for t, a in enumerate(e.actions):
             s, nxt = e.observations[t], e.observations[t + 1]

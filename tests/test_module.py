@@ -185,13 +185,20 @@ def test_training_step_loss_matches_reference(tiny_data_dir, kind, fmt, seq_len)
     assert not torch.allclose(loss, _reference_loss(module, batch, other), rtol=1e-3, atol=1e-3)
 
 
-def test_conservative_penalty_is_added_to_the_td_loss(tiny_data_dir):
-    module = _module(cql_weight=2.0)
+def _step(module: ICRLModule, data_dir) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """One training step's loss (eval mode, no grad) on a fresh batch, the batch and the
+    action-token logits at every position."""
     module.eval()
-    batch = _batch(module, tiny_data_dir)
+    batch = _batch(module, data_dir)
     with torch.no_grad():
         loss = module.training_step(batch, 0)
         logits = module.model(input_ids=batch["input_ids"]).logits[..., module.action_ids]
+    return loss, batch, logits
+
+
+def test_conservative_penalty_is_added_to_the_td_loss(tiny_data_dir):
+    module = _module(cql_weight=2.0)
+    loss, batch, logits = _step(module, tiny_data_dir)
     mask = batch["q_mask"]
     q, action = logits[mask], batch["action"][mask]
     penalty = (torch.logsumexp(q, -1) - q[torch.arange(len(action)), action]).mean()
@@ -201,11 +208,7 @@ def test_conservative_penalty_is_added_to_the_td_loss(tiny_data_dir):
 
 def test_conservative_penalty_on_successful_episodes_only(tiny_data_dir):
     module = _module(cql_weight=2.0, cql_on="successful")
-    module.eval()
-    batch = _batch(module, tiny_data_dir)
-    with torch.no_grad():
-        loss = module.training_step(batch, 0)
-        logits = module.model(input_ids=batch["input_ids"]).logits[..., module.action_ids]
+    loss, batch, logits = _step(module, tiny_data_dir)
     mask = batch["q_mask"]
     q, action = logits[mask], batch["action"][mask]
     reward, done = batch["reward"][mask], batch["done"][mask]
@@ -223,11 +226,7 @@ def test_conservative_penalty_on_successful_episodes_only(tiny_data_dir):
 
 def test_conservative_penalty_towards_the_oracle_actions(tiny_data_dir):
     module = _module(cql_weight=2.0, cql_target="oracle")
-    module.eval()
-    batch = _batch(module, tiny_data_dir)
-    with torch.no_grad():
-        loss = module.training_step(batch, 0)
-        logits = module.model(input_ids=batch["input_ids"]).logits[..., module.action_ids]
+    loss, batch, logits = _step(module, tiny_data_dir)
     mask = batch["q_mask"]
     q, best, action = logits[mask], batch["optimal"][mask], batch["action"][mask]
     assert best.any(-1).all()  # every action is taken on a tile with a path to a goal

@@ -19,10 +19,10 @@ import torch
 
 from icrl_lightning.backbones import TinyLlama
 from icrl_lightning.behaviour import q_learning_run
-from icrl_lightning.data import ReplayDataModule
+from icrl_lightning.data import ReplayDataModule, with_optimal
 from icrl_lightning.envs.frozen_lake import make_splits, optimal_actions
 from icrl_lightning.module import ICRLModule
-from icrl_lightning.qlearning import double_dqn_targets, next_step
+from icrl_lightning.qlearning import conservative_gap, double_dqn_targets, next_step
 
 BUCKETS = (("episode 0 (no context)", 0, 1), ("episodes 1-2", 1, 3), ("episodes 3-7", 3, 8), ("episodes 8+", 8, 10**9))
 
@@ -39,7 +39,8 @@ def single_map_sequences(by_map: dict[int, list], serializer, n_maps: int, seq_l
         best = optimal_actions(episodes[0].map_rows)
         for k, i in enumerate(rng.choice(len(episodes), size=min(30, len(episodes)), replace=False)):
             e = episodes[i]
-            enc = serializer.episode(e.observations, e.actions, e.rewards, e.terminated, e.truncated)
+            enc = with_optimal(serializer.episode(e.observations, e.actions, e.rewards, e.terminated, e.truncated),
+                               e.observations, best)
             if len(ids) + len(enc) > seq_len or not len(enc.q_pos):
                 break
             q_pos += (enc.q_pos + len(ids)).tolist()
@@ -47,12 +48,12 @@ def single_map_sequences(by_map: dict[int, list], serializer, n_maps: int, seq_l
             reward += enc.rewards.tolist()
             done += [False] * (len(enc.actions) - 1) + [True]
             index += [k] * len(enc.actions)
-            optimal += [best[s] for s in e.observations[: len(e.actions)]]
+            optimal += enc.optimal.tolist()
             ids += enc.ids.tolist()
         x = torch.tensor([ids])
         mask = torch.zeros_like(x, dtype=torch.bool)
         mask[0, q_pos] = True
-        yield x, mask, action, reward, done, index, torch.from_numpy(np.array(optimal, dtype=bool).reshape(-1, 4))
+        yield x, mask, action, reward, done, index, torch.tensor(optimal, dtype=torch.bool).reshape(-1, 4)
 
 
 def main() -> None:
@@ -98,7 +99,7 @@ def main() -> None:
                                    hp["gamma"], hp["reward_scale"])
             err = (q.gather(1, torch.tensor(action)[:, None]).squeeze(1) - y) ** 2
             has = best.any(-1)
-            ce = torch.logsumexp(q, -1) - torch.logsumexp(q.masked_fill(~(best | ~has[:, None]), float("-inf")), -1)
+            ce = conservative_gap(q, torch.tensor(action), best)
             ok = best.gather(1, q.argmax(-1, keepdim=True)).squeeze(1).float()
             for k, e2, c, g, h in zip(index, err.tolist(), ce.tolist(), ok.tolist(), has.tolist(), strict=True):
                 b = next(b for b, (_, lo, hi) in enumerate(BUCKETS) if lo <= k < hi)
