@@ -14,10 +14,18 @@ from icrl_lightning.episodes import Episode
 
 class TabularQLearner:
     """Q-learning on a table of ``n_states x 4``; ties between best actions break at random so
-    that an untrained table walks randomly instead of always going left."""
+    that an untrained table walks randomly instead of always going left.
 
-    def __init__(self, n_states: int, lr: float = 0.5, gamma: float = 0.9, rng: np.random.Generator | None = None):
-        self.q = np.zeros((n_states, 4))
+    ``q_init`` is every entry's initial value. With 0 (rewards are 0 or 1) a move into a hole keeps
+    the value of an untried move, so the greedy learner walks into the same hole again; with an
+    optimistic value such as 1 an untried move beats every tried one that did not lead towards a
+    goal, so the learner tries new moves instead of walking into the same hole again (with
+    ``lr=1``, never again) and finds a goal systematically (optimistic initial values, Sutton &
+    Barto 2.6)."""
+
+    def __init__(self, n_states: int, lr: float = 0.5, gamma: float = 0.9, rng: np.random.Generator | None = None,
+                 q_init: float = 0.0):
+        self.q = np.full((n_states, 4), float(q_init))
         self.lr, self.gamma = lr, gamma
         self.rng = rng if rng is not None else np.random.default_rng()
 
@@ -57,17 +65,32 @@ def q_learning_run(
     lr: float = 0.5,
     gamma: float = 0.9,
     max_episode_steps: int = 100,
+    q_init: float = 0.0,
+    schedule: list[float] | None = None,
 ) -> list[Episode]:
-    """One epsilon-greedy Q-learning run on one map; every episode it plays is kept."""
+    """Epsilon-greedy Q-learning on one map; every episode it plays is kept.
+
+    Without ``schedule``: one run of ``episodes`` episodes, a random action with probability
+    ``epsilon``. With ``schedule`` (greedy probability per episode, as the evaluation protocol):
+    consecutive *trials* of ``len(schedule)`` episodes, each with a fresh learner, episode ``k`` of
+    a trial greedy with probability ``schedule[k]`` (``epsilon`` is then unused); the last trial
+    is cut short when ``episodes`` is not a multiple of the trial length.
+    """
     rng = np.random.default_rng(seed)
     env = make_env(rows, max_episode_steps)
-    learner = TabularQLearner(len(rows) * len(rows[0]), lr=lr, gamma=gamma, rng=rng)
+    n_states = len(rows) * len(rows[0])
+    learner = TabularQLearner(n_states, lr=lr, gamma=gamma, rng=rng, q_init=q_init)
+    p_random = epsilon
 
     def choose(obs: int) -> int:
-        return int(rng.integers(4)) if rng.random() < epsilon else learner.greedy(obs)
+        return int(rng.integers(4)) if rng.random() < p_random else learner.greedy(obs)
 
     out = []
     for k in range(episodes):
+        if schedule:
+            if k % len(schedule) == 0:
+                learner = TabularQLearner(n_states, lr=lr, gamma=gamma, rng=rng, q_init=q_init)
+            p_random = 1.0 - schedule[k % len(schedule)]
         rec = play_episode(env, choose, rng, learner)
         out.append(Episode(map_id=map_id, map_rows=tuple(rows), learner_episode=k, **rec))
     env.close()

@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+PROTOCOL_TRIAL = 30  # episodes in one trial of the paper's evaluation schedule (SPEC)
+
 
 class InputError(ValueError):
     """A bad configuration value or input file. The message says what is wrong (the key, file, map
@@ -64,6 +66,12 @@ def check_data_args(h, reserved_eval_maps: int) -> None:
     check_range("data.behaviour_epsilon", h.behaviour_epsilon, 0, 1)
     check_range("data.behaviour_lr", h.behaviour_lr, 0, 1, lo_open=True)
     check_range("data.behaviour_gamma", h.behaviour_gamma, 0, 1)
+    check_range("data.behaviour_q_init", h.behaviour_q_init, 0, None,
+                why="0 = untried moves look like holes, 1 = optimistic (rewards are 0 or 1)")
+    check_choice("data.behaviour_schedule", h.behaviour_schedule, ("constant", "protocol"))
+    if h.behaviour_schedule == "protocol" and h.episodes_per_map % PROTOCOL_TRIAL:
+        raise InputError(f"data.episodes_per_map={h.episodes_per_map} with data.behaviour_schedule=protocol: "
+                         f"use a multiple of {PROTOCOL_TRIAL} (whole trials of the evaluation schedule)")
     check_range("data.max_episode_steps", h.max_episode_steps, 1, None)
     check_range("data.min_size", h.min_size, 2, None, why="a map is at least 2 x 2 tiles")
     check_range("data.max_size", h.max_size, h.min_size, None, why="at least data.min_size")
@@ -74,7 +82,9 @@ def check_data_args(h, reserved_eval_maps: int) -> None:
     check_range("data.set_size_min", h.set_size_min, 1, None)
     check_range("data.set_size_max", h.set_size_max, h.set_size_min, None, why="at least data.set_size_min")
     check_choice("data.quality", h.quality, ("high", "medium", "low"))
-    check_choice("data.set_order", h.set_order, ("random", "learning"))
+    check_choice("data.set_order", h.set_order, ("random", "learning", "trial"))
+    if h.set_order == "trial" and h.behaviour_schedule != "protocol":
+        raise InputError("data.set_order=trial plays whole trials: it needs data.behaviour_schedule=protocol")
     check_range("data.seq_len", h.seq_len, 1, None)
     check_range("data.batch_size", h.batch_size, 1, None)
     check_range("data.num_workers", h.num_workers, 0, None)

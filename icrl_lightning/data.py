@@ -25,11 +25,13 @@ from icrl_lightning.episodes import (
     write_json_atomic,
     write_shard,
 )
+from icrl_lightning.evaluation.protocol import paper_schedule
 from icrl_lightning.serialize import EncodedEpisode, Serializer
 
 log = logging.getLogger(__name__)
 
 MAPS_PER_SHARD = 25
+SET_ORDERS = ("random", "learning", "trial")
 
 
 class ReplayStream(IterableDataset):
@@ -63,9 +65,12 @@ class ReplayStream(IterableDataset):
         batch_size: int = 1,
         set_order: str = "random",
         skip_batches: int = 0,
+        trial_length: int = 0,
     ):
-        if set_order not in ("random", "learning"):
-            raise InputError(f"data.set_order={set_order!r}: choose 'random' or 'learning'")
+        if set_order not in SET_ORDERS:
+            raise InputError(f"data.set_order={set_order!r}: choose one of {', '.join(map(repr, SET_ORDERS))}")
+        if set_order == "trial" and trial_length < 1:
+            raise InputError("data.set_order='trial' needs trials in the data: set data.behaviour_schedule=protocol")
         longest = max(len(e) for eps in episodes.values() for e in eps)
         if longest > seq_len:
             raise InputError(f"data.seq_len={seq_len} is shorter than the longest episode ({longest} tokens): "
@@ -74,6 +79,7 @@ class ReplayStream(IterableDataset):
         self.seq_len, self.pad_id, self.num_sequences = seq_len, pad_id, num_sequences
         self.set_size, self.seed, self.rank, self.world_size = set_size, seed, rank, world_size
         self.batch_size, self.set_order, self.skip_batches = batch_size, set_order, skip_batches
+        self.trial_length = trial_length
         # Online fine-tuning (callbacks.OnlineTrials): whole trials the model played itself, each a
         # set of its own in the order played, drawn instead of an offline set with probability
         # ``online_fraction``. Both stay empty / 0 for offline training.
@@ -115,7 +121,11 @@ class ReplayStream(IterableDataset):
             m = maps[rng.integers(len(maps))]
             eps, w = self.episodes[m], self.weights[m]
             k = min(int(rng.integers(lo, hi + 1)), len(eps))
-            if self.set_order == "learning":
+            if self.set_order == "trial":
+                # One whole trial (a fresh learner's episodes under the evaluation schedule), as played.
+                first = self.trial_length * int(rng.integers(-(-len(eps) // self.trial_length)))
+                yield eps[first:first + self.trial_length]
+            elif self.set_order == "learning":
                 # A window of consecutive episodes of the learning run, in the order played.
                 first = int(rng.integers(len(eps) - k + 1))
                 yield eps[first:first + k]
@@ -226,6 +236,15 @@ class ReplayDataModule(L.LightningDataModule):
         behaviour_epsilon: the Q-learner's exploration rate.
         behaviour_lr: the Q-learner's step size.
         behaviour_gamma: the Q-learner's discount.
+        behaviour_q_init: the Q-learner's initial table value. 0 (default) never learns from a
+            hole (its reward is 0, like an untried move), so it walks into the same hole again; an
+            optimistic 1.0 prefers untried moves to a move that ended in a hole (with
+            ``behaviour_lr`` 1 it never repeats one) and so explores systematically.
+        behaviour_schedule: ``constant`` (default): one run per map, a random action with
+            probability ``behaviour_epsilon``. ``protocol``: trials of the evaluation schedule
+            (30 episodes: greedy with probability 0.0 .. 0.9 two episodes each, then 1.0 for ten),
+            a fresh learner per trial, so the data holds the kind of exploration the evaluation
+            plays; ``episodes_per_map`` is then a multiple of 30.
         max_episode_steps: time limit of every episode (SPEC: 100).
         min_size: smallest map side of the in-distribution family.
         max_size: largest map side of the in-distribution family.
@@ -234,8 +253,10 @@ class ReplayDataModule(L.LightningDataModule):
         set_size_min: fewest episodes of one map in a set (SPEC: 20).
         set_size_max: most episodes of one map in a set (SPEC: 40).
         quality: ``high`` / ``medium`` / ``low`` (SPEC data-quality weighting; ``random`` order only).
-        set_order: ``random`` (SPEC: a set's episodes drawn from the whole run and shuffled) or
-            ``learning`` (a window of consecutive episodes of the run, in the order played).
+        set_order: ``random`` (SPEC: a set's episodes drawn from the whole run and shuffled),
+            ``learning`` (a window of consecutive episodes of the run, in the order played) or
+            ``trial`` (one whole trial of ``behaviour_schedule: protocol`` data, in the order played,
+            like an evaluation context; ``set_size_*`` are then unused).
         seq_len: tokens per training sequence.
         batch_size: sequences per device batch.
         num_workers: DataLoader worker processes.
@@ -260,6 +281,8 @@ class ReplayDataModule(L.LightningDataModule):
         behaviour_epsilon: float = 0.1,
         behaviour_lr: float = 0.5,
         behaviour_gamma: float = 0.9,
+        behaviour_q_init: float = 0.0,
+        behaviour_schedule: str = "constant",
         max_episode_steps: int = 100,
         min_size: int = 3,
         max_size: int = 5,
@@ -287,7 +310,16 @@ class ReplayDataModule(L.LightningDataModule):
         h = self.hparams
         keys = ("seed", "num_train_maps", "episodes_per_map", "behaviour_epsilon", "behaviour_lr",
                 "behaviour_gamma", "max_episode_steps", "min_size", "max_size", "p_hole", "min_hops")
-        return {"learner": "tabular_q", "version": 1, **{k: h[k] for k in keys}}
+        settings = {"learner": "tabular_q", "version": 1, **{k: h[k] for k in keys}}
+        # Added later: only non-default values enter the key, so existing datasets keep their folder.
+        if h.behaviour_q_init != 0.0:
+            settings["behaviour_q_init"] = h.behaviour_q_init
+        if h.behaviour_schedule != "constant":
+            settings["behaviour_schedule"] = h.behaviour_schedule
+        return settings
+
+    def _behaviour_schedule(self) -> list[float] | None:
+        return paper_schedule() if self.hparams.behaviour_schedule == "protocol" else None
 
     def _split_kwargs(self) -> dict:
         h = self.hparams
@@ -325,7 +357,8 @@ class ReplayDataModule(L.LightningDataModule):
                 episodes += q_learning_run(
                     splits.train[map_id], map_id, h.episodes_per_map, seed=[h.seed, 3, map_id],
                     epsilon=h.behaviour_epsilon, lr=h.behaviour_lr, gamma=h.behaviour_gamma,
-                    max_episode_steps=h.max_episode_steps)
+                    max_episode_steps=h.max_episode_steps, q_init=h.behaviour_q_init,
+                    schedule=self._behaviour_schedule())
             write_shard(episodes, path)
         write_json_atomic({"settings": self._generation_settings(), "shards": shards,
                            "maps": [list(m) for m in splits.train]}, out / "manifest.json")
@@ -407,7 +440,7 @@ class ReplayDataModule(L.LightningDataModule):
         weights = {m: quality_weights(eps, h.quality) for m, eps in by_map.items()}
         return ReplayStream(encoded, weights, h.seq_len, self.serializer.pad_id, num_sequences,
                             (h.set_size_min, h.set_size_max), h.seed, rank, world_size, h.batch_size, h.set_order,
-                            skip_batches)
+                            skip_batches, trial_length=len(self._behaviour_schedule() or ()))
 
     def train_dataloader(self) -> DataLoader:
         t = self.trainer

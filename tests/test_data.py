@@ -89,6 +89,11 @@ def test_settings_pick_the_dataset_folder(tmp_path):
     assert tiny_datamodule(tmp_path, batch_size=7, seq_len=999).dataset_dir == base.dataset_dir
     assert tiny_datamodule(tmp_path, seed=1).dataset_dir != base.dataset_dir
     assert tiny_datamodule(tmp_path, episodes_per_map=11).dataset_dir != base.dataset_dir
+    assert tiny_datamodule(tmp_path, behaviour_q_init=1.0).dataset_dir != base.dataset_dir
+    assert tiny_datamodule(tmp_path, behaviour_schedule="protocol", episodes_per_map=30).dataset_dir != \
+        tiny_datamodule(tmp_path, episodes_per_map=30).dataset_dir
+    # Options added later enter the key only when set: older datasets keep their folder.
+    assert "behaviour_q_init" not in base._generation_settings()
 
 
 def test_interrupted_build_resumes_and_incomplete_is_refused(tmp_path):
@@ -294,6 +299,30 @@ def test_learning_order_windows(compact):
         assert len(run) >= lo  # each run is one or more whole windows of consecutive episodes
     # Windows of at most `hi` start anywhere in the run, so most runs are single windows.
     assert sum(len(r) <= hi for r in runs) >= 0.5 * len(runs)
+
+
+def test_trial_order_sets_are_whole_trials_in_played_order(compact):
+    episodes, weights, _ = _synthetic(compact, n_maps=4, n_eps=12)
+    st = ReplayStream(episodes, weights, seq_len=64, pad_id=compact.pad_id, num_sequences=60, seed=0,
+                      set_order="trial", trial_length=3)
+    stream = _decode(list(st), compact)
+    runs = _runs(stream, lambda a, b: b == (a[0], a[1] + 1) and b[1] % 3 != 0)
+    assert len(runs) > 10
+    for run in runs[:-1]:  # the last one may be cut by the end of the stream
+        assert [j for _, j in run] == [run[0][1], run[0][1] + 1, run[0][1] + 2] and run[0][1] % 3 == 0
+    with pytest.raises(ValueError, match="behaviour_schedule=protocol"):
+        ReplayStream(episodes, weights, seq_len=64, pad_id=compact.pad_id, num_sequences=2, set_order="trial")
+
+
+def test_protocol_data_holds_whole_trials(tmp_path, compact):
+    dm = tiny_datamodule(tmp_path, behaviour_schedule="protocol", behaviour_q_init=1.0, episodes_per_map=30,
+                         set_order="trial")
+    dm.serializer = compact
+    dm.prepare_data()
+    eps = dm.load_episodes()
+    assert len(eps) == 30 * dm.hparams.num_train_maps
+    assert sorted({e.learner_episode for e in eps}) == list(range(30))
+    assert dm.train_stream(4).trial_length == 30
 
 
 def _runs(stream, joined):

@@ -1,0 +1,129 @@
+"""Does a checkpoint learn from a hole in its context?
+
+For every move into a hole (the last move of an episode that ends on an ``H`` tile) it compares the
+move's Q-value with the best other move's, split by whether the context already shows the same move
+(same tile, same action) ending in a hole, and by how many times. Two kinds of context:
+
+  learner   contexts like the training data: 30 episodes of a tabular Q-learning run on one map,
+            drawn at random and packed whole into ``--seq-len`` tokens (``--split train``: the
+            dataset's runs; ``heldout``: fresh runs on held-out maps)
+  own       the model's own trials of the paper protocol on the evaluation maps: every greedy-phase
+            decision on a tile where a move already ended in a hole in this trial (taken or not),
+            i.e. the contexts the evaluation really acts from
+
+"argmax" is the share where that move is the greedy choice. A model that learns from a hole in
+context gives a low Q and a low argmax share once the move is "seen".
+
+    python tools/hole_move_probe.py runs/quickstart/version_0/checkpoints/last.ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from icrl_lightning.agent import InContextAgent
+from icrl_lightning.behaviour import q_learning_run
+from icrl_lightning.data import ReplayDataModule
+from icrl_lightning.envs.frozen_lake import make_splits
+from icrl_lightning.evaluation.loading import checkpoint_eval_maps, load_module
+from icrl_lightning.evaluation.protocol import paper_schedule
+
+
+def ends_in_hole(rows, observations, actions) -> bool:
+    w = len(rows[0])
+    last = observations[-1]
+    return bool(actions) and rows[last // w][last % w] == "H"
+
+
+def learner_contexts(module, by_map, n_maps: int, seq_len: int, rng) -> dict:
+    """{times seen before (capped at 3): [(Q of the hole move, best other Q)]} over learner contexts."""
+    s, out = module.serializer, defaultdict(list)
+    with torch.no_grad():
+        for m in sorted(by_map)[:n_maps]:
+            eps = by_map[m]
+            rows = eps[0].map_rows
+            ids, q_pos, info, seen = [], [], [], defaultdict(int)
+            for i in rng.choice(len(eps), size=min(30, len(eps)), replace=False):
+                e = eps[i]
+                enc = s.episode(e.observations, e.actions, e.rewards, e.terminated, e.truncated)
+                if len(ids) + len(enc) > seq_len or not len(enc.q_pos):
+                    break
+                if e.terminated and ends_in_hole(rows, e.observations, e.actions):
+                    key = (e.observations[-2], e.actions[-1])
+                    q_pos.append(len(ids) + int(enc.q_pos[-1]))
+                    info.append((min(seen[key], 3), e.actions[-1]))
+                    seen[key] += 1
+                ids += enc.ids.tolist()
+            if not q_pos:
+                continue
+            x = torch.tensor([ids])
+            mask = torch.zeros_like(x, dtype=torch.bool)
+            mask[0, q_pos] = True
+            for (n, a), q in zip(info, module._q_values(x, mask).numpy(), strict=True):
+                out[n].append((q[a], np.delete(q, a).max()))
+    return out
+
+
+def own_contexts(module, maps, seq_len: int, seed: int) -> dict:
+    """The same over the model's own protocol trials, greedy phase only: at every greedy decision on
+    a tile where a move has already ended in a hole in this trial (the move taken or not)."""
+    agent = InContextAgent(module.model, module.serializer, max_context=seq_len)
+    schedule = paper_schedule()
+    with torch.no_grad():
+        trial = agent.play(maps, schedule, seed, record_q=True, keys=list(range(len(maps))))
+    out = defaultdict(list)
+    for i, rows in enumerate(maps):
+        seen, t = defaultdict(int), 0
+        for k, (obs, acts) in enumerate(zip(trial.trajectories[i], trial.actions[i], strict=True)):
+            for j in range(len(acts)):
+                q = trial.q_values[i][t + j]
+                for a in range(4):
+                    if schedule[k] == 1.0 and seen[(obs[j], a)]:
+                        out[min(seen[(obs[j], a)], 3)].append((q[a], np.delete(q, a).max()))
+            t += len(acts)
+            if ends_in_hole(rows, obs, acts):
+                seen[(obs[-2], acts[-1])] += 1
+    return out
+
+
+def show(name: str, table: dict) -> None:
+    for n in sorted(table):
+        v = np.array(table[n])
+        label = {0: "first time", 3: "seen 3+ times"}.get(n, f"seen {n} time{'s' * (n > 1)}")
+        print(f"{name:18s} {label:14s} n={len(v):4d}  Q(hole move) {v[:, 0].mean():6.2f}  "
+              f"best other {v[:, 1].mean():6.2f}  argmax {np.mean(v[:, 0] > v[:, 1]):.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint")
+    ap.add_argument("--maps", type=int, default=120, help="maps for the learner contexts")
+    ap.add_argument("--eval-maps", type=int, default=50, help="evaluation maps for the own contexts")
+    ap.add_argument("--seq-len", type=int, default=512, help="context window (the trained seq_len)")
+    ap.add_argument("--seed", type=int, default=1234, help="evaluation seed (the protocol's default)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    module = load_module(args.checkpoint)
+    saved = torch.load(args.checkpoint, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters", {})
+    data = ReplayDataModule(**{k: v for k, v in saved.items() if not k.startswith("_")})
+    h = data.hparams
+    train: dict[int, list] = {}
+    for e in data.load_episodes():
+        train.setdefault(e.map_id, []).append(e)
+    heldout = {i: q_learning_run(rows, i, h.episodes_per_map, seed=[h.seed, 4, i], epsilon=h.behaviour_epsilon,
+                                 lr=h.behaviour_lr, gamma=h.behaviour_gamma, max_episode_steps=h.max_episode_steps,
+                                 q_init=h.behaviour_q_init)
+               for i, rows in enumerate(make_splits(h.seed, 0, **data._split_kwargs()).heldout[: args.maps])}
+    for name, by_map in (("learner, train", train), ("learner, heldout", heldout)):
+        show(name, learner_contexts(module, by_map, args.maps, args.seq_len, np.random.default_rng(0)))
+    maps = checkpoint_eval_maps(args.checkpoint, eval_maps=args.eval_maps)
+    show("own, greedy phase", own_contexts(module, maps, args.seq_len, args.seed))
+
+
+if __name__ == "__main__":
+    main()
