@@ -75,6 +75,9 @@ def test_summarize_hand_computed():
     assert s["first_success_histogram"] == [0, 1, 1]
     assert s["first_success_median"] == 1.5 and s["never_succeeded"] == 0.0
     assert s["per_map"] == returns.tolist()
+    # Greedy episodes 1 and 2: after a failure map 0 ep 1 (1), map 1 ep 1 (0), map 1 ep 2 (1);
+    # after a success map 0 ep 2 (1).
+    assert s["greedy_after_failure"] == pytest.approx(2 / 3) and s["greedy_after_success"] == 1.0
 
 
 def test_write_report(tmp_path):

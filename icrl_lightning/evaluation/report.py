@@ -20,7 +20,9 @@ def summarize(returns: np.ndarray, schedule: list[float], last_k: int = 10) -> d
     exploration / exploitation split: the share of maps whose goal was reached before the fully
     greedy phase, the greedy-phase return on those maps against the rest, and the distribution of
     the episode index of each map's first success (``first_success_histogram[k]`` maps first
-    succeeded in episode ``k``; ``never_succeeded`` is the share that never did)."""
+    succeeded in episode ``k``; ``never_succeeded`` is the share that never did), and the mean
+    return of greedy-phase episodes that follow a failed / a successful episode
+    (``greedy_after_failure`` / ``greedy_after_success``)."""
     n_maps, n_eps = returns.shape
     mean = returns.mean(axis=0)
     half = 1.96 * returns.std(axis=0, ddof=1) / np.sqrt(n_maps) if n_maps > 1 else np.zeros(n_eps)
@@ -35,6 +37,14 @@ def summarize(returns: np.ndarray, schedule: list[float], last_k: int = 10) -> d
     def _m(x):
         return float(np.mean(x)) if len(x) else None
 
+    # Greedy-phase episodes by how the episode before ended: an agent that learns from its context
+    # recovers after a failure; a deterministic policy that ignores it fails again.
+    after = {True: [], False: []}
+    for k in np.flatnonzero(greedy):
+        if k > 0:
+            for prev_ok, r in zip(returns[:, k - 1] > 0, returns[:, k], strict=True):
+                after[bool(prev_ok)].append(r)
+
     return {
         "mean_return": mean.round(4).tolist(),
         "ci95": half.round(4).tolist(),
@@ -48,6 +58,8 @@ def summarize(returns: np.ndarray, schedule: list[float], last_k: int = 10) -> d
         "first_success_histogram": np.bincount(reached, minlength=n_eps).tolist() if reached else [0] * n_eps,
         "first_success_median": float(np.median(reached)) if reached else None,
         "never_succeeded": float(np.mean([f is None for f in first])),
+        "greedy_after_failure": _m(after[False]),
+        "greedy_after_success": _m(after[True]),
         "per_map": returns.round(4).tolist(),
     }
 

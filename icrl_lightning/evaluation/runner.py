@@ -94,6 +94,8 @@ class Evaluator:
                                                            phase_schedule)
         if icrl["greedy_repeats_failure"] is not None:
             metrics["val/icrl_greedy_repeats_failure"] = icrl["greedy_repeats_failure"]
+        if icrl["greedy_after_failure"] is not None:
+            metrics["val/icrl_greedy_after_failure"] = icrl["greedy_after_failure"]
         timings = [o["timings"] for o in outputs]
         report = {
             "scenario": p.scenario,
