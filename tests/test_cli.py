@@ -21,7 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:Us
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "conf").rglob("*.yaml"))
-AGENTS = {"icrl", "no_context", "random", "q_learning", "oracle"}
+AGENTS = {"icrl", "no_context", "random", "q_learning", "q_optimistic", "oracle"}
 
 
 def _tiny_args(tmp: Path, overlays: tuple[str, ...] = ()) -> list[str]:
@@ -275,7 +275,7 @@ def test_compare_checkpoints_into_one_figure(tiny_checkpoints, tmp_path):
     assert saved["labels"] == ["high", "low"] and saved["n_maps"] == 3 and saved["n_episodes"] == 3
     assert [saved["runs"][q]["checkpoint"] for q in ("high", "low")] == [ck["high"], ck["low"]]
     assert set(saved["runs"]["high"]["agents"]) == {"icrl", "no_context"}
-    assert set(saved["baselines"]) == {"random", "q_learning", "oracle"}
+    assert set(saved["baselines"]) == {"random", "q_learning", "q_optimistic", "oracle"}
     assert saved["baselines"]["oracle"]["mean_return"][-1] == 1.0
     assert (out / "compare.png").stat().st_size > 0
     reports = {q: json.loads(Path(saved["runs"][q]["report"]).read_text()) for q in ("high", "low")}

@@ -123,7 +123,7 @@ def test_standard_scenario_report(agent, maps):
     metrics, report = _run(agent, EvalProtocol(schedule=[0.0, 0.5, 1.0], max_episode_steps=MAX_STEPS, last_k=2),
                            list(enumerate(maps)))
     assert report["scenario"] == "standard" and report["n_maps"] == 4 and report["n_episodes"] == 3
-    assert set(report["agents"]) == {"icrl", "no_context", "random", "q_learning", "oracle"}
+    assert set(report["agents"]) == {"icrl", "no_context", "random", "q_learning", "q_optimistic", "oracle"}
     assert report["switch_to"] is None and report["context"] is None
     assert report["protocol"]["scenario"] == "standard"
     assert len(report["agents"]["icrl"]["mean_episode_steps"]) == 3

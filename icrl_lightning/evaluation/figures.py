@@ -19,6 +19,7 @@ STYLE = {  # agent -> (label, colour, line style)
     "no_context": ("same model, no context", "tab:orange", "-"),
     "random": ("uniform random", "0.45", "--"),
     "q_learning": ("tabular Q-learning", "tab:green", "-."),
+    "q_optimistic": ("tabular Q-learning, optimistic start", "tab:olive", "-."),
     "oracle": ("BFS oracle", "black", ":"),
 }
 TILE_COLOURS = {"S": "#9ecae1", "F": "#f7fbff", "H": "#252525", "G": "#74c476"}
@@ -165,7 +166,7 @@ def comparison_figure(reports: dict[str, dict], title: str = "in-context agent b
     colours = ["tab:blue", "tab:purple", "tab:brown", "tab:pink", "tab:cyan", "tab:olive"]
     for j, (label, rep) in enumerate(reports.items()):
         _curve(ax, x, rep["agents"]["icrl"], label, colours[j % len(colours)], "-", band=True)
-    for name in ("no_context", "random", "q_learning", "oracle"):
+    for name in ("no_context", "random", "q_learning", "q_optimistic", "oracle"):
         if name in first["agents"]:
             label, colour, style = STYLE[name]
             if name == "no_context":

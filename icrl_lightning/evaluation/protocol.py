@@ -80,7 +80,8 @@ class EvalProtocol:
         return probs
 
 
-BASELINES = ("random", "q_learning", "oracle")
+BASELINES = ("random", "q_learning", "q_optimistic", "oracle")
+Q_LEARNERS = ("q_learning", "q_optimistic")
 
 
 @dataclass
@@ -110,6 +111,9 @@ def run_baseline(
 
     * ``random``: every action uniform.
     * ``q_learning``: a tabular Q-learner from scratch, greedy with the schedule's probability.
+    * ``q_optimistic``: the same with every table entry starting at 1.0 (the largest return):
+      untried moves look best, so it explores systematically and does not walk into the same
+      hole again. A far stronger tabular yardstick on these small maps.
     * ``oracle``: a shortest-path action (BFS on the true map) when greedy: the upper bound.
 
     ``switch_to`` (non-stationary): after ``len(schedule)`` episodes map ``i`` becomes
@@ -129,8 +133,8 @@ def run_baseline(
     for i in range(len(maps)):
         rng = np.random.default_rng([seed, i if keys is None else keys[i]])
         n_states = max(len(p[i]) * len(p[i][0]) for p in phases)
-        learner = TabularQLearner(n_states, rng=rng)
-        if name == "q_learning":
+        learner = TabularQLearner(n_states, rng=rng, q_init=1.0 if name == "q_optimistic" else 0.0)
+        if name in Q_LEARNERS:
             for _ in range(context_sweeps if context else 0):
                 for e in context:
                     for t, a in enumerate(e.actions):
@@ -152,7 +156,7 @@ def run_baseline(
                     else:
                         a = draw_action(rng, p, lambda: learner.greedy(obs))
                     nxt, r, term, trunc, _ = env.step(a)
-                    if name == "q_learning":
+                    if name in Q_LEARNERS:
                         learner.update(int(obs), a, float(r), int(nxt), term)
                     obs, total, done = nxt, total + r, term or trunc
                 out[i, phase * n_eps + k] = total
