@@ -79,18 +79,16 @@ def q_learning_run(
     rng = np.random.default_rng(seed)
     env = make_env(rows, max_episode_steps)
     n_states = len(rows) * len(rows[0])
-    learner = TabularQLearner(n_states, lr=lr, gamma=gamma, rng=rng, q_init=q_init)
-    p_random = epsilon
+    trial = len(schedule) if schedule else episodes
 
     def choose(obs: int) -> int:
         return int(rng.integers(4)) if rng.random() < p_random else learner.greedy(obs)
 
     out = []
     for k in range(episodes):
-        if schedule:
-            if k % len(schedule) == 0:
-                learner = TabularQLearner(n_states, lr=lr, gamma=gamma, rng=rng, q_init=q_init)
-            p_random = 1.0 - schedule[k % len(schedule)]
+        if k % trial == 0:
+            learner = TabularQLearner(n_states, lr=lr, gamma=gamma, rng=rng, q_init=q_init)
+        p_random = 1.0 - schedule[k % trial] if schedule else epsilon
         rec = play_episode(env, choose, rng, learner)
         out.append(Episode(map_id=map_id, map_rows=tuple(rows), learner_episode=k, **rec))
     env.close()

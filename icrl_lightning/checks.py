@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-PROTOCOL_TRIAL = 30  # episodes in one trial of the paper's evaluation schedule (SPEC)
+SET_ORDERS = ("random", "learning", "trial")  # data.set_order
 
 
 class InputError(ValueError):
@@ -55,9 +55,10 @@ def check_module_args(lr: float, weight_decay: float, warmup_steps: int, alpha: 
     check_choice("model.loss", loss, ("mse", "normalized"))
 
 
-def check_data_args(h, reserved_eval_maps: int) -> None:
+def check_data_args(h, reserved_eval_maps: int, trial_length: int) -> None:
     """The ``data.*`` arguments of ``ReplayDataModule`` (``h``: its hyper-parameters, by attribute;
-    ``reserved_eval_maps``: maps per evaluation split).
+    ``reserved_eval_maps``: maps per evaluation split; ``trial_length``: episodes in one trial of
+    the evaluation schedule).
     Only what can be checked without the model; ``seq_len`` against the longest episode is checked
     once the serializer is known (``ReplayDataModule.prepare_data``)."""
     check_range("data.seed", h.seed, 0, None, why="numpy seeds are non-negative")
@@ -69,9 +70,9 @@ def check_data_args(h, reserved_eval_maps: int) -> None:
     check_range("data.behaviour_q_init", h.behaviour_q_init, 0, None,
                 why="0 = untried moves look like holes, 1 = optimistic (rewards are 0 or 1)")
     check_choice("data.behaviour_schedule", h.behaviour_schedule, ("constant", "protocol"))
-    if h.behaviour_schedule == "protocol" and h.episodes_per_map % PROTOCOL_TRIAL:
+    if h.behaviour_schedule == "protocol" and h.episodes_per_map % trial_length:
         raise InputError(f"data.episodes_per_map={h.episodes_per_map} with data.behaviour_schedule=protocol: "
-                         f"use a multiple of {PROTOCOL_TRIAL} (whole trials of the evaluation schedule)")
+                         f"use a multiple of {trial_length} (whole trials of the evaluation schedule)")
     check_range("data.max_episode_steps", h.max_episode_steps, 1, None)
     check_range("data.min_size", h.min_size, 2, None, why="a map is at least 2 x 2 tiles")
     check_range("data.max_size", h.max_size, h.min_size, None, why="at least data.min_size")
@@ -82,7 +83,7 @@ def check_data_args(h, reserved_eval_maps: int) -> None:
     check_range("data.set_size_min", h.set_size_min, 1, None)
     check_range("data.set_size_max", h.set_size_max, h.set_size_min, None, why="at least data.set_size_min")
     check_choice("data.quality", h.quality, ("high", "medium", "low"))
-    check_choice("data.set_order", h.set_order, ("random", "learning", "trial"))
+    check_choice("data.set_order", h.set_order, SET_ORDERS)
     if h.set_order == "trial" and h.behaviour_schedule != "protocol":
         raise InputError("data.set_order=trial plays whole trials: it needs data.behaviour_schedule=protocol")
     check_range("data.seq_len", h.seq_len, 1, None)

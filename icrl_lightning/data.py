@@ -15,7 +15,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from icrl_lightning.behaviour import q_learning_run
-from icrl_lightning.checks import InputError, MissingInputFile, check_data_args, check_range
+from icrl_lightning.checks import SET_ORDERS, InputError, MissingInputFile, check_data_args, check_range
 from icrl_lightning.envs.frozen_lake import OOD_MAX_SIZE, RESERVED_EVAL_MAPS, make_splits, optimal_actions, validate_map
 from icrl_lightning.episodes import (
     Episode,
@@ -31,7 +31,6 @@ from icrl_lightning.serialize import EncodedEpisode, Serializer
 log = logging.getLogger(__name__)
 
 MAPS_PER_SHARD = 25
-SET_ORDERS = ("random", "learning", "trial")
 
 
 class ReplayStream(IterableDataset):
@@ -120,12 +119,13 @@ class ReplayStream(IterableDataset):
                 continue
             m = maps[rng.integers(len(maps))]
             eps, w = self.episodes[m], self.weights[m]
-            k = min(int(rng.integers(lo, hi + 1)), len(eps))
             if self.set_order == "trial":
                 # One whole trial (a fresh learner's episodes under the evaluation schedule), as played.
                 first = self.trial_length * int(rng.integers(-(-len(eps) // self.trial_length)))
                 yield eps[first:first + self.trial_length]
-            elif self.set_order == "learning":
+                continue
+            k = min(int(rng.integers(lo, hi + 1)), len(eps))
+            if self.set_order == "learning":
                 # A window of consecutive episodes of the learning run, in the order played.
                 first = int(rng.integers(len(eps) - k + 1))
                 yield eps[first:first + k]
@@ -301,7 +301,7 @@ class ReplayDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        check_data_args(self.hparams, RESERVED_EVAL_MAPS)
+        check_data_args(self.hparams, RESERVED_EVAL_MAPS, len(paper_schedule()))
         self.serializer: Serializer | None = None
         self._eval_maps_from_file: list[tuple[str, ...]] | None = None
 
@@ -354,15 +354,19 @@ class ReplayDataModule(L.LightningDataModule):
                 log.warning("rebuilding damaged shard %s", path)
             episodes: list[Episode] = []
             for map_id in range(first, min(first + MAPS_PER_SHARD, len(splits.train))):
-                episodes += q_learning_run(
-                    splits.train[map_id], map_id, h.episodes_per_map, seed=[h.seed, 3, map_id],
-                    epsilon=h.behaviour_epsilon, lr=h.behaviour_lr, gamma=h.behaviour_gamma,
-                    max_episode_steps=h.max_episode_steps, q_init=h.behaviour_q_init,
-                    schedule=self._behaviour_schedule())
+                episodes += self.behaviour_run(splits.train[map_id], map_id, seed=[h.seed, 3, map_id])
             write_shard(episodes, path)
         write_json_atomic({"settings": self._generation_settings(), "shards": shards,
                            "maps": [list(m) for m in splits.train]}, out / "manifest.json")
         log.info("built dataset %s (%d maps)", out, len(splits.train))
+
+    def behaviour_run(self, rows, map_id: int, seed: list[int]) -> list[Episode]:
+        """The behaviour learner's episodes on one map with this module's ``behaviour_*`` settings
+        (the dataset's; the tools also run it on held-out maps, with their own seeds)."""
+        h = self.hparams
+        return q_learning_run(rows, map_id, h.episodes_per_map, seed=seed, epsilon=h.behaviour_epsilon,
+                              lr=h.behaviour_lr, gamma=h.behaviour_gamma, max_episode_steps=h.max_episode_steps,
+                              q_init=h.behaviour_q_init, schedule=self._behaviour_schedule())
 
     def load_episodes(self) -> list[Episode]:
         out = self.dataset_dir

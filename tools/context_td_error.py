@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from icrl_lightning.backbones import TinyLlama
-from icrl_lightning.behaviour import q_learning_run
 from icrl_lightning.data import ReplayDataModule, with_optimal
 from icrl_lightning.envs.frozen_lake import make_splits, optimal_actions
 from icrl_lightning.module import ICRLModule
@@ -31,11 +30,11 @@ def single_map_sequences(by_map: dict[int, list], serializer, n_maps: int, seq_l
     """For each of the first ``n_maps`` maps: 30 of its episodes drawn at random, packed whole into
     one sequence of at most ``seq_len`` tokens. Yields ``(input_ids [1, T], action-position mask
     [1, T], actions, rewards, episode-end flags, episode index of each action, shortest-path
-    actions [n, 4] bool)``."""
+    actions [n, 4] bool, the packed episodes)``."""
     for map_id in sorted(by_map)[:n_maps]:
         episodes = by_map[map_id]
         ids: list[int] = []
-        q_pos, action, reward, done, index, optimal = [], [], [], [], [], []
+        q_pos, action, reward, done, index, optimal, packed = [], [], [], [], [], [], []
         best = optimal_actions(episodes[0].map_rows)
         for k, i in enumerate(rng.choice(len(episodes), size=min(30, len(episodes)), replace=False)):
             e = episodes[i]
@@ -50,10 +49,11 @@ def single_map_sequences(by_map: dict[int, list], serializer, n_maps: int, seq_l
             index += [k] * len(enc.actions)
             optimal += enc.optimal.tolist()
             ids += enc.ids.tolist()
+            packed.append(e)
         x = torch.tensor([ids])
         mask = torch.zeros_like(x, dtype=torch.bool)
         mask[0, q_pos] = True
-        yield x, mask, action, reward, done, index, torch.tensor(optimal, dtype=torch.bool).reshape(-1, 4)
+        yield x, mask, action, reward, done, index, torch.tensor(optimal, dtype=torch.bool).reshape(-1, 4), packed
 
 
 def main() -> None:
@@ -84,15 +84,13 @@ def main() -> None:
     else:
         h = data.hparams
         for i, rows in enumerate(make_splits(h.seed, 0, **data._split_kwargs()).heldout[: args.maps]):
-            by_map[i] = q_learning_run(rows, i, h.episodes_per_map, seed=[h.seed, 4, i], epsilon=h.behaviour_epsilon,
-                                       lr=h.behaviour_lr, gamma=h.behaviour_gamma,
-                                       max_episode_steps=h.max_episode_steps)
+            by_map[i] = data.behaviour_run(rows, i, seed=[h.seed, 4, i])
 
     errors: dict[int, list[float]] = {i: [] for i in range(len(BUCKETS))}
     oracle_ce: dict[int, list[float]] = {i: [] for i in range(len(BUCKETS))}
     greedy_ok: dict[int, list[float]] = {i: [] for i in range(len(BUCKETS))}
     with torch.no_grad():
-        for x, mask, action, reward, done, index, best in single_map_sequences(
+        for x, mask, action, reward, done, index, best, _ in single_map_sequences(
                 by_map, module.serializer, args.maps, args.seq_len, np.random.default_rng(0)):
             q, q_target = module._q_values(x, mask), module._q_values(x, mask, target=True)
             y = double_dqn_targets(torch.tensor(reward), torch.tensor(done), next_step(q), next_step(q_target),

@@ -24,9 +24,9 @@ from collections import defaultdict
 
 import numpy as np
 import torch
+from context_td_error import single_map_sequences  # tools/ is on the path when a tool runs
 
 from icrl_lightning.agent import InContextAgent
-from icrl_lightning.behaviour import q_learning_run
 from icrl_lightning.data import ReplayDataModule
 from icrl_lightning.envs.frozen_lake import make_splits
 from icrl_lightning.evaluation.loading import checkpoint_eval_maps, load_module
@@ -40,31 +40,20 @@ def ends_in_hole(rows, observations, actions) -> bool:
 
 
 def learner_contexts(module, by_map, n_maps: int, seq_len: int, rng) -> dict:
-    """{times seen before (capped at 3): [(Q of the hole move, best other Q)]} over learner contexts."""
-    s, out = module.serializer, defaultdict(list)
+    """{times seen before (capped at 3): [(Q of the hole move, best other Q)]} over learner contexts
+    (packed as ``context_td_error.py`` packs them)."""
+    out = defaultdict(list)
     with torch.no_grad():
-        for m in sorted(by_map)[:n_maps]:
-            eps = by_map[m]
-            rows = eps[0].map_rows
-            ids, q_pos, info, seen = [], [], [], defaultdict(int)
-            for i in rng.choice(len(eps), size=min(30, len(eps)), replace=False):
-                e = eps[i]
-                enc = s.episode(e.observations, e.actions, e.rewards, e.terminated, e.truncated)
-                if len(ids) + len(enc) > seq_len or not len(enc.q_pos):
-                    break
-                if e.terminated and ends_in_hole(rows, e.observations, e.actions):
-                    key = (e.observations[-2], e.actions[-1])
-                    q_pos.append(len(ids) + int(enc.q_pos[-1]))
-                    info.append((min(seen[key], 3), e.actions[-1]))
-                    seen[key] += 1
-                ids += enc.ids.tolist()
-            if not q_pos:
+        for x, mask, _, _, done, _, _, packed in single_map_sequences(by_map, module.serializer, n_maps, seq_len, rng):
+            if not packed:
                 continue
-            x = torch.tensor([ids])
-            mask = torch.zeros_like(x, dtype=torch.bool)
-            mask[0, q_pos] = True
-            for (n, a), q in zip(info, module._q_values(x, mask).numpy(), strict=True):
-                out[n].append((q[a], np.delete(q, a).max()))
+            rows, seen = packed[0].map_rows, defaultdict(int)
+            last_q = module._q_values(x, mask).numpy()[np.flatnonzero(done)]  # each episode's last move
+            for e, q in zip(packed, last_q, strict=True):
+                if e.terminated and ends_in_hole(rows, e.observations, e.actions):
+                    key, a = (e.observations[-2], e.actions[-1]), e.actions[-1]
+                    out[min(seen[key], 3)].append((q[a], np.delete(q, a).max()))
+                    seen[key] += 1
     return out
 
 
@@ -115,9 +104,7 @@ def main() -> None:
     train: dict[int, list] = {}
     for e in data.load_episodes():
         train.setdefault(e.map_id, []).append(e)
-    heldout = {i: q_learning_run(rows, i, h.episodes_per_map, seed=[h.seed, 4, i], epsilon=h.behaviour_epsilon,
-                                 lr=h.behaviour_lr, gamma=h.behaviour_gamma, max_episode_steps=h.max_episode_steps,
-                                 q_init=h.behaviour_q_init)
+    heldout = {i: data.behaviour_run(rows, i, seed=[h.seed, 4, i])  # as context_td_error.py --split heldout
                for i, rows in enumerate(make_splits(h.seed, 0, **data._split_kwargs()).heldout[: args.maps])}
     for name, by_map in (("learner, train", train), ("learner, heldout", heldout)):
         show(name, learner_contexts(module, by_map, args.maps, args.seq_len, np.random.default_rng(0)))

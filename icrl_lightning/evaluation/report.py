@@ -39,11 +39,9 @@ def summarize(returns: np.ndarray, schedule: list[float], last_k: int = 10) -> d
 
     # Greedy-phase episodes by how the episode before ended: an agent that learns from its context
     # recovers after a failure; a deterministic policy that ignores it fails again.
-    after = {True: [], False: []}
-    for k in np.flatnonzero(greedy):
-        if k > 0:
-            for prev_ok, r in zip(returns[:, k - 1] > 0, returns[:, k], strict=True):
-                after[bool(prev_ok)].append(r)
+    ks = np.flatnonzero(greedy)
+    ks = ks[ks > 0]
+    prev_ok, after = returns[:, ks - 1] > 0, returns[:, ks]
 
     return {
         "mean_return": mean.round(4).tolist(),
@@ -58,8 +56,8 @@ def summarize(returns: np.ndarray, schedule: list[float], last_k: int = 10) -> d
         "first_success_histogram": np.bincount(reached, minlength=n_eps).tolist() if reached else [0] * n_eps,
         "first_success_median": float(np.median(reached)) if reached else None,
         "never_succeeded": float(np.mean([f is None for f in first])),
-        "greedy_after_failure": _m(after[False]),
-        "greedy_after_success": _m(after[True]),
+        "greedy_after_failure": _m(after[~prev_ok]),
+        "greedy_after_success": _m(after[prev_ok]),
         "per_map": returns.round(4).tolist(),
     }
 
