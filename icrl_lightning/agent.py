@@ -306,6 +306,7 @@ class InContextAgent:
                              actions=[[] for _ in range(n_maps)],
                              q_values=[[] for _ in range(n_maps)] if record_q else None)
         episode = np.zeros(n_maps, dtype=int)
+        retag = np.zeros(n_maps, dtype=bool)
         ep_return = np.zeros(n_maps)
         active = np.ones(n_maps, dtype=bool)
         head = self.model.get_output_embeddings().weight[torch.as_tensor(self.s.action_token_ids)]
@@ -335,9 +336,12 @@ class InContextAgent:
             if len(live) < len(slots):  # drop finished maps' rows from the batch (a copy of the live rows)
                 cache.keep_rows(torch.as_tensor(live))
                 slots = [slots[r] for r in live]
-            over = [r for r, i in enumerate(slots) if active[i] and len(ctx[i]) > self.max_context]
+            # Re-encoded rows: a context over the window (drop the oldest episodes), or one whose last
+            # episode was just retagged as failed (outcome-tagged formats).
+            over = [r for r, i in enumerate(slots) if active[i] and (len(ctx[i]) > self.max_context or retag[i])]
             for r in over:
                 ctx[slots[r]].drop_oldest(self.max_context)  # the open episode fits by the check in __init__
+                retag[slots[r]] = False
             # A call appends at most one step's worth of tokens per row: the few rows that also close
             # an episode and open the next finish writing in the next call(s) instead of widening
             # every row's call with padding. A row acts once all its tokens are in.
@@ -372,6 +376,9 @@ class InContextAgent:
                 ctx[i].add(self.s.after_action(a, int(o2), float(rew), done, bool(trunc and not term)))
                 if done:
                     returns[i, k] = ep_return[i]
+                    if ep_return[i] <= 0 and keep_context and self.s.outcome_tags:
+                        self.s.mark_failed(ctx[i].episodes[-1])
+                        retag[i] = True
                     ctx[i].close_episode()
                     episode[i] += 1
                     if episode[i] == total:

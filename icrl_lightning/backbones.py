@@ -84,7 +84,10 @@ class TinyLlama:
     """A Llama trained from scratch (all weights train). Sizes are YAML options.
 
     Args:
-        format: serialization, ``compact`` (one token per field) or ``llama3`` (the paper's).
+        format: serialization, ``compact`` (one token per field), ``compact_outcome`` (compact, but
+            an episode that reached no goal starts with ``<ep->`` and writes its tiles as ``x{tile}``;
+            the evaluation agent rewrites an episode it played once it failed) or ``llama3`` (the
+            paper's).
         hidden_size: model width.
         num_layers: decoder layers.
         num_heads: attention heads (``hidden_size`` must divide by it).

@@ -38,6 +38,14 @@ class Format:
     # Other names of the pad token in the same family, tried in order when ``pad`` is not one token
     # of the tokenizer (the Llama 3.0 tokenizer calls id 128004 <|reserved_special_token_2|>).
     pad_alternatives: tuple[str, ...] = ()
+    # Outcome tags: when set, an episode that did not reach a goal is written with ``failure_start``
+    # instead of ``episode_start`` and its observations with ``failure_observation`` ("{}" = tile),
+    # so the plain start and observations also mean "this episode reached a goal". The evaluation
+    # agent writes every episode it plays as a success (it aims for a goal) and rewrites it once it
+    # has failed, so later episodes see each earlier episode's outcome at every one of its tokens
+    # instead of only at its end. Each tagged piece must be as many tokens as the untagged one.
+    failure_start: str = ""
+    failure_observation: str = ""
     roles: dict[str, str] = field(default_factory=lambda: {r: r for r in ("observation", "action", "reward", "edit")})
 
     def header(self, role: str) -> str:
@@ -80,7 +88,25 @@ COMPACT = Format(
     reward="r{}",
     truncation="<trunc>",
 )
-FORMATS = {f.name: f for f in (LLAMA3, CHATML, COMPACT)}
+# The compact format with outcome tags (not in the paper): an episode that reached a goal (and the
+# one being played) is written as in ``compact``; one that did not starts with ``<ep->`` and writes
+# its tiles as ``x{tile}``. A causal model cannot see at a past step whether that episode succeeded
+# (the reward comes later); here every token says so, and a tile of a failed episode is not the
+# same token as that tile in a success, so copying "what was done here before" copies successes.
+COMPACT_OUTCOME = Format(
+    name="compact_outcome",
+    episode_start="<ep>",
+    episode_end="</ep>",
+    pad="<pad>",
+    role_prefix="",
+    role_suffix="",
+    observation="o{}",
+    reward="r{}",
+    truncation="<trunc>",
+    failure_start="<ep->",
+    failure_observation="x{}",
+)
+FORMATS = {f.name: f for f in (LLAMA3, CHATML, COMPACT, COMPACT_OUTCOME)}
 
 REWARD_VALUES = (1.0,)  # the rewards Frozen Lake can give that are not zero
 
@@ -92,8 +118,10 @@ def reward_text(reward: float) -> str:
 def format_vocabulary(fmt: Format, max_tiles: int = 64) -> tuple[list[str], list[str]]:
     """(special tokens, words) a tokenizer made in code needs to write ``fmt`` with one token per
     field; tiles ``0 .. max_tiles-1``."""
-    specials = [fmt.pad, fmt.episode_start, fmt.episode_end]
+    specials = [fmt.pad, fmt.episode_start, fmt.episode_end, fmt.failure_start]
     words = [fmt.observation.format(i) for i in range(max_tiles)] + list(ACTIONS)
+    if fmt.failure_observation:
+        words += [fmt.failure_observation.format(i) for i in range(max_tiles)]
     words += [fmt.reward.format(reward_text(r)) for r in REWARD_VALUES] + [fmt.truncation]
     if fmt.role_prefix:
         head, _, tail = fmt.role_prefix.partition("{role}")
@@ -118,6 +146,7 @@ class Serializer:
         self.action_token_ids = np.array([self._single(a, f"action word {a!r}") for a in ACTIONS])
         self.action_header = self.encode(self.fmt.header("action"))
         self.warm_up()
+        self._failed_ids = self._failure_table()
 
     def __getstate__(self):
         # Workers get the id tables only; every piece was tokenized by warm_up().
@@ -166,7 +195,40 @@ class Serializer:
         self.ending(truncated=True)
         self.ending(truncated=False)
         self.encode(self.fmt.episode_start)
+        if self.fmt.failure_start:
+            self.encode(self.fmt.failure_start)
+        if self.fmt.failure_observation:
+            for i in range(self.max_tiles):
+                self.encode(self.fmt.failure_observation.format(i))
         return self
+
+    def _failure_table(self) -> dict[int, int]:
+        """id in a success -> id in a failure, for the outcome-tagged pieces (token by token)."""
+        f = self.fmt
+        pairs = [(f.episode_start, f.failure_start)] if f.failure_start else []
+        if f.failure_observation:
+            pairs += [(f.observation.format(i), f.failure_observation.format(i)) for i in range(self.max_tiles)]
+        table: dict[int, int] = {}
+        for plain, failed in pairs:
+            a, b = self.encode(plain), self.encode(failed)
+            if len(a) != len(b):
+                raise ValueError(f"format {f.name}: {failed!r} must be as many tokens as {plain!r} "
+                                 f"(got {list(b)} and {list(a)})")
+            table.update((x, y) for x, y in zip(a, b, strict=True) if x != y)
+        return table
+
+    @property
+    def outcome_tags(self) -> bool:
+        """Whether a failed episode is written differently from a success (``Format.failure_*``)."""
+        return bool(self._failed_ids)
+
+    def mark_failed(self, episode_ids) -> None:
+        """Rewrite, in place, the ids of an episode that did not reach a goal (outcome-tagged
+        formats; a no-op otherwise). Lengths and positions do not change."""
+        table = self._failed_ids
+        if table:
+            for j, t in enumerate(episode_ids):
+                episode_ids[j] = table.get(int(t), t)
 
     def _role(self, role: str, value: str) -> tuple[int, ...]:
         f = self.fmt
@@ -198,7 +260,8 @@ class Serializer:
         return ids
 
     def episode(self, observations, actions, rewards, terminated: bool, truncated: bool) -> EncodedEpisode:
-        """Whole-episode ids plus, for each action, the position that predicts it."""
+        """Whole-episode ids plus, for each action, the position that predicts it. In an
+        outcome-tagged format an episode without reward is rewritten by ``mark_failed``."""
         ids = self.begin(observations[0])
         q_pos = [len(ids) - 1]
         n = len(actions)
@@ -209,6 +272,8 @@ class Serializer:
                 q_pos.append(len(ids) - 1)
         if n == 0:  # an episode with no action is only its first observation
             q_pos = []
+        if not any(r > 0 for r in rewards):
+            self.mark_failed(ids)
         return EncodedEpisode(
             ids=np.asarray(ids, dtype=np.int32),
             q_pos=np.asarray(q_pos, dtype=np.int32),

@@ -62,6 +62,8 @@ def reference_play(model, s, maps, schedule, seed, max_steps, max_context=None, 
                 ret += r
                 traj[-1].append(int(o2))
                 episodes[-1] += s.after_action(a, int(o2), float(r), done, bool(trunc and not term))
+            if ret <= 0:
+                s.mark_failed(episodes[-1])  # outcome-tagged formats: the start now says "failed"
             returns[i, k] = ret
         env.close()
         trajs.append(traj)
@@ -93,6 +95,36 @@ def test_kv_cache_equals_full_recompute(fmt, attn):
     _assert_same_play(result, ref)
     # Greedy decisions happened (the comparison exercised the Q-values, not just the rng).
     assert sum(len(t) - 1 for traj in result.trajectories for t in traj[2:]) > 0
+
+
+def test_outcome_tags_retag_failed_episodes_and_match_reference():
+    """compact_outcome: every episode is played from ``<ep>``; one that fails is rewritten to start
+    with ``<ep->`` and the context re-encoded, so later decisions see the outcome at its start."""
+    model, tok, s = tiny_model("compact_outcome", seed=4, max_position_embeddings=4096)
+    assert s.outcome_tags
+    agent = InContextAgent(model, s, max_context=4096, max_episode_steps=MAX_STEPS)
+    schedule = [0.0, 0.0, 0.5, 1.0, 1.0]
+    result = agent.play(MAPS, schedule, seed=5, record_q=True)
+    failed_before_last = int((result.returns[:, :-1] <= 0).sum())
+    assert failed_before_last > 0
+    assert result.reencodes == failed_before_last
+    ref = reference_play(model, s, MAPS, schedule, seed=5, max_steps=MAX_STEPS)
+    _assert_same_play(result, ref)
+    # The tag changes the Q-values: the same play without retagging differs.
+    plain = InContextAgent(model, s, max_context=4096, max_episode_steps=MAX_STEPS)
+    plain.s = type(s)(tok, "compact", s.max_tiles)  # same ids for every shared piece, no failure tag
+    assert plain.s.action_token_ids.tolist() == s.action_token_ids.tolist()
+    untagged = plain.play(MAPS, schedule, seed=5, record_q=True)
+    assert untagged.reencodes == 0
+    assert any(not np.allclose(a, b) for qa, qb in zip(result.q_values, untagged.q_values, strict=True)
+               for a, b in zip(qa, qb, strict=False))
+
+
+def test_outcome_tags_without_context_do_not_reencode():
+    model, _, s = tiny_model("compact_outcome", seed=4)
+    agent = InContextAgent(model, s, max_context=256, max_episode_steps=MAX_STEPS)
+    result = agent.play(MAPS, [0.0, 0.0, 1.0], seed=5, keep_context=False)
+    assert result.reencodes == 0
 
 
 def test_same_seed_same_play_and_seed_matters():

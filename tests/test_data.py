@@ -178,6 +178,27 @@ def test_stream_packs_whole_episodes(tiny_data_dir, compact):
         assert 256 - n < max(len(k) for k in known)
 
 
+def test_outcome_tagged_stream_writes_failures_with_their_own_tokens(tiny_data_dir):
+    """compact_outcome: in training sequences an episode without reward starts with <ep-> and writes
+    its tiles as x-tokens; a success is written exactly as in compact."""
+    s = Serializer(build_tokenizer("compact_outcome"), "compact_outcome")
+    vocab = {i: t for t, i in s._tokenizer.get_vocab().items()}
+    won = lost = 0
+    for it in _stream(tiny_data_dir, s, num_sequences=4):
+        ids, n = it["input_ids"].tolist(), int(it["n_tokens"])
+        done = torch.nonzero(it["done"]).flatten().tolist()
+        starts = [j for j in range(n) if vocab[ids[j]] in ("<ep>", "<ep->")]
+        assert len(starts) == len(done)
+        for a, last in zip(starts, done, strict=True):
+            toks = [vocab[t] for t in ids[a:last + 3]]
+            success = float(it["reward"][last]) > 0
+            tiles = [t for t in toks if t[0] in "ox" and t[1:].isdigit()]
+            assert toks[0] == ("<ep>" if success else "<ep->")
+            assert tiles and all(t[0] == ("o" if success else "x") for t in tiles)
+            won, lost = won + success, lost + (not success)
+    assert won and lost
+
+
 def test_stream_is_deterministic_per_seed(tiny_data_dir, compact):
     a = list(_stream(tiny_data_dir, compact))
     b = list(_stream(tiny_data_dir, compact))

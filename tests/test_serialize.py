@@ -123,7 +123,34 @@ def test_compact_truncated(compact):
     assert enc.q_pos.tolist() == [1, 3]
 
 
-@pytest.mark.parametrize("fmt", ["llama3", "compact", "chatml"])
+def test_compact_outcome_tags_failed_episodes():
+    s = Serializer(build_tokenizer("compact_outcome"), "compact_outcome")
+    won = s.episode(OBS, ACTS, REWS, terminated=True, truncated=False)
+    assert _tokens(s, won.ids) == COMPACT_TOKENS  # a success is written as in compact
+    hole = s.episode([3, 3, 7, 11], [3, 1, 1], [0.0, 0.0, 0.0], terminated=True, truncated=False)
+    assert _tokens(s, hole.ids) == ["<ep->", "x3", "up", "x3", "down", "x7", "down", "x11", "</ep>"]
+    assert hole.q_pos.tolist() == [1, 3, 5]
+    late = s.episode([0, 1, 1], [2, 3], [0.0, 0.0], terminated=False, truncated=True)
+    assert _tokens(s, late.ids) == ["<ep->", "x0", "right", "x1", "up", "x1", "<trunc>", "</ep>"]
+    # The agent writes an episode as a success while playing it and rewrites it in place once it failed.
+    played = list(s.begin(3))
+    for t, (a, o) in enumerate([(3, 3), (1, 7), (1, 11)]):
+        played += s.after_action(a, o, 0.0, t == 2, False)
+    assert _tokens(s, played)[:2] == ["<ep>", "o3"]
+    s.mark_failed(played)
+    assert played == hole.ids.tolist()
+    assert pickle.loads(pickle.dumps(s)).episode([3, 3, 7, 11], [3, 1, 1], [0.0] * 3, True, False).ids.tolist() \
+        == hole.ids.tolist()
+    # Formats without outcome tags are untouched.
+    plain = Serializer(build_tokenizer("compact"), "compact")
+    ids = plain.episode([3, 3, 7, 11], [3, 1, 1], [0.0] * 3, True, False).ids.tolist()
+    before = list(ids)
+    plain.mark_failed(ids)
+    assert ids == before and _tokens(plain, ids)[:2] == ["<ep>", "o3"]
+    assert not plain.outcome_tags and s.outcome_tags
+
+
+@pytest.mark.parametrize("fmt", ["llama3", "compact", "chatml", "compact_outcome"])
 @pytest.mark.parametrize(
     ("obs", "acts", "rews", "term", "trunc"),
     [
@@ -143,6 +170,8 @@ def test_pieces_concatenate_to_episode(fmt, obs, acts, rews, term, trunc):
         ids += s.after_action(acts[t], obs[t + 1], rews[t], done, trunc and done)
         if not done:
             q_pos.append(len(ids) - 1)
+    if not any(r > 0 for r in rews):
+        s.mark_failed(ids)  # outcome-tagged formats write a failed episode differently
     assert enc.ids.tolist() == ids
     assert enc.q_pos.tolist() == q_pos
     assert len(enc.q_pos) == len(acts)

@@ -79,6 +79,8 @@ def reference_play(network, serializer, maps, schedule, seed: int, max_steps: in
                 total += r
                 map_actions[-1].append(a)
                 episodes[-1] += serializer.after_action(a, int(nxt), float(r), done, bool(trunc and not term))
+            if total <= 0:
+                serializer.mark_failed(episodes[-1])  # outcome-tagged formats (a no-op otherwise)
             returns[i, k] = total
         env.close()
         actions.append(map_actions)
