@@ -94,7 +94,7 @@ IMPOSSIBLE = [
     (["--model.failure_reward", "0.5"], "model.failure_reward=0.5 is out of range: allowed (-inf, 0]"),
     (["--data.seq_len", "100"],
      "data.seq_len=100 is out of range: allowed [205, inf) (an episode of data.max_episode_steps=100 steps is "
-     "205 tokens in the compact format)"),
+     "205 tokens in the compact_outcome format)"),
     (["--data.set_size_min", "30", "--data.set_size_max", "20"],
      "data.set_size_max=20 is out of range: allowed [30, inf) (at least data.set_size_min)"),
     (["--data.set_size_min", "0"], "data.set_size_min=0 is out of range: allowed [1, inf)"),
