@@ -15,7 +15,7 @@ cached as ids.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -93,19 +93,7 @@ COMPACT = Format(
 # its tiles as ``x{tile}``. A causal model cannot see at a past step whether that episode succeeded
 # (the reward comes later); here every token says so, and a tile of a failed episode is not the
 # same token as that tile in a success, so copying "what was done here before" copies successes.
-COMPACT_OUTCOME = Format(
-    name="compact_outcome",
-    episode_start="<ep>",
-    episode_end="</ep>",
-    pad="<pad>",
-    role_prefix="",
-    role_suffix="",
-    observation="o{}",
-    reward="r{}",
-    truncation="<trunc>",
-    failure_start="<ep->",
-    failure_observation="x{}",
-)
+COMPACT_OUTCOME = replace(COMPACT, name="compact_outcome", failure_start="<ep->", failure_observation="x{}")
 FORMATS = {f.name: f for f in (LLAMA3, CHATML, COMPACT, COMPACT_OUTCOME)}
 
 REWARD_VALUES = (1.0,)  # the rewards Frozen Lake can give that are not zero
@@ -195,12 +183,7 @@ class Serializer:
         self.ending(truncated=True)
         self.ending(truncated=False)
         self.encode(self.fmt.episode_start)
-        if self.fmt.failure_start:
-            self.encode(self.fmt.failure_start)
-        if self.fmt.failure_observation:
-            for i in range(self.max_tiles):
-                self.encode(self.fmt.failure_observation.format(i))
-        return self
+        return self  # the outcome-tagged pieces are tokenized by _failure_table
 
     def _failure_table(self) -> dict[int, int]:
         """id in a success -> id in a failure, for the outcome-tagged pieces (token by token)."""
