@@ -67,6 +67,7 @@ def q_learning_run(
     max_episode_steps: int = 100,
     q_init: float = 0.0,
     schedule: list[float] | None = None,
+    sample_schedule: bool = False,
 ) -> list[Episode]:
     """Epsilon-greedy Q-learning on one map; every episode it plays is kept.
 
@@ -74,12 +75,15 @@ def q_learning_run(
     ``epsilon``. With ``schedule`` (greedy probability per episode, as the evaluation protocol):
     consecutive *trials* of ``len(schedule)`` episodes, each with a fresh learner, episode ``k`` of
     a trial greedy with probability ``schedule[k]`` (``epsilon`` is then unused); the last trial
-    is cut short when ``episodes`` is not a multiple of the trial length.
+    is cut short when ``episodes`` is not a multiple of the trial length. With ``schedule`` and
+    ``sample_schedule``: one run (one learner), each episode greedy with a probability drawn
+    uniformly from ``schedule``'s entries, so a learner that has found the goal keeps playing
+    both greedy episodes and the random walks of the schedule's first entries.
     """
     rng = np.random.default_rng(seed)
     env = make_env(rows, max_episode_steps)
     n_states = len(rows) * len(rows[0])
-    trial = len(schedule) if schedule else episodes
+    trial = len(schedule) if schedule and not sample_schedule else episodes
 
     def choose(obs: int) -> int:
         return int(rng.integers(4)) if rng.random() < p_random else learner.greedy(obs)
@@ -88,7 +92,10 @@ def q_learning_run(
     for k in range(episodes):
         if k % trial == 0:
             learner = TabularQLearner(n_states, lr=lr, gamma=gamma, rng=rng, q_init=q_init)
-        p_random = 1.0 - schedule[k % trial] if schedule else epsilon
+        if schedule:
+            p_random = 1.0 - (schedule[int(rng.integers(len(schedule)))] if sample_schedule else schedule[k % trial])
+        else:
+            p_random = epsilon
         rec = play_episode(env, choose, rng, learner)
         out.append(Episode(map_id=map_id, map_rows=tuple(rows), learner_episode=k, **rec))
     env.close()

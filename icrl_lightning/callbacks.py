@@ -181,7 +181,8 @@ class OnlineTrials(L.Callback):
         for k, i in enumerate(ids):
             episodes = trial_episodes(rows[i], trial.trajectories[k], trial.actions[k], protocol.max_episode_steps)
             best = optimal_actions(rows[i])  # for model.cql_target=oracle, as on the offline data
-            stream.online.append([with_optimal(serializer.episode(**e), e["observations"], best) for e in episodes])
+            stream.online.append([with_optimal(serializer.episode(**e), e["observations"], best, i)
+                                  for e in episodes])
         del stream.online[: -self.buffer]
         stream.online_fraction = self.fraction
         last = trial.returns[:, -protocol.last_k:].mean()

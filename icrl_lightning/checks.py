@@ -69,7 +69,7 @@ def check_data_args(h, reserved_eval_maps: int, trial_length: int) -> None:
     check_range("data.behaviour_gamma", h.behaviour_gamma, 0, 1)
     check_range("data.behaviour_q_init", h.behaviour_q_init, 0, None,
                 why="0 = untried moves look like holes, 1 = optimistic (rewards are 0 or 1)")
-    check_choice("data.behaviour_schedule", h.behaviour_schedule, ("constant", "protocol"))
+    check_choice("data.behaviour_schedule", h.behaviour_schedule, ("constant", "protocol", "mixed"))
     if h.behaviour_schedule == "protocol" and h.episodes_per_map % trial_length:
         raise InputError(f"data.episodes_per_map={h.episodes_per_map} with data.behaviour_schedule=protocol: "
                          f"use a multiple of {trial_length} (whole trials of the evaluation schedule)")

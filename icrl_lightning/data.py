@@ -169,8 +169,9 @@ class ReplayStream(IterableDataset):
         done = np.zeros(L_, dtype=bool)
         truncated = np.zeros(L_, dtype=bool)
         optimal = np.zeros((L_, 4), dtype=bool)
+        conflict = np.zeros(L_, dtype=bool)
         at = 0
-        for e in chunk:
+        for e, flags in zip(chunk, conflicts(chunk), strict=True):
             ids[at:at + len(e)] = e.ids
             if len(e.q_pos):
                 pos = e.q_pos + at
@@ -179,19 +180,51 @@ class ReplayStream(IterableDataset):
                 truncated[pos[-1]] = e.truncated
                 if e.optimal is not None:
                     optimal[pos] = e.optimal
+                conflict[pos] = flags
             at += len(e)
         return {"input_ids": torch.from_numpy(ids), "q_mask": torch.from_numpy(q_mask),
                 "action": torch.from_numpy(action), "reward": torch.from_numpy(reward),
                 "done": torch.from_numpy(done), "truncated": torch.from_numpy(truncated),
-                "optimal": torch.from_numpy(optimal),
+                "optimal": torch.from_numpy(optimal), "conflict": torch.from_numpy(conflict),
                 "n_tokens": torch.tensor(at)}
 
 
-def with_optimal(enc: EncodedEpisode, observations, table: np.ndarray) -> EncodedEpisode:
+def with_optimal(enc: EncodedEpisode, observations, table: np.ndarray, map_id: int = -1) -> EncodedEpisode:
     """``enc`` with ``optimal`` set: the shortest-path actions (``table``, from ``optimal_actions``
-    of its map) at the tile of each of its steps."""
-    enc.optimal = table[np.asarray(observations[: len(enc.actions)], dtype=np.int64)]
+    of its map) at the tile of each of its steps; also the tiles themselves and the map's id (for
+    ``conflicts``)."""
+    enc.tiles = np.asarray(observations[: len(enc.actions)], dtype=np.int64)
+    enc.optimal = table[enc.tiles]
+    enc.map_id = map_id
     return enc
+
+
+def conflicts(chunk: list[EncodedEpisode]) -> list[np.ndarray]:
+    """Per episode of a packed sequence, per action: whether, among the earlier episodes of the
+    sequence on the same map, the most recent visit of that tile failed and took another action
+    than the most recent visit in a successful episode. There "copy the nearest visit" and
+    "follow the success" disagree, the case that decides whether the agent recovers after a
+    failed episode (positions the model may upweight: ``model.conflict_weight``). All False for
+    an episode without tiles or map id."""
+    last: dict[tuple[int, int], int] = {}  # (map, tile) -> action of the most recent visit
+    last_ok: dict[tuple[int, int], int] = {}  # the same, successful episodes only
+    out = []
+    for e in chunk:
+        flags = np.zeros(len(e.actions), dtype=bool)
+        if e.tiles is None or e.map_id < 0:
+            out.append(flags)
+            continue
+        keys = [(e.map_id, int(t)) for t in e.tiles]
+        for i, k in enumerate(keys):
+            if k in last and k in last_ok and last[k] != last_ok[k]:
+                flags[i] = True
+        success = bool(len(e.rewards)) and bool(e.rewards.sum() > 0)
+        visit = {k: int(a) for k, a in zip(keys, e.actions, strict=True)}  # the last action on each tile
+        last.update(visit)
+        if success:
+            last_ok.update(visit)
+        out.append(flags)
+    return out
 
 
 class MapList(Dataset):
@@ -244,7 +277,10 @@ class ReplayDataModule(L.LightningDataModule):
             probability ``behaviour_epsilon``. ``protocol``: trials of the evaluation schedule
             (30 episodes: greedy with probability 0.0 .. 0.9 two episodes each, then 1.0 for ten),
             a fresh learner per trial, so the data holds the kind of exploration the evaluation
-            plays; ``episodes_per_map`` is then a multiple of 30.
+            plays; ``episodes_per_map`` is then a multiple of 30. ``mixed``: one run per map, each
+            episode greedy with a probability drawn from that schedule, so the random walks of
+            early exploration also follow episodes that found the goal, as in an evaluation
+            context (``behaviour_epsilon`` unused).
         max_episode_steps: time limit of every episode (SPEC: 100).
         min_size: smallest map side of the in-distribution family.
         max_size: largest map side of the in-distribution family.
@@ -319,7 +355,7 @@ class ReplayDataModule(L.LightningDataModule):
         return settings
 
     def _behaviour_schedule(self) -> list[float] | None:
-        return paper_schedule() if self.hparams.behaviour_schedule == "protocol" else None
+        return paper_schedule() if self.hparams.behaviour_schedule in ("protocol", "mixed") else None
 
     def _split_kwargs(self) -> dict:
         h = self.hparams
@@ -366,7 +402,8 @@ class ReplayDataModule(L.LightningDataModule):
         h = self.hparams
         return q_learning_run(rows, map_id, h.episodes_per_map, seed=seed, epsilon=h.behaviour_epsilon,
                               lr=h.behaviour_lr, gamma=h.behaviour_gamma, max_episode_steps=h.max_episode_steps,
-                              q_init=h.behaviour_q_init, schedule=self._behaviour_schedule())
+                              q_init=h.behaviour_q_init, schedule=self._behaviour_schedule(),
+                              sample_schedule=h.behaviour_schedule == "mixed")
 
     def load_episodes(self) -> list[Episode]:
         out = self.dataset_dir
@@ -440,11 +477,13 @@ class ReplayDataModule(L.LightningDataModule):
         for m, eps in by_map.items():
             table = optimal_actions(eps[0].map_rows)  # one BFS per map
             encoded[m] = [with_optimal(self.serializer.episode(e.observations, e.actions, e.rewards, e.terminated,
-                                                               e.truncated), e.observations, table) for e in eps]
+                                                               e.truncated), e.observations, table, m)
+                          for e in eps]
         weights = {m: quality_weights(eps, h.quality) for m, eps in by_map.items()}
+        trial_length = len(paper_schedule()) if h.behaviour_schedule == "protocol" else 0
         return ReplayStream(encoded, weights, h.seq_len, self.serializer.pad_id, num_sequences,
                             (h.set_size_min, h.set_size_max), h.seed, rank, world_size, h.batch_size, h.set_order,
-                            skip_batches, trial_length=len(self._behaviour_schedule() or ()))
+                            skip_batches, trial_length=trial_length)
 
     def train_dataloader(self) -> DataLoader:
         t = self.trainer

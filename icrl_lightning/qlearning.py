@@ -41,10 +41,14 @@ def bellman_loss(
     targets: torch.Tensor,
     kind: str = "mse",
     sequence: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``mse``: the paper's mean squared TD error. ``normalized``: the authors' code, each squared
-    error divided by the detached mean target of its sequence."""
+    error divided by the detached mean target of its sequence. ``weight``: per action, multiplies
+    its squared error (1 everywhere = unweighted)."""
     err = (q_taken - targets.detach()) ** 2
+    if weight is not None:
+        err = err * weight
     if kind == "mse":
         return err.mean()
     if kind == "normalized":
@@ -72,17 +76,20 @@ def conservative_gap(q: torch.Tensor, action: torch.Tensor, preferred: torch.Ten
 
 
 def conservative_penalty(q: torch.Tensor, action: torch.Tensor, where: torch.Tensor | None = None,
-                         preferred: torch.Tensor | None = None) -> torch.Tensor:
+                         preferred: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
     """CQL(H) regulariser: mean over actions taken of ``logsumexp_a Q(., a) - Q(., a_taken)``.
 
     Offline data shows one action per context, so the Q-values of the other three are never
     trained and can be over-estimated; this term pushes them below the action the data took.
     ``where`` (bool per action): only those positions are penalised (the others count as zero in
     the mean, so the weight means the same whatever share is selected). ``preferred``: push up
-    that set of actions instead of the one taken (see ``conservative_gap``)."""
+    that set of actions instead of the one taken (see ``conservative_gap``). ``weight``: per
+    action, multiplies its term."""
     gap = conservative_gap(q, action, preferred)
     if where is not None:
         gap = gap * where.to(gap.dtype)
+    if weight is not None:
+        gap = gap * weight
     return gap.mean()
 
 

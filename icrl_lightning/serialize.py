@@ -274,6 +274,8 @@ class EncodedEpisode:
     rewards: np.ndarray  # float32 [n_actions]
     truncated: bool = False  # the episode ended on the time limit (not on a goal or a hole)
     optimal: np.ndarray | None = None  # bool [n_actions, 4]: shortest-path actions at each step (training maps)
+    tiles: np.ndarray | None = None  # int64 [n_actions]: the tile each action was taken on (training data)
+    map_id: int = -1  # the map it was played on (training data; -1: unknown)
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -44,3 +44,17 @@ def test_constant_schedule_data_is_unchanged_by_the_new_options(q_init):
     a = q_learning_run(MAP, 0, 30, seed=3, q_init=q_init)
     b = q_learning_run(MAP, 0, 30, seed=3, q_init=q_init, schedule=None)
     assert [e.actions for e in a] == [e.actions for e in b]
+
+
+def test_mixed_schedule_is_one_learner_with_greedy_probabilities_drawn_from_the_schedule():
+    mixed = q_learning_run(MAP, 0, 120, seed=0, lr=1.0, q_init=1.0, schedule=[0.0, 1.0], sample_schedule=True)
+    assert [e.learner_episode for e in mixed] == list(range(120))
+    # One learner: once it has found the goal its greedy episodes succeed, while the episodes
+    # drawn with greedy probability 0 are random walks that mostly fail.
+    late = mixed[60:]
+    assert 0.2 < sum(e.success for e in late) / len(late) < 0.9
+    # The same schedule as trials (fresh learners) differs, and the seed decides the run.
+    trials = q_learning_run(MAP, 0, 120, seed=0, lr=1.0, q_init=1.0, schedule=[0.0, 1.0])
+    assert [e.actions for e in trials] != [e.actions for e in mixed]
+    again = q_learning_run(MAP, 0, 120, seed=0, lr=1.0, q_init=1.0, schedule=[0.0, 1.0], sample_schedule=True)
+    assert [e.actions for e in again] == [e.actions for e in mixed]

@@ -11,7 +11,7 @@ from helpers import tiny_datamodule
 from torch.utils.data import DataLoader
 
 from icrl_lightning.backbones import build_tokenizer
-from icrl_lightning.data import ReplayStream, load_map_file, with_optimal
+from icrl_lightning.data import ReplayStream, conflicts, load_map_file, with_optimal
 from icrl_lightning.envs import make_env, make_splits
 from icrl_lightning.envs.frozen_lake import optimal_actions
 from icrl_lightning.episodes import Episode, quality_weights, read_shard
@@ -92,6 +92,9 @@ def test_settings_pick_the_dataset_folder(tmp_path):
     assert tiny_datamodule(tmp_path, behaviour_q_init=1.0).dataset_dir != base.dataset_dir
     assert tiny_datamodule(tmp_path, behaviour_schedule="protocol", episodes_per_map=30).dataset_dir != \
         tiny_datamodule(tmp_path, episodes_per_map=30).dataset_dir
+    mixed = tiny_datamodule(tmp_path, behaviour_schedule="mixed", episodes_per_map=30).dataset_dir
+    assert mixed != tiny_datamodule(tmp_path, behaviour_schedule="protocol", episodes_per_map=30).dataset_dir
+    assert mixed != tiny_datamodule(tmp_path, episodes_per_map=30).dataset_dir
     # Options added later enter the key only when set: older datasets keep their folder.
     assert "behaviour_q_init" not in base._generation_settings()
 
@@ -519,3 +522,40 @@ def test_training_batches_carry_the_shortest_path_actions(tiny_data_dir, compact
     assert item["optimal"].shape == (dm.hparams.seq_len, 4)
     assert not (item["optimal"].any(-1) & ~item["q_mask"]).any()
     assert item["optimal"].any(-1).sum() > 0
+
+
+def _encoded(compact, map_id, tiles, actions, success):
+    """An encoded episode on ``map_id`` that visits ``tiles`` (one per action) and ends on a goal
+    (``success``) or in a hole."""
+    obs = [*tiles, 63]
+    rewards = [0.0] * (len(actions) - 1) + [1.0 if success else 0.0]
+    enc = compact.episode(obs, actions, rewards, True, False)
+    return with_optimal(enc, obs, np.zeros((64, 4), dtype=bool), map_id)
+
+
+def test_conflicts_mark_where_the_nearest_visit_failed_and_disagrees_with_the_nearest_success(compact):
+    s1 = _encoded(compact, 7, [0, 1, 5], [2, 1, 2], True)
+    f1 = _encoded(compact, 7, [0, 4], [1, 1], False)          # at tile 0: 1, the success took 2
+    other = _encoded(compact, 8, [0, 1], [3, 3], False)       # another map: never counts
+    cur = _encoded(compact, 7, [0, 1, 5, 0], [2, 1, 2, 2], True)
+    flags = conflicts([s1, f1, other, cur])
+    # f1 itself: its nearest visit of tile 0 is the success. cur: tile 0 (twice; only earlier
+    # episodes count) last seen in f1, which disagrees with s1; tiles 1 and 5 last seen in s1.
+    assert [f.tolist() for f in flags] == [[False] * 3, [False, False], [False] * 2, [True, False, False, True]]
+    # Once a success takes the failure's action there, or without a success, nothing is marked.
+    s2 = _encoded(compact, 7, [0, 4, 6], [1, 2, 2], True)
+    assert not conflicts([s1, f1, s2, cur])[3].any()
+    assert not conflicts([f1, cur])[1].any()
+    # Episodes without tiles (e.g. built by hand) are never marked.
+    bare = compact.episode([0, 63], [1], [0.0], True, False)
+    assert not conflicts([s1, f1, bare])[2].any()
+
+
+def test_training_batches_mark_conflicts_on_action_positions_only(tiny_data_dir, compact):
+    dm = tiny_datamodule(tiny_data_dir)
+    dm.serializer = compact
+    items = list(dm.train_stream(num_sequences=16))
+    marked = torch.stack([i["conflict"] for i in items])
+    q_mask = torch.stack([i["q_mask"] for i in items])
+    assert marked.any() and not (marked & ~q_mask).any()
+    assert marked.sum() < 0.5 * q_mask.sum()

@@ -146,6 +146,11 @@ def test_target_forward_reads_the_target_weights(tiny_data_dir):
 def _reference_loss(module: ICRLModule, batch: dict, kind: str, failure: float = 0.0) -> torch.Tensor:
     """The double-DQN loss written out per sequence, from the full LM logits; ``failure`` is the
     reward of an episode's last action when it ends in a hole."""
+    return _reference_errors(module, batch, kind, failure).mean()
+
+
+def _reference_errors(module: ICRLModule, batch: dict, kind: str = "mse", failure: float = 0.0) -> torch.Tensor:
+    """The squared TD error of each action position (row-major, as ``batch[...][q_mask]``)."""
     h = module.hparams
     with torch.no_grad():
         logits = module.model(input_ids=batch["input_ids"]).logits[..., module.action_ids]
@@ -168,7 +173,7 @@ def _reference_loss(module: ICRLModule, batch: dict, kind: str, failure: float =
             mean_y = abs(sum(seq_targets) / len(seq_targets))
             seq_errs = [e / mean_y for e in seq_errs]
         errs += seq_errs
-    return torch.tensor(sum(errs) / len(errs))
+    return torch.tensor(errs)
 
 
 @pytest.mark.parametrize(("kind", "fmt", "seq_len"), [("mse", "compact", 256), ("normalized", "compact", 256),
@@ -236,6 +241,32 @@ def test_conservative_penalty_towards_the_oracle_actions(tiny_data_dir):
            for i in range(len(q))]
     penalty = torch.stack(gap).mean()
     torch.testing.assert_close(loss, _reference_loss(module, batch, "mse") + 2.0 * penalty, rtol=1e-4, atol=1e-4)
+
+
+def test_conflict_weight_reweighs_the_marked_positions(tiny_data_dir):
+    module = _module(cql_weight=2.0, conflict_weight=5.0)
+    module.eval()
+    batch = _batch(module, tiny_data_dir)
+    mask = batch["q_mask"]
+    marked = torch.zeros_like(mask)
+    marked[mask.nonzero()[::3].unbind(1)] = True  # every third action position
+    batch["conflict"] = marked
+    with torch.no_grad():
+        loss = module.training_step(batch, 0)
+        logits = module.model(input_ids=batch["input_ids"]).logits[..., module.action_ids]
+    w = torch.where(marked[mask], 5.0, 1.0)
+    w = w / w.mean()
+    q, action = logits[mask], batch["action"][mask]
+    gap = torch.logsumexp(q, -1) - q[torch.arange(len(action)), action]
+    # The TD part by hand: the unweighted reference's squared errors, reweighted.
+    td = _reference_errors(module, batch)
+    torch.testing.assert_close(loss, (w * td).mean() + 2.0 * (w * gap).mean(), rtol=1e-4, atol=1e-4)
+    # Weight 1 (the default) ignores the marks.
+    plain = _module(cql_weight=2.0)
+    plain.load_state_dict(module.state_dict())
+    plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain.training_step(batch, 0), td.mean() + 2.0 * gap.mean(), rtol=1e-4, atol=1e-4)
 
 
 def test_failure_reward_on_the_action_that_ends_in_a_hole(tiny_data_dir):

@@ -105,6 +105,19 @@ def test_conservative_penalty_hand_computed():
                                torch.log(torch.tensor(4.0)) / 2)
 
 
+def test_per_action_weights_hand_computed():
+    q_taken, y = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([0.0, 0.0, 0.0])
+    w = torch.tensor([0.5, 2.0, 0.5])
+    assert bellman_loss(q_taken, y, "mse", weight=w).item() == pytest.approx((0.5 * 1 + 2 * 4 + 0.5 * 16) / 3)
+    seq = torch.tensor([0, 0, 1])  # sequence mean targets 1 and 2 -> errors / 1, / 1, / 2
+    assert bellman_loss(q_taken, y + torch.tensor([1.0, 1.0, 2.0]), "normalized", seq, w).item() == \
+        pytest.approx((0.5 * 0 + 2 * 1 + 0.5 * 4 / 2) / 3)
+    q = torch.tensor([[0.0, 0.0, 0.0, 0.0], [5.0, 5.0, 5.0, 5.0]])
+    ln4 = float(torch.log(torch.tensor(4.0)))
+    assert conservative_penalty(q, torch.tensor([0, 1]), weight=torch.tensor([3.0, 1.0])).item() == \
+        pytest.approx((3 * ln4 + ln4) / 2)
+
+
 def test_successful_episode_marks_every_action_of_an_episode_that_reached_a_goal():
     # Three episodes: 3 actions ending on the goal, 2 ending in a hole, 1 reaching the goal.
     reward = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 1.0])
