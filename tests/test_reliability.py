@@ -89,7 +89,7 @@ IMPOSSIBLE = [
     (["--model.cql_on", "failures"], "model.cql_on='failures': choose one of ['all', 'successful']"),
     (["--model.cql_target", "bfs"], "model.cql_target='bfs': choose one of ['data', 'oracle']"),
     (["--model.cql_weight", "0", "--model.cql_target", "oracle"],
-     "model.cql_on='all' / model.cql_target='oracle' shape the conservative penalty, which is off "
+     "model.cql_on='successful' / model.cql_target='oracle' shape the conservative penalty, which is off "
      "(model.cql_weight=0): set model.cql_weight > 0"),
     (["--model.failure_reward", "0.5"], "model.failure_reward=0.5 is out of range: allowed (-inf, 0]"),
     (["--data.seq_len", "100"],

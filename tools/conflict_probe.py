@@ -1,0 +1,150 @@
+"""Does a model follow the success in its context, or the most recent visit, where they disagree?
+
+A *conflict* is an action position whose tile was last visited (in an earlier episode of the same
+map) by an episode that failed, with another action than the last successful visit took
+(``icrl_lightning.data.conflicts``). "Copy the nearest visit" and "follow the success" then
+disagree: this is where an agent recovers after a failed episode, or locks into it.
+
+Two views, one line per case, each with the share of actions that follow the success / the
+recent visit:
+
+* ``--report runs/.../report.json``: the in-context agent's own trials. Greedy-phase episodes
+  whose first tile is a conflict, split into the first such episode of a map and later ones, and
+  by whether the recent visit was in a greedy-phase episode (the agent's own replay) or in an
+  exploration episode.
+* ``--ckpt CKPT``: learner contexts (tabular Q-learning episodes, shuffled sets packed as in
+  training, ``--maps train`` with another stream seed or ``--maps heldout`` with fresh runs on the
+  held-out maps). Every conflict position of a *successful* episode (written as a success, as the
+  agent writes its own), the model's greedy action against what the data did.
+
+    python tools/conflict_probe.py --report runs/quickstart/version_0/report.json \\
+        --ckpt runs/quickstart/version_0/checkpoints/last.ckpt --maps heldout
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+
+import numpy as np
+import torch
+
+
+def report_view(path: str) -> Counter:
+    c: Counter = Counter()
+    r = json.loads(open(path).read())
+    greedy_from = len(r["schedule"]) - r["last_k"]
+    for rows, episodes, actions in zip(r["maps"], r["trajectories"], r["actions"], strict=True):
+        w = len(rows[0])
+        ok = [rows[e[-1] // w][e[-1] % w] == "G" for e in episodes]
+        last, last_ok, source, seen = {}, {}, {}, False
+        for k, (obs, acts) in enumerate(zip(episodes, actions, strict=True)):
+            if k >= greedy_from and acts:
+                s, a = obs[0], acts[0]
+                if s in last and s in last_ok and last[s] != last_ok[s]:
+                    key = ("first" if not seen else "later") + " conflict of a map, recent visit in " + (
+                        "a greedy episode" if source[s] >= greedy_from else "an exploration episode")
+                    seen = True
+                    c[key, "n"] += 1
+                    c[key, "success"] += a == last_ok[s]
+                    c[key, "recent"] += a == last[s]
+            visit = dict(zip(obs[:-1], acts, strict=True))
+            last.update(visit)
+            source.update(dict.fromkeys(visit, k))
+            if ok[k]:
+                last_ok.update(visit)
+    return c
+
+
+def model_view(ckpt: str, maps: str, sequences: int, seed: int) -> Counter:
+    from icrl_lightning.data import ReplayDataModule, with_optimal
+    from icrl_lightning.envs.frozen_lake import make_splits, optimal_actions
+    from icrl_lightning.episodes import quality_weights
+    from icrl_lightning.module import ICRLModule
+
+    module = ICRLModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    module.eval()
+    data = ReplayDataModule(**{k: v for k, v in _data_hparams(ckpt).items() if k != "num_workers"})
+    data.serializer = module.serializer
+    data.prepare_data()
+    stream = data.train_stream(sequences)
+    if maps == "heldout":
+        h = data.hparams
+        stream.episodes, stream.weights = {}, {}
+        for i, rows in enumerate(make_splits(h.seed, 0, **data._split_kwargs()).heldout[:100]):
+            m = 1_000_000 + i  # ids apart from the training maps'
+            eps = data.behaviour_run(rows, m, seed=[h.seed, 4, i])
+            table = optimal_actions(rows)
+            stream.episodes[m] = [with_optimal(module.serializer.episode(e.observations, e.actions, e.rewards,
+                                                                         e.terminated, e.truncated),
+                                               e.observations, table, m) for e in eps]
+            stream.weights[m] = quality_weights(eps, h.quality)
+    chunks = stream._chunks(np.random.default_rng([seed, 1]), sorted(stream.episodes))
+    c: Counter = Counter()
+    with torch.no_grad():
+        for _ in range(sequences):
+            chunk = next(chunks)
+            packed = stream._pack(chunk)
+            q = module.q_values(packed["input_ids"][None], packed["q_mask"][None])
+            greedy = q.argmax(-1).tolist()
+            row = 0
+            last: dict = {}
+            last_ok: dict = {}
+            for e in chunk:
+                keys = [(e.map_id, int(t)) for t in e.tiles]
+                success = bool(e.rewards.sum() > 0)
+                for i, k in enumerate(keys):
+                    if success and k in last and k in last_ok and last[k] != last_ok[k]:
+                        g, a = greedy[row + i], int(e.actions[i])
+                        for who, act in (("model", g), ("data", a)):
+                            c[who, "n"] += 1
+                            c[who, "success"] += act == last_ok[k]
+                            c[who, "recent"] += act == last[k]
+                row += len(keys)
+                visit = {k: int(a) for k, a in zip(keys, e.actions, strict=True)}
+                last.update(visit)
+                if success:
+                    last_ok.update(visit)
+    return c
+
+
+def _data_hparams(ckpt: str) -> dict:
+    """The data settings of the run, from its config.yaml beside the checkpoints folder."""
+    import pathlib
+
+    import yaml
+
+    config = pathlib.Path(ckpt).resolve().parent.parent / "config.yaml"
+    if not config.exists():
+        raise SystemExit(f"error: {config} not found: the checkpoint must sit in a run's checkpoints/ folder")
+    return yaml.safe_load(config.read_text())["data"]
+
+
+def show(title: str, c: Counter) -> None:
+    print(title)
+    for key in sorted({k for k, _ in c}):
+        n = c[key, "n"]
+        print(f"  {key:64s} n {n:6d}   success {c[key, 'success'] / n:.2f}   recent {c[key, 'recent'] / n:.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--report", help="a report.json: the agent's own trials")
+    ap.add_argument("--ckpt", help="a checkpoint: the model on learner contexts")
+    ap.add_argument("--maps", choices=("train", "heldout"), default="heldout",
+                    help="learner contexts of the training maps or of fresh runs on the held-out maps")
+    ap.add_argument("--sequences", type=int, default=360, help="packed sequences to read (--ckpt)")
+    ap.add_argument("--seed", type=int, default=12345, help="seed of the set stream (--ckpt)")
+    args = ap.parse_args()
+    if not args.report and not args.ckpt:
+        ap.error("give --report, --ckpt or both")
+    if args.report:
+        show(f"agent's greedy episodes, first action ({args.report})", report_view(args.report))
+    if args.ckpt:
+        show(f"learner contexts ({args.maps} maps), successful episodes, every conflict position",
+             model_view(args.ckpt, args.maps, args.sequences, args.seed))
+
+
+if __name__ == "__main__":
+    main()
