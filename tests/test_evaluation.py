@@ -145,3 +145,28 @@ def test_print_table_rows_per_agent_and_phase():
     print_table(report, console)
     text = console.export_text()
     assert "icrl (map A)" in text and "icrl (map B)" in text and "nonstationary" in text
+
+
+def test_conflict_probe_reads_the_agents_own_trials(tmp_path):
+    """``tools/conflict_probe.py --report``: greedy episodes whose first tile is a conflict, split by
+    first / later conflict of a map and by where the recent visit was, on a hand-made report."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "conflict_probe", Path(__file__).resolve().parents[1] / "tools" / "conflict_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    rows = ["SFF", "FHF", "FFG"]  # goal at tile 8, hole at tile 4
+    report = {"schedule": [0.0, 0.0, 1.0, 1.0], "last_k": 2, "maps": [rows],
+              "trajectories": [[[0, 1, 2, 5, 8], [0, 3, 4], [0, 3, 4], [0, 1, 2, 5, 8]]],
+              "actions": [[[2, 2, 1, 1], [1, 2], [1, 2], [2, 2, 1, 1]]]}
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    c = probe.report_view(str(path))
+    first = "first conflict of a map, recent visit in an exploration episode"
+    later = "later conflict of a map, recent visit in a greedy episode"
+    # Episode 2 (greedy) copies the failed exploration episode 1; episode 3 follows the success.
+    assert (c[first, "n"], c[first, "success"], c[first, "recent"]) == (1, 0, 1)
+    assert (c[later, "n"], c[later, "success"], c[later, "recent"]) == (1, 1, 0)
+    assert sum(v for (k, f), v in c.items() if f == "n") == 2
