@@ -199,32 +199,35 @@ def with_optimal(enc: EncodedEpisode, observations, table: np.ndarray, map_id: i
     return enc
 
 
-def conflicts(chunk: list[EncodedEpisode]) -> list[np.ndarray]:
-    """Per episode of a packed sequence, per action: whether, among the earlier episodes of the
-    sequence on the same map, the most recent visit of that tile failed and took another action
-    than the most recent visit in a successful episode. There "copy the nearest visit" and
-    "follow the success" disagree, the case that decides whether the agent recovers after a
-    failed episode (positions the model may upweight: ``model.conflict_weight``). All False for
-    an episode without tiles or map id."""
+def nearest_visits(chunk: list[EncodedEpisode]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per episode of a packed sequence, per action: the action taken at the most recent visit of
+    that tile among the earlier episodes of the sequence on the same map, and the same among the
+    successful ones only (-1 where there is none). -1 throughout for an episode without tiles or
+    map id."""
     last: dict[tuple[int, int], int] = {}  # (map, tile) -> action of the most recent visit
     last_ok: dict[tuple[int, int], int] = {}  # the same, successful episodes only
     out = []
     for e in chunk:
-        flags = np.zeros(len(e.actions), dtype=bool)
         if e.tiles is None or e.map_id < 0:
-            out.append(flags)
+            out.append((np.full(len(e.actions), -1), np.full(len(e.actions), -1)))
             continue
         keys = [(e.map_id, int(t)) for t in e.tiles]
-        for i, k in enumerate(keys):
-            if k in last and k in last_ok and last[k] != last_ok[k]:
-                flags[i] = True
-        success = bool(len(e.rewards)) and bool(e.rewards.sum() > 0)
+        out.append((np.array([last.get(k, -1) for k in keys], dtype=np.int64),
+                    np.array([last_ok.get(k, -1) for k in keys], dtype=np.int64)))
         visit = {k: int(a) for k, a in zip(keys, e.actions, strict=True)}  # the last action on each tile
         last.update(visit)
-        if success:
+        if e.rewards.sum() > 0:
             last_ok.update(visit)
-        out.append(flags)
     return out
+
+
+def conflicts(chunk: list[EncodedEpisode]) -> list[np.ndarray]:
+    """Per episode of a packed sequence, per action: whether the most recent visit of that tile
+    (``nearest_visits``) failed and took another action than the most recent successful visit.
+    There "copy the nearest visit" and "follow the success" disagree, the case that decides
+    whether the agent recovers after a failed episode (positions the model may upweight:
+    ``model.conflict_weight``)."""
+    return [(recent >= 0) & (success >= 0) & (recent != success) for recent, success in nearest_visits(chunk)]
 
 
 class MapList(Dataset):

@@ -58,7 +58,7 @@ def report_view(path: str) -> Counter:
 
 
 def model_view(ckpt: str, maps: str, sequences: int, seed: int) -> Counter:
-    from icrl_lightning.data import ReplayDataModule, with_optimal
+    from icrl_lightning.data import ReplayDataModule, conflicts, nearest_visits, with_optimal
     from icrl_lightning.envs.frozen_lake import make_splits, optimal_actions
     from icrl_lightning.episodes import quality_weights
     from icrl_lightning.module import ICRLModule
@@ -87,25 +87,15 @@ def model_view(ckpt: str, maps: str, sequences: int, seed: int) -> Counter:
             chunk = next(chunks)
             packed = stream._pack(chunk)
             q = module.q_values(packed["input_ids"][None], packed["q_mask"][None])
-            greedy = q.argmax(-1).tolist()
+            greedy = q.argmax(-1).numpy()
             row = 0
-            last: dict = {}
-            last_ok: dict = {}
-            for e in chunk:
-                keys = [(e.map_id, int(t)) for t in e.tiles]
-                success = bool(e.rewards.sum() > 0)
-                for i, k in enumerate(keys):
-                    if success and k in last and k in last_ok and last[k] != last_ok[k]:
-                        g, a = greedy[row + i], int(e.actions[i])
-                        for who, act in (("model", g), ("data", a)):
-                            c[who, "n"] += 1
-                            c[who, "success"] += act == last_ok[k]
-                            c[who, "recent"] += act == last[k]
-                row += len(keys)
-                visit = {k: int(a) for k, a in zip(keys, e.actions, strict=True)}
-                last.update(visit)
-                if success:
-                    last_ok.update(visit)
+            for e, flags, (recent, success) in zip(chunk, conflicts(chunk), nearest_visits(chunk), strict=True):
+                if e.rewards.sum() > 0:
+                    for who, acts in (("model", greedy[row:row + len(flags)]), ("data", e.actions)):
+                        c[who, "n"] += int(flags.sum())
+                        c[who, "success"] += int((acts == success)[flags].sum())
+                        c[who, "recent"] += int((acts == recent)[flags].sum())
+                row += len(flags)
     return c
 
 
