@@ -18,7 +18,7 @@ from icrl_lightning.evaluation.report import print_table, write_report
 from icrl_lightning.module import _eval_mode
 
 # The data module settings that decide which maps were evaluated.
-EVAL_DATA_KEYS = ("seed", "eval_split", "eval_maps", "eval_map_file", "min_size", "max_size", "p_hole", "min_hops",
+EVAL_DATA_KEYS = ("split_seed", "eval_split", "eval_maps", "eval_map_file", "min_size", "max_size", "p_hole", "min_hops",
                   "max_episode_steps")
 
 

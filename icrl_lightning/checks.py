@@ -62,6 +62,7 @@ def check_data_args(h, reserved_eval_maps: int, trial_length: int) -> None:
     Only what can be checked without the model; ``seq_len`` against the longest episode is checked
     once the serializer is known (``ReplayDataModule.prepare_data``)."""
     check_range("data.seed", h.seed, 0, None, why="numpy seeds are non-negative")
+    check_range("data.split_seed", h.split_seed, 0, None, why="numpy seeds are non-negative")
     check_range("data.num_train_maps", h.num_train_maps, 1, None)
     check_range("data.episodes_per_map", h.episodes_per_map, 1, None)
     check_range("data.behaviour_epsilon", h.behaviour_epsilon, 0, 1)

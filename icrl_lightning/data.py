@@ -266,7 +266,9 @@ class ReplayDataModule(L.LightningDataModule):
 
     Args:
         data_dir: where episode datasets live (one folder per generating configuration).
-        seed: seeds maps, behaviour runs and the replay stream.
+        seed: seeds the training maps, behaviour runs and the replay stream.
+        split_seed: seeds the held-out and out-of-distribution maps (kept apart from ``seed`` so that
+            runs at different seeds are evaluated on the same maps; training maps never include them).
         num_train_maps: training maps (SPEC: 250).
         episodes_per_map: episodes of the Q-learning run on each training map; all are kept.
         behaviour_epsilon: the Q-learner's exploration rate.
@@ -315,6 +317,7 @@ class ReplayDataModule(L.LightningDataModule):
         self,
         data_dir: str = "data",
         seed: int = 0,
+        split_seed: int = 0,
         num_train_maps: int = 250,
         episodes_per_map: int = 200,
         behaviour_epsilon: float = 0.1,
@@ -355,6 +358,8 @@ class ReplayDataModule(L.LightningDataModule):
             settings["behaviour_q_init"] = h.behaviour_q_init
         if h.behaviour_schedule != "constant":
             settings["behaviour_schedule"] = h.behaviour_schedule
+        if h.split_seed != h.seed:  # the training maps exclude the evaluation maps of split_seed
+            settings["split_seed"] = h.split_seed
         return settings
 
     def _behaviour_schedule(self) -> list[float] | None:
@@ -382,7 +387,7 @@ class ReplayDataModule(L.LightningDataModule):
             return
         out.mkdir(parents=True, exist_ok=True)
         h = self.hparams
-        splits = make_splits(h.seed, h.num_train_maps, **self._split_kwargs())
+        splits = make_splits(h.seed, h.num_train_maps, h.split_seed, **self._split_kwargs())
         shards = []
         for s, first in enumerate(range(0, len(splits.train), MAPS_PER_SHARD)):
             path = out / f"shard-{s:05d}.parquet"
@@ -465,7 +470,7 @@ class ReplayDataModule(L.LightningDataModule):
         if h.eval_map_file:
             self.eval_maps = self._eval_maps_from_file
         else:
-            splits = make_splits(h.seed, 0, **self._split_kwargs())
+            splits = make_splits(h.split_seed, 0, **self._split_kwargs())
             self.eval_maps = (splits.heldout if h.eval_split == "heldout" else splits.ood)[: h.eval_maps]
 
     def train_stream(self, num_sequences: int, rank: int = 0, world_size: int = 1,

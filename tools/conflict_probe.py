@@ -72,7 +72,7 @@ def model_view(ckpt: str, maps: str, sequences: int, seed: int) -> Counter:
     if maps == "heldout":
         h = data.hparams
         stream.episodes, stream.weights = {}, {}
-        for i, rows in enumerate(make_splits(h.seed, 0, **data._split_kwargs()).heldout[:100]):
+        for i, rows in enumerate(make_splits(h.split_seed, 0, **data._split_kwargs()).heldout[:100]):
             m = 1_000_000 + i  # ids apart from the training maps'
             eps = data.behaviour_run(rows, m, seed=[h.seed, 4, i])
             table = optimal_actions(rows)

@@ -83,7 +83,7 @@ def main() -> None:
             by_map.setdefault(e.map_id, []).append(e)
     else:
         h = data.hparams
-        for i, rows in enumerate(make_splits(h.seed, 0, **data._split_kwargs()).heldout[: args.maps]):
+        for i, rows in enumerate(make_splits(h.split_seed, 0, **data._split_kwargs()).heldout[: args.maps]):
             by_map[i] = data.behaviour_run(rows, i, seed=[h.seed, 4, i])
 
     errors: dict[int, list[float]] = {i: [] for i in range(len(BUCKETS))}

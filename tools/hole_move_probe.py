@@ -105,7 +105,7 @@ def main() -> None:
     for e in data.load_episodes():
         train.setdefault(e.map_id, []).append(e)
     heldout = {i: data.behaviour_run(rows, i, seed=[h.seed, 4, i])  # as context_td_error.py --split heldout
-               for i, rows in enumerate(make_splits(h.seed, 0, **data._split_kwargs()).heldout[: args.maps])}
+               for i, rows in enumerate(make_splits(h.split_seed, 0, **data._split_kwargs()).heldout[: args.maps])}
     for name, by_map in (("learner, train", train), ("learner, heldout", heldout)):
         show(name, learner_contexts(module, by_map, args.maps, args.seq_len, np.random.default_rng(0)))
     maps = checkpoint_eval_maps(args.checkpoint, eval_maps=args.eval_maps)

@@ -159,16 +159,19 @@ OOD_MIN_SIZE, OOD_MAX_SIZE = 6, 7
 def make_splits(
     seed: int,
     n_train: int,
+    split_seed: int | None = None,
     min_size: int = 3,
     max_size: int = 5,
     ood_min_size: int = OOD_MIN_SIZE,
     ood_max_size: int = OOD_MAX_SIZE,
     **kwargs,
 ) -> MapSplits:
-    """Deterministic splits. Held-out and OOD maps are drawn from their own seed streams and the
-    training maps exclude both, so no evaluation map is ever trained on."""
-    heldout = generate_maps(RESERVED_EVAL_MAPS, [seed, 1], min_size=min_size, max_size=max_size, **kwargs)
-    ood = generate_maps(RESERVED_EVAL_MAPS, [seed, 2], min_size=ood_min_size, max_size=ood_max_size, **kwargs)
+    """Deterministic splits. Held-out and OOD maps are drawn from their own seed streams
+    (``split_seed``, default ``seed``) and the training maps (``seed``) exclude both, so no
+    evaluation map is ever trained on, and runs at different ``seed`` share their evaluation maps."""
+    split_seed = seed if split_seed is None else split_seed
+    heldout = generate_maps(RESERVED_EVAL_MAPS, [split_seed, 1], min_size=min_size, max_size=max_size, **kwargs)
+    ood = generate_maps(RESERVED_EVAL_MAPS, [split_seed, 2], min_size=ood_min_size, max_size=ood_max_size, **kwargs)
     reserved = frozenset(heldout) | frozenset(ood)
     train = generate_maps(n_train, [seed, 0], exclude=reserved, min_size=min_size, max_size=max_size, **kwargs)
     return MapSplits(train=train, heldout=heldout, ood=ood)

@@ -25,7 +25,7 @@ STYLE = {  # agent -> (label, colour, line style)
 TILE_COLOURS = {"S": "#9ecae1", "F": "#f7fbff", "H": "#252525", "G": "#74c476"}
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=110)
     FigureCanvasAgg(fig)
     return fig
@@ -50,7 +50,7 @@ def curve_figure(report: dict, title: str | None = None) -> Figure:
     """Left: mean return per episode index (bands: 95 % interval over maps for the model's two
     agents; the baselines as lines). Right: share of maps that have reached the goal at least
     once by each episode (the episodes-to-first-success distribution, cumulative)."""
-    fig = _new_figure(11.5, 4.2)
+    fig = new_figure(11.5, 4.2)
     ax, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.6, 1]})
     n = report["n_episodes"]
     x = np.arange(n)
@@ -121,7 +121,7 @@ def trajectory_figure(report: dict, map_index: int | None = None) -> Figure:
     returns = report["agents"]["icrl"]["per_map"][i]
     if report.get("scenario") == "stitching":
         rows = report["maps"][i]
-        fig = _new_figure(7.5, 4.2)
+        fig = new_figure(7.5, 4.2)
         a1, a2 = fig.subplots(1, 2)
         ncol = len(rows[0])
         for a in (a1, a2):
@@ -142,7 +142,7 @@ def trajectory_figure(report: dict, map_index: int | None = None) -> Figure:
     if report.get("phases", 1) > 1:
         picks = [(0, "map A, first"), (phase_len - 1, "map A, last"), (phase_len, "map B, first"),
                  (n - 1, "map B, last")]
-    fig = _new_figure(3.6 * len(picks), 4.0)
+    fig = new_figure(3.6 * len(picks), 4.0)
     axes = np.atleast_1d(fig.subplots(1, len(picks)))
     for ax, (e, what) in zip(axes, picks, strict=True):
         rows = report["maps"][i] if e < phase_len or not report.get("switch_to") else report["switch_to"][i]
@@ -158,7 +158,7 @@ def trajectory_figure(report: dict, map_index: int | None = None) -> Figure:
 def comparison_figure(reports: dict[str, dict], title: str = "in-context agent by run") -> Figure:
     """Several runs' in-context curves (bands: 95 % intervals) on the same maps, with the
     baselines of the first run as lines (paper Fig. 6)."""
-    fig = _new_figure(8.0, 4.4)
+    fig = new_figure(8.0, 4.4)
     ax = fig.subplots()
     first = next(iter(reports.values()))
     x = np.arange(first["n_episodes"])
