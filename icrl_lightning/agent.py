@@ -21,33 +21,55 @@ for two longest episodes is refused up front.
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 
+from icrl_lightning.checks import InputError
 from icrl_lightning.envs.frozen_lake import Map, make_env
+from icrl_lightning.episodes import Episode
 from icrl_lightning.serialize import Serializer
 
 
 @dataclass
 class TrialResult:
-    """What a lock-step trial produced.
-
-    ``returns[map, episode]``; per map and episode the tiles visited (``trajectories``, the first
-    entry is the start tile) and the actions taken; ``longest_context``: the most tokens any map
-    had in its context when it acted; ``q_values``: per map, the Q row of every decision
-    (only with ``play(..., record_q=True)``)."""
+    """What a lock-step trial produced: per map, the ``Episode`` records it played (``map_id`` = the
+    map's key, ``map_rows`` = the map it was played on), ``returns[map, episode]``,
+    ``reencodes`` (whole contexts encoded afresh: the context window), ``retags`` (failed episodes
+    re-appended with outcome tags), ``longest_context`` (the most tokens any map had in its context
+    when it acted) and
+    ``q_values`` (per map, the Q row of every decision; only with ``play(..., record_q=True)``)."""
 
     returns: np.ndarray
-    trajectories: list[list[list[int]]] = field(default_factory=list)
-    actions: list[list[list[int]]] = field(default_factory=list)
+    episodes: list[list[Episode]] = field(default_factory=list)
     forward_calls: int = 0
     reencodes: int = 0
+    retags: int = 0
     longest_context: int = 0
     q_values: list[list[np.ndarray]] | None = None
+
+    @property
+    def trajectories(self) -> list[list[list[int]]]:
+        """Per map and episode, the tiles visited (the first is the start tile)."""
+        return [[list(e.observations) for e in eps] for eps in self.episodes]
+
+    @property
+    def actions(self) -> list[list[list[int]]]:
+        return [[list(e.actions) for e in eps] for eps in self.episodes]
+
+
+def _cache_keyword(decoder) -> str:
+    """The decoder's name for the KV-cache argument: ``cache`` (transformers >= 5.2x), else the
+    older ``past_key_values`` (which newer versions still take, with a deprecation warning)."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def _output_cache(out):
+    return out["cache"] if "cache" in out else out.past_key_values
 
 
 def draw_action(rng: np.random.Generator, greedy_prob: float, greedy) -> int:
@@ -109,6 +131,11 @@ class _RaggedCache(Cache):
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         return self.width
+
+    def prefix(self, row: int, length: int) -> DynamicCache:
+        """The first ``length`` columns of ``row`` as a one-row cache that a decoder call extends."""
+        return DynamicCache(ddp_cache_data=[(k[row:row + 1, :, :length], v[row:row + 1, :, :length])
+                                            for k, v in zip(self.k, self.v, strict=True)])
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` of the batch (in that order)."""
@@ -206,7 +233,7 @@ class InContextAgent:
         self.max_context, self.max_episode_steps = max_context, max_episode_steps
         longest = self._longest_episode_tokens()
         if max_context < 2 * longest:
-            raise ValueError(f"evaluation max_context={max_context} tokens (0 = data.seq_len) cannot hold one "
+            raise InputError(f"evaluation max_context={max_context} tokens (0 = data.seq_len) cannot hold one "
                              f"longest episode ({longest} tokens at {max_episode_steps} steps) plus the next: "
                              f"raise it to at least {2 * longest}")
 
@@ -239,24 +266,30 @@ class InContextAgent:
         ids = torch.as_tensor([c + [pad] * (width - len(c)) for c in chunks])
         positions = cache.prepare(width)
         mask = self._mask(positions, cache.width, head.dtype)
-        out = self.model.get_decoder()(
-            input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
-            past_key_values=cache, use_cache=True)
+        decoder = self.model.get_decoder()
+        out = decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
+                      use_cache=True, **{_cache_keyword(decoder): cache})
         cache.commit(counts)
         last = (counts - 1).clamp(min=0).to(dev)
         hidden = out.last_hidden_state[torch.arange(len(chunks), device=dev), last]
         return (hidden @ head.T).float().cpu()
 
-    def _reencode(self, contexts: list[list[int]], head: torch.Tensor, cache: _RaggedCache,
-                  rows: list[int]) -> torch.Tensor:
-        """Encode each of ``contexts`` afresh (positions from 0) into row ``rows[j]`` of ``cache``;
-        their Q-values. One map at a time: no padding, and the model's own causal attention."""
+    def _reencode(self, tails: list[list[int]], head: torch.Tensor, cache: _RaggedCache, rows: list[int],
+                  starts: list[int]) -> torch.Tensor:
+        """Encode ``tails[j]`` into row ``rows[j]`` of ``cache`` from column ``starts[j]`` on, reading
+        the row's first ``starts[j]`` columns as they are (0: the whole context afresh, positions from
+        0); their Q-values at each tail's last token. One map at a time: no padding, and the model's
+        own causal attention."""
         q = torch.empty((len(rows), 4))
         decoder, dev = self.model.get_decoder(), head.device
         with _last_position_only(decoder):
-            for j, (row, ids) in enumerate(zip(rows, contexts, strict=True)):
-                out = decoder(input_ids=torch.as_tensor([ids], device=dev), use_cache=True)
-                cache.write_row(row, [(layer.keys, layer.values) for layer in out.past_key_values.layers])
+            for j, (row, ids, start) in enumerate(zip(rows, tails, starts, strict=True)):
+                extra = {}
+                if start:
+                    extra = {"position_ids": torch.arange(start, start + len(ids), device=dev)[None],
+                             _cache_keyword(decoder): cache.prefix(row, start)}
+                out = decoder(input_ids=torch.as_tensor([ids], device=dev), use_cache=True, **extra)
+                cache.write_row(row, [(layer.keys, layer.values) for layer in _output_cache(out).layers])
                 q[j] = (out.last_hidden_state[0, -1] @ head.T).float().cpu()
         return q
 
@@ -295,6 +328,7 @@ class InContextAgent:
         phases = [maps] if switch_to is None else [maps, switch_to]
         total = n_eps * len(phases)
         rngs = [np.random.default_rng([seed, k]) for k in (range(n_maps) if keys is None else keys)]
+        played_on = [list(m) for m in maps]  # the map each row plays now (switches in a non-stationary trial)
         envs = [make_env(m, self.max_episode_steps) for m in maps]
         ctx = [_Context() for _ in range(n_maps)]
         for c in ctx:
@@ -302,11 +336,17 @@ class InContextAgent:
                 c.add(list(episode_ids))
                 c.close_episode()
         returns = np.zeros((n_maps, total))
-        result = TrialResult(returns=returns, trajectories=[[] for _ in range(n_maps)],
-                             actions=[[] for _ in range(n_maps)],
+        result = TrialResult(returns=returns, episodes=[[] for _ in range(n_maps)],
                              q_values=[[] for _ in range(n_maps)] if record_q else None)
+        # The episode being played, per map: tiles, actions, rewards (closed into an Episode at its end).
+        tiles: list[list[int]] = [[] for _ in range(n_maps)]
+        moves: list[list[int]] = [[] for _ in range(n_maps)]
+        gains: list[list[float]] = [[] for _ in range(n_maps)]
+        keys = list(range(n_maps)) if keys is None else list(keys)
         episode = np.zeros(n_maps, dtype=int)
-        retag = np.zeros(n_maps, dtype=bool)
+        # Outcome tags: the column where a map's last episode starts once it failed and was retagged;
+        # the cache is rolled back there and the episode re-appended (-1: nothing to retag).
+        retag_from = np.full(n_maps, -1)
         ep_return = np.zeros(n_maps)
         active = np.ones(n_maps, dtype=bool)
         head = self.model.get_output_embeddings().weight[torch.as_tensor(self.s.action_token_ids)]
@@ -319,10 +359,10 @@ class InContextAgent:
             if k % n_eps == 0 and k > 0:  # non-stationary switch: a new map, same context
                 envs[i].close()
                 envs[i] = make_env(phases[k // n_eps][i], self.max_episode_steps)
+                played_on[i] = list(phases[k // n_eps][i])
             o, _ = envs[i].reset(seed=int(rngs[i].integers(2**31)))
             ep_return[i] = 0.0
-            result.trajectories[i].append([int(o)])
-            result.actions[i].append([])
+            tiles[i], moves[i], gains[i] = [int(o)], [], []
             if not keep_context:
                 # An empty context: the row restarts at column (= position) 0.
                 ctx[i].clear()
@@ -336,19 +376,23 @@ class InContextAgent:
             if len(live) < len(slots):  # drop finished maps' rows from the batch (a copy of the live rows)
                 cache.keep_rows(torch.as_tensor(live))
                 slots = [slots[r] for r in live]
-            # Re-encoded rows: a context over the window (drop the oldest episodes), or one whose last
-            # episode was just retagged as failed (outcome-tagged formats).
-            over = [r for r, i in enumerate(slots) if active[i] and (len(ctx[i]) > self.max_context or retag[i])]
+            # Re-encoded rows: a context over the window (its oldest episodes dropped, all of it encoded
+            # afresh), or one whose last episode was just retagged as failed (outcome-tagged formats:
+            # rolled back to that episode's start and the rest re-appended).
+            over = [r for r, i in enumerate(slots) if active[i] and len(ctx[i]) > self.max_context]
+            tails = [r for r, i in enumerate(slots) if active[i] and retag_from[i] >= 0 and r not in over]
             for r in over:
                 ctx[slots[r]].drop_oldest(self.max_context)  # the open episode fits by the check in __init__
-                retag[slots[r]] = False
+            starts = {r: (0 if r in over else int(retag_from[slots[r]])) for r in over + tails}
+            for r in starts:
+                retag_from[slots[r]] = -1
             # A call appends at most one step's worth of tokens per row: the few rows that also close
             # an episode and open the next finish writing in the next call(s) instead of widening
             # every row's call with padding. A row acts once all its tokens are in.
             chunks: list[list[int]] = []
             for r, i in enumerate(slots):
                 c = ctx[i]
-                if not active[i] or (over and r in over):
+                if not active[i] or r in starts:
                     chunks.append([])
                     if active[i]:
                         c.pending = []  # written by the re-encoding
@@ -356,9 +400,12 @@ class InContextAgent:
                 chunks.append(c.pending[:step])
                 c.pending = c.pending[step:]
             q = self._decode(chunks, cache, head) if any(chunks) else torch.zeros((len(slots), 4))
-            if over:
-                q[over] = self._reencode([ctx[slots[r]].tokens() for r in over], head, cache, over)
+            if starts:
+                rows = list(starts)
+                q[rows] = self._reencode([ctx[slots[r]].tokens()[starts[r]:] for r in rows], head, cache, rows,
+                                         [starts[r] for r in rows])
                 result.reencodes += len(over)
+                result.retags += len(tails)
             result.forward_calls += 1
             result.longest_context = max(result.longest_context, int(cache.lengths.max()))
             for r, i in enumerate(slots):
@@ -371,14 +418,18 @@ class InContextAgent:
                 o2, rew, term, trunc, _ = envs[i].step(a)
                 done = term or trunc
                 ep_return[i] += rew
-                result.trajectories[i][-1].append(int(o2))
-                result.actions[i][-1].append(a)
+                tiles[i].append(int(o2))
+                moves[i].append(a)
+                gains[i].append(float(rew))
                 ctx[i].add(self.s.after_action(a, int(o2), float(rew), done, bool(trunc and not term)))
                 if done:
                     returns[i, k] = ep_return[i]
+                    result.episodes[i].append(Episode(
+                        tiles[i], moves[i], gains[i], bool(term), bool(trunc and not term), map_id=keys[i],
+                        map_rows=tuple(played_on[i]), learner_episode=int(k)))
                     if ep_return[i] <= 0 and keep_context and self.s.outcome_tags:
                         self.s.mark_failed(ctx[i].episodes[-1])
-                        retag[i] = True
+                        retag_from[i] = sum(len(e) for e in ctx[i].episodes[:-1])
                     ctx[i].close_episode()
                     episode[i] += 1
                     if episode[i] == total:

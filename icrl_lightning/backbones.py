@@ -220,19 +220,19 @@ class CausalLM:
                 raise InputError(f"model.pretrained: path={path!r} is a .gguf file and gguf_file={gguf!r} is set too")
             local = Path(path).expanduser()
             if not local.is_file():
-                raise MissingInputFile(_missing(path, "GGUF file"))
+                raise MissingInputFile(_missing(path, "GGUF file", "path"))
             return str(local.parent), local.name
         local = Path(path).expanduser()
         if local.exists():
             if not local.is_dir():
                 raise InputError(f"model.pretrained.path={path!r} is a file: give a model folder or a .gguf file")
             if gguf and not (local / gguf).is_file():
-                raise MissingInputFile(_missing(str(local / gguf), "GGUF file"))
+                raise MissingInputFile(_missing(str(local / gguf), "GGUF file", "gguf_file"))
             if not gguf and not (local / "config.json").is_file():
                 raise MissingInputFile(f"model.pretrained.path={path!r} has no config.json: not a model folder")
             return str(local), gguf
         if not _HUB_ID.match(path) or path.startswith(("data/", "runs/", "models/")):
-            raise MissingInputFile(_missing(path, "model folder"))
+            raise MissingInputFile(_missing(path, "model folder", "path"))
         return path, gguf  # a hub id: from the local cache, or downloaded where the hub is reachable
 
     def _kwargs(self) -> dict:
@@ -246,7 +246,7 @@ class CausalLM:
             if tok.is_file() and tok.suffix == ".json":
                 return PreTrainedTokenizerFast(tokenizer_file=str(tok))
             if not tok.is_dir():
-                raise MissingInputFile(_missing(self.tokenizer, "tokenizer (a folder or tokenizer.json)"))
+                raise MissingInputFile(_missing(self.tokenizer, "tokenizer (a folder or tokenizer.json)", "tokenizer"))
             return AutoTokenizer.from_pretrained(str(tok), **self._kwargs())
         where, gguf = self._source()
         return _hub_call(self.path, AutoTokenizer.from_pretrained, where, gguf_file=gguf, **self._kwargs())
@@ -312,8 +312,8 @@ class CausalLM:
         return self._max_positions
 
 
-def _missing(path: str, what: str) -> str:
-    return (f"{what} {path!r} does not exist (nothing is downloaded for a local path). "
+def _missing(path: str, what: str, key: str) -> str:
+    return (f"model.pretrained.{key}: {what} {path!r} does not exist (nothing is downloaded for a local path). "
             "For SmolLM2 and the Llama 3 tokenizer run: python tools/fetch_models.py")
 
 
@@ -322,12 +322,20 @@ def _hub_call(path: str, fn, *args, **kwargs):
     and says what is missing, not the HTTP or file-system traceback."""
     try:
         return fn(*args, **kwargs)
+    except InputError:
+        raise
     except OSError as err:  # transformers raises OSError (or subclasses) for missing files, repos and offline hubs
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if Path(path).expanduser().exists():
             raise MissingInputFile(f"model.pretrained.path={path!r}: {first}") from err
         raise MissingInputFile(f"model.pretrained.path={path!r}: not a local folder and not loadable as a hub id "
                                f"({first}). Give a local path, or run python tools/fetch_models.py") from err
+    except Exception as err:  # noqa: BLE001 - a damaged file fails deep inside gguf / safetensors / json readers
+        if not Path(path).expanduser().exists():
+            raise
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise InputError(f"model.pretrained.path={path!r} is not a readable model ({type(err).__name__}: {first})") \
+            from err
 
 
 # --- adapters: online "default" and target "delayed" on one frozen base -------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from icrl_lightning.checks import check_range
 from icrl_lightning.envs.frozen_lake import Map, make_env
 from icrl_lightning.episodes import Episode
 
@@ -19,9 +20,8 @@ class TabularQLearner:
     ``q_init`` is every entry's initial value. With 0 (rewards are 0 or 1) a move into a hole keeps
     the value of an untried move, so the greedy learner walks into the same hole again; with an
     optimistic value such as 1 an untried move beats every tried one that did not lead towards a
-    goal, so the learner tries new moves instead of walking into the same hole again (with
-    ``lr=1``, never again) and finds a goal systematically (optimistic initial values, Sutton &
-    Barto 2.6)."""
+    goal, so the learner tries new moves instead (with ``lr=1``, never the same hole again) and
+    finds a goal systematically (optimistic initial values, Sutton & Barto 2.6)."""
 
     def __init__(self, n_states: int, lr: float = 0.5, gamma: float = 0.9, rng: np.random.Generator | None = None,
                  q_init: float = 0.0):
@@ -38,8 +38,10 @@ class TabularQLearner:
         self.q[obs, action] += self.lr * (target - self.q[obs, action])
 
 
-def play_episode(env, choose, rng: np.random.Generator, learner: TabularQLearner | None = None) -> dict:
-    """Play one episode; ``choose(obs)`` picks the action. Returns the raw record."""
+def play_episode(env, choose, rng: np.random.Generator, learner: TabularQLearner | None = None,
+                 **fields) -> Episode:
+    """Play one episode; ``choose(obs)`` picks the action, ``learner`` (if any) learns from every
+    step. ``fields`` (``map_id``, ``map_rows``, ``learner_episode``) go into the record."""
     obs, _ = env.reset(seed=int(rng.integers(2**31)))
     observations, actions, rewards = [int(obs)], [], []
     terminated = truncated = False
@@ -52,8 +54,7 @@ def play_episode(env, choose, rng: np.random.Generator, learner: TabularQLearner
         actions.append(int(action))
         rewards.append(float(reward))
         obs = next_obs
-    return {"observations": observations, "actions": actions, "rewards": rewards,
-            "terminated": bool(terminated), "truncated": bool(truncated)}
+    return Episode(observations, actions, rewards, bool(terminated), bool(truncated), **fields)
 
 
 def q_learning_run(
@@ -66,37 +67,66 @@ def q_learning_run(
     gamma: float = 0.9,
     max_episode_steps: int = 100,
     q_init: float = 0.0,
-    schedule: list[float] | None = None,
-    sample_schedule: bool = False,
 ) -> list[Episode]:
-    """Epsilon-greedy Q-learning on one map; every episode it plays is kept.
-
-    Without ``schedule``: one run of ``episodes`` episodes, a random action with probability
-    ``epsilon``. With ``schedule`` (greedy probability per episode, as the evaluation protocol):
-    consecutive *trials* of ``len(schedule)`` episodes, each with a fresh learner, episode ``k`` of
-    a trial greedy with probability ``schedule[k]`` (``epsilon`` is then unused); the last trial
-    is cut short when ``episodes`` is not a multiple of the trial length. With ``schedule`` and
-    ``sample_schedule``: one run (one learner), each episode greedy with a probability drawn
-    uniformly from ``schedule``'s entries, so a learner that has found the goal keeps playing
-    both greedy episodes and the random walks of the schedule's first entries.
-    """
+    """One epsilon-greedy Q-learning run of ``episodes`` episodes on one map (a random action with
+    probability ``epsilon``); every episode it plays is kept, in the order played."""
     rng = np.random.default_rng(seed)
     env = make_env(rows, max_episode_steps)
-    n_states = len(rows) * len(rows[0])
-    trial = len(schedule) if schedule and not sample_schedule else episodes
+    learner = TabularQLearner(len(rows) * len(rows[0]), lr=lr, gamma=gamma, rng=rng, q_init=q_init)
 
     def choose(obs: int) -> int:
-        return int(rng.integers(4)) if rng.random() < p_random else learner.greedy(obs)
+        return int(rng.integers(4)) if rng.random() < epsilon else learner.greedy(obs)
 
-    out = []
-    for k in range(episodes):
-        if k % trial == 0:
-            learner = TabularQLearner(n_states, lr=lr, gamma=gamma, rng=rng, q_init=q_init)
-        if schedule:
-            p_random = 1.0 - (schedule[int(rng.integers(len(schedule)))] if sample_schedule else schedule[k % trial])
-        else:
-            p_random = epsilon
-        rec = play_episode(env, choose, rng, learner)
-        out.append(Episode(map_id=map_id, map_rows=tuple(rows), learner_episode=k, **rec))
+    out = [play_episode(env, choose, rng, learner, map_id=map_id, map_rows=tuple(rows), learner_episode=k)
+           for k in range(episodes)]
     env.close()
     return out
+
+
+class Behaviour:
+    """What plays the offline data: ``run`` gives one training map's episodes, in the order
+    played; ``settings`` names everything that decides them (it keys the dataset on disk, so a
+    changed setting builds a new dataset). Choose one with ``data.behaviour`` (a class path)."""
+
+    def settings(self) -> dict:
+        raise NotImplementedError
+
+    def run(self, rows: Map, map_id: int, episodes: int, seed: list[int], max_episode_steps: int) -> list[Episode]:
+        raise NotImplementedError
+
+
+class QLearning(Behaviour):
+    """The behaviour learner of the offline data: one tabular Q-learning run per training map,
+    every episode kept (SPEC "Training data").
+
+    Args:
+        epsilon: exploration rate (a uniformly random action with this probability).
+        lr: step size.
+        gamma: discount.
+        q_init: every table entry's initial value. 0 (default) never learns from a hole (its reward
+            is 0, like an untried move), so it walks into the same hole again; an optimistic 1.0
+            prefers untried moves to a move that ended in a hole and so explores systematically.
+    """
+
+    def __init__(self, epsilon: float = 0.1, lr: float = 0.5, gamma: float = 0.9, q_init: float = 0.0):
+        check_range("data.behaviour.epsilon", epsilon, 0, 1)
+        check_range("data.behaviour.lr", lr, 0, 1, lo_open=True)
+        check_range("data.behaviour.gamma", gamma, 0, 1)
+        check_range("data.behaviour.q_init", q_init, 0, None,
+                    why="0 = untried moves look like holes, 1 = optimistic (rewards are 0 or 1)")
+        self.epsilon, self.lr, self.gamma, self.q_init = epsilon, lr, gamma, q_init
+
+    def settings(self) -> dict:
+        """What generates the data (part of the dataset's key; the names of the first version)."""
+        out = {"learner": "tabular_q", "behaviour_epsilon": self.epsilon, "behaviour_lr": self.lr,
+               "behaviour_gamma": self.gamma}
+        if self.q_init != 0.0:  # added later: only a non-default value enters the key
+            out["behaviour_q_init"] = self.q_init
+        return out
+
+    def run(self, rows: Map, map_id: int, episodes: int, seed: list[int], max_episode_steps: int) -> list[Episode]:
+        return q_learning_run(rows, map_id, episodes, seed=seed, epsilon=self.epsilon, lr=self.lr, gamma=self.gamma,
+                              max_episode_steps=max_episode_steps, q_init=self.q_init)
+
+    def __repr__(self) -> str:
+        return f"QLearning(epsilon={self.epsilon}, lr={self.lr}, gamma={self.gamma}, q_init={self.q_init})"

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
+from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from icrl_lightning.checks import InputError
+from icrl_lightning.checks import InputError, MissingInputFile, read_input_file
 from icrl_lightning.data import ReplayDataModule
 from icrl_lightning.module import ICRLModule
 
@@ -19,28 +22,81 @@ log = logging.getLogger(__name__)
 
 
 class ICRLCLI(LightningCLI):
-    """Lightning's CLI for ``ICRLModule`` + ``ReplayDataModule``. ``--ckpt_path last`` finds the
-    newest ``last*.ckpt`` of this experiment, also in the logger's earlier ``version_N`` folders
-    (Lightning itself looks only in the new run's folder, finds nothing and starts from scratch)."""
+    """Lightning's CLI for ``ICRLModule`` + ``ReplayDataModule``, with two subcommands: ``fit``
+    (train, then evaluate in context) and ``validate`` (evaluate a checkpoint in context).
+
+    After the classes are built, the model's serializer (and the batch fields its objective reads)
+    is handed to the data module. ``--ckpt_path`` is checked before any work (a file that is a
+    Lightning checkpoint); ``--ckpt_path last`` finds the newest ``last*.ckpt`` of this experiment,
+    also in the logger's earlier ``version_N`` folders (Lightning itself looks only in the new
+    run's folder, finds nothing and starts from scratch)."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+                "validate": {"model", "dataloaders", "datamodule"}}
 
     def add_arguments_to_parser(self, parser) -> None:
         # The agent's default context window is the length the model was trained on.
         parser.link_arguments("data.seq_len", "model.seq_len")
 
-    def _resolve_last(self) -> None:
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the checkpoint's hyper-parameters here, first of all: check the file before.
+        ckpt = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        if ckpt and ckpt != "last":
+            check_checkpoint(ckpt)
+        super()._parse_ckpt_path()
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        self.datamodule.set_serializer(self.model.serializer, self.model.batch_fields)
+        self.model.check_agent()
+
+    def _checked_ckpt(self) -> str | None:
         config = self.config_init[self.subcommand]
-        if config.get("ckpt_path") != "last":
-            return
-        found = last_checkpoint(self.trainer)
-        if found is not None:
+        ckpt = config.get("ckpt_path")
+        if ckpt == "last":
+            found = last_checkpoint(self.trainer)
+            if found is None:
+                if self.subcommand == "validate":
+                    raise InputError("--ckpt_path last: this experiment has no last*.ckpt to evaluate "
+                                     f"(looked under {self.trainer.default_root_dir} and the logger's folders)")
+                return None  # fit starts from scratch (Lightning says so)
             log.info("--ckpt_path last: resuming from %s", found)
-            config["ckpt_path"] = str(found)
+            config["ckpt_path"] = ckpt = str(found)
+        if ckpt is not None:
+            check_checkpoint(ckpt)
+        return ckpt
 
     def before_fit(self) -> None:
-        self._resolve_last()
+        self._checked_ckpt()
 
     def before_validate(self) -> None:
-        self._resolve_last()
+        if self._checked_ckpt() is None:
+            print("warning: validate without --ckpt_path evaluates an UNTRAINED model (random weights); "
+                  "its report says so", file=sys.stderr)
+
+
+def check_checkpoint(path: str, what: str = "--ckpt_path") -> None:
+    """Raise ``InputError`` in one line naming ``what`` unless ``path`` is a readable Lightning
+    checkpoint of plain tensors and values (it is loaded with ``weights_only=True``: no pickled
+    objects)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise MissingInputFile(f"{what}: {path} does not exist")
+    if p.is_dir():
+        hint = next(iter(sorted(p.glob("**/last.ckpt"))), None)
+        raise InputError(f"{what}: {path} is a folder; give a .ckpt file" + (f", e.g. {hint}" if hint else ""))
+    try:
+        ckpt = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
+    except PermissionError:
+        raise InputError(f"{what}: {path} is not readable (permission denied)") from None
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a file that is no checkpoint
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise InputError(f"{what}: {path} is not a readable PyTorch checkpoint ({first[:200]})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise InputError(f"{what}: {path} is not a checkpoint written by icrl_lightning's fit "
+                         "(no state_dict / hyper_parameters)")
 
 
 def last_checkpoint(trainer: L.Trainer) -> Path | None:
@@ -62,19 +118,67 @@ def last_checkpoint(trainer: L.Trainer) -> Path | None:
     return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None
 
 
+class _NoAdvert(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_known_warnings() -> None:
+    """Silence what third-party code prints about itself on our normal path and no call of ours can
+    avoid: Lightning 2.6's own use of a torch ``_pytree`` API that torch 2.13 deprecates, Lightning's
+    caution that an ``IterableDataset`` with ``__len__`` may repeat data across workers
+    (``ReplayStream`` gives every worker a disjoint share of the maps), its note that a checkpoint
+    evaluated into another folder does not restore the training run's checkpoint bookkeeping (an
+    evaluation writes no checkpoints), and its logging-service tip."""
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+    warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoAdvert) for f in rank_zero.filters):
+        rank_zero.addFilter(_NoAdvert())
+
+
+def check_config_files(args: list[str]) -> None:
+    """Every ``-c`` / ``--config`` file: a readable UTF-8 YAML mapping, else ``InputError`` in one
+    line naming the file (the parser's own messages for these do not always name it)."""
+    for i, a in enumerate(args):
+        if a in ("-c", "--config") and i + 1 < len(args):
+            path = args[i + 1]
+        elif a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        else:
+            continue
+        what = f"-c {path}"
+        text = read_input_file(path, "-c")
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise InputError(f"{what} is not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+        if not isinstance(doc, dict):
+            raise InputError(f"{what}: expected a mapping of sections (trainer, model, data, ...), "
+                             f"got {type(doc).__name__}")
+
+
 def main(args: list[str] | None = None) -> ICRLCLI:
     """Run the command line. A bad configuration value or input file (``InputError``, raised before
-    any work starts) is printed as ``error: ...`` without a traceback and exits with status 2, like
-    the parser's own errors (unknown keys, wrong types)."""
+    any work starts) and the parser's own errors (unknown keys, wrong types) are printed as
+    ``error: ...`` on one line, without a traceback or the usage text, and exit with status 2."""
     torch.set_float32_matmul_precision("high")
+    quiet_known_warnings()
+    argv = list(sys.argv[1:] if args is None else args)
     try:
+        check_config_files(argv)
         return ICRLCLI(
             ICRLModule,
             ReplayDataModule,
-            parser_kwargs={"parser_mode": "omegaconf"},
+            parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False, "prog": "python -m icrl_lightning"},
             save_config_kwargs={"overwrite": True},
             args=args,
         )
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (InputError, ArgumentError) as err:
+        message = " ".join(line.strip() for line in str(err).strip().splitlines())
+        hint = "" if isinstance(err, InputError) else "  (python -m icrl_lightning fit --help lists every option)"
+        print(f"error: {message}{hint}", file=sys.stderr)
         raise SystemExit(2) from err

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,28 +30,46 @@ SCHEMA = pa.schema([
 ])
 
 
-@dataclass
+@dataclass(frozen=True)
 class Episode:
-    """One episode: ``observations`` has one more entry than ``actions`` (the final state)."""
+    """One episode, the one record every part of the pipeline reads and writes: the behaviour
+    learners' data, the shards on disk, the evaluation agent's trials, the context of a scenario.
 
-    map_id: int
-    map_rows: tuple[str, ...]
+    ``observations`` has one more entry than ``actions`` (the final state); ``rewards`` one per
+    action. ``map_id`` indexes the map in its set (training maps, an evaluation batch; -1 unknown),
+    ``map_rows`` is the map itself when known, ``learner_episode`` the episode's place in the run
+    that played it."""
+
     observations: list[int]
     actions: list[int]
     rewards: list[float]
     terminated: bool
-    truncated: bool
+    truncated: bool = False
+    map_id: int = -1
+    map_rows: tuple[str, ...] = ()
     learner_episode: int = 0
-    ret: float = field(init=False)
 
     def __post_init__(self):
         if len(self.observations) != len(self.actions) + 1 or len(self.rewards) != len(self.actions):
             raise ValueError("an episode needs len(observations) == len(actions) + 1 == len(rewards) + 1")
-        self.ret = float(sum(self.rewards))
+
+    @property
+    def ret(self) -> float:
+        return float(sum(self.rewards))
 
     @property
     def success(self) -> bool:
         return self.ret > 0
+
+    @property
+    def tiles(self) -> list[int]:
+        """The tile each action was taken on."""
+        return self.observations[:-1]
+
+    def steps(self) -> dict:
+        """The episode's own fields (what a context episode needs), as plain JSON values."""
+        return {"observations": list(self.observations), "actions": list(self.actions),
+                "rewards": list(self.rewards), "terminated": self.terminated, "truncated": self.truncated}
 
 
 def write_shard(episodes: list[Episode], path: Path) -> None:
@@ -94,10 +112,9 @@ def read_shard(path: Path) -> list[Episode]:
     for i in range(table.num_rows):
         try:
             episodes.append(Episode(
-                map_id=cols["map_id"][i], map_rows=tuple(cols["map_rows"][i]),
-                observations=cols["observations"][i], actions=cols["actions"][i],
-                rewards=cols["rewards"][i], terminated=cols["terminated"][i],
-                truncated=cols["truncated"][i], learner_episode=cols["learner_episode"][i]))
+                observations=cols["observations"][i], actions=cols["actions"][i], rewards=cols["rewards"][i],
+                terminated=cols["terminated"][i], truncated=cols["truncated"][i], map_id=cols["map_id"][i],
+                map_rows=tuple(cols["map_rows"][i]), learner_episode=cols["learner_episode"][i]))
         except (TypeError, ValueError) as err:
             raise _unreadable(path, f"row {i}: {err}") from err
     return episodes

@@ -14,24 +14,23 @@ from torch.func import functional_call
 
 from icrl_lightning.agent import InContextAgent
 from icrl_lightning.backbones import TARGET, CausalLM, TinyLlama, active_adapter, adapter_pairs, is_peft
-from icrl_lightning.checks import InputError, check_module_args, check_range
+from icrl_lightning.checks import InputError, check_choice, check_range
 from icrl_lightning.evaluation.protocol import EvalProtocol
 from icrl_lightning.evaluation.runner import Evaluator
+from icrl_lightning.objective import CQL, TD, Target
 from icrl_lightning.qlearning import (
     action_q_values,
     bellman_loss,
     conservative_penalty,
     double_dqn_targets,
-    failure_rewards,
     next_step,
     polyak_,
+    position_weights,
     successful_episode,
 )
 from icrl_lightning.serialize import Serializer
 
 Q_HEADS = ("tokens", "linear")
-CQL_ON = ("all", "successful")
-CQL_TARGETS = ("data", "oracle")
 
 
 class ICRLModule(L.LightningModule):
@@ -52,36 +51,13 @@ class ICRLModule(L.LightningModule):
             adapters or full fine-tuning; replaces ``backbone`` when set.
         q_head: ``tokens`` (paper): Q = the LM logits of the four action words at the action
             position; ``linear``: a trainable ``hidden -> 4`` layer (online + target), initialised
-            from those four output-embedding rows.
-        lr: AdamW learning rate after warm-up.
+            from those four output-embedding rows (SPEC's alternative readout).
+        lr: AdamW learning rate after warm-up (constant afterwards).
         weight_decay: AdamW weight decay.
         warmup_steps: linear learning-rate warm-up, in optimizer steps.
-        alpha: Polyak rate of the target network, applied after every optimizer step (SPEC: 0.1).
-        gamma: discount (SPEC: 0.9).
-        reward_scale: rewards are multiplied by this in the TD target (SPEC: 30).
-        loss: ``mse`` (paper) or ``normalized`` (authors' code: squared error / mean target).
-        cql_weight: weight of a conservative penalty (CQL(H): ``logsumexp_a Q - Q(a_taken)`` at
-            every action position) added to the TD loss; 0 (default, paper) is pure double DQN.
-            Offline data shows one action per context, so the other actions' Q-values are never
-            trained; the penalty keeps them below the action the data took.
-        cql_on: where the penalty applies: ``all`` action positions, or only the actions of
-            ``successful`` episodes (those that reach a goal). ``all`` also teaches the model to
-            copy failed behaviour: a data action that led into a hole is pushed above the
-            untried ones.
-        cql_target: which actions the penalty pushes up: the one the ``data`` took (CQL), or the
-            ``oracle``'s, every action that starts a shortest path to a goal on the (known)
-            training map (like the Decision-Pretrained Transformer's supervised target): the
-            model must infer the map from its context to predict them.
-        failure_reward: reward (before ``reward_scale``) given to the last action of an episode that
-            ends without reward before the time limit, i.e. in a hole; 0 (default) is the paper and
-            the environment. A negative value separates "led into a hole" from "not tried".
-        conflict_weight: loss weight (TD error and penalty) of the action positions where, in the
-            context, the most recent visit of the tile failed and took another action than the
-            most recent successful visit (``data.conflicts``); the weights are scaled to mean 1 in
-            each batch. 1 (default, paper) weighs every position alike. There "copy the nearest
-            visit" and "follow the success" disagree; the data mostly follows the success there
-            (87 % of such actions in successful episodes), but they are about 6 % of the positions
-            of the quickstart's packed sequences, so a small model learns the simpler copy first.
+        td: the double-DQN loss: ``gamma``, ``reward_scale``, ``loss``, ``conflict_weight``.
+        target: the Polyak target network: ``alpha``.
+        cql: the conservative penalty (``weight``, ``episodes``); ``null`` (default, paper) = none.
         seq_len: trained sequence length (linked from ``data.seq_len``); the default context window
             of the in-context agent.
         evaluation: the in-context evaluation protocol run by ``validate`` and at the end of ``fit``.
@@ -95,41 +71,32 @@ class ICRLModule(L.LightningModule):
         lr: float = 5e-4,
         weight_decay: float = 0.01,
         warmup_steps: int = 10,
-        alpha: float = 0.1,
-        gamma: float = 0.9,
-        reward_scale: float = 30.0,
-        loss: str = "mse",
-        cql_weight: float = 0.0,
-        cql_on: str = "all",
-        cql_target: str = "data",
-        failure_reward: float = 0.0,
-        conflict_weight: float = 1.0,
+        td: TD = TD(),  # noqa: B008 - dataclass defaults: copied below, never shared
+        target: Target = Target(),  # noqa: B008
+        cql: CQL | None = None,
         seq_len: int = 1024,
         evaluation: EvalProtocol | None = None,
     ):
         super().__init__()
-        check_module_args(lr, weight_decay, warmup_steps, alpha, gamma, reward_scale, loss, seq_len)
-        check_range("model.cql_weight", cql_weight, 0, None)
-        check_range("model.failure_reward", failure_reward, None, 0)
-        check_range("model.conflict_weight", conflict_weight, 0, None)
-        if cql_on not in CQL_ON:
-            raise InputError(f"model.cql_on={cql_on!r}: choose one of {list(CQL_ON)}")
-        if cql_target not in CQL_TARGETS:
-            raise InputError(f"model.cql_target={cql_target!r}: choose one of {list(CQL_TARGETS)}")
-        if not cql_weight and (cql_on, cql_target) != ("all", "data"):
-            raise InputError(f"model.cql_on={cql_on!r} / model.cql_target={cql_target!r} shape the conservative "
-                             "penalty, which is off (model.cql_weight=0): set model.cql_weight > 0")
-        if q_head not in Q_HEADS:
-            raise InputError(f"model.q_head={q_head!r}: choose one of {list(Q_HEADS)}")
+        check_range("model.lr", lr, 0, None, lo_open=True)
+        check_range("model.weight_decay", weight_decay, 0, None)
+        check_range("model.warmup_steps", warmup_steps, 0, None)
+        check_range("model.seq_len", seq_len, 1, None)
+        check_choice("model.q_head", q_head, Q_HEADS)
+        self.td, self.target, self.cql = _group(td, TD), _group(target, Target), _group(cql, CQL, optional=True)
+        for group in (self.td, self.target, self.cql):
+            if group is not None:
+                group.check()
         # Specs are kept as plain dicts in the hyper-parameters (as LightningCLI writes them), so a
         # checkpoint loads with torch.load(weights_only=True); load_from_checkpoint passes them back.
-        backbone, pretrained = _as_dict(backbone), _as_dict(pretrained)
+        backbone, pretrained, td, target, cql = map(_as_dict, (backbone, pretrained, td, target, cql))
         # The evaluation protocol is not a property of the trained weights: leaving it out of the
         # checkpoint's hyper-parameters lets `validate --ckpt_path ... --model.evaluation.*` change
         # it (LightningCLI applies checkpoint hyper-parameters over the command line).
         self.save_hyperparameters(ignore=["evaluation"])
         self.backbone_spec = CausalLM(**pretrained) if pretrained else TinyLlama(**(backbone or {}))
         self.protocol = evaluation or EvalProtocol()
+        self.protocol.check()
         self.model, self.tokenizer = self.backbone_spec.build()
         self.serializer = Serializer(self.tokenizer, self.backbone_spec.format, self.backbone_spec.max_tiles)
         self._check_vocabulary()
@@ -162,14 +129,16 @@ class ICRLModule(L.LightningModule):
 
     def _check_vocabulary(self) -> None:
         rows = self.model.get_input_embeddings().num_embeddings
-        s = self.serializer
-        used = max(max(ids) for ids in s._cache.values() if ids)
-        if max(used, s.pad_id) >= rows:
-            raise InputError(f"the tokenizer writes id {max(used, s.pad_id)} but the model has only {rows} "
+        used = self.serializer.max_id
+        if used >= rows:
+            raise InputError(f"the tokenizer writes id {used} but the model has only {rows} "
                              "embedding rows: the tokenizer does not belong to this model")
 
     def setup(self, stage: str) -> None:
-        # Refuse a context window too small for the evaluation before any training is spent.
+        self.check_agent()
+
+    def check_agent(self) -> None:
+        """Refuse a context window too small for the evaluation (``InputError``) before any work."""
         self._agent()
 
     def _agent(self) -> InContextAgent:
@@ -231,31 +200,28 @@ class ICRLModule(L.LightningModule):
         hidden = self._hidden(input_ids, target)[q_mask]
         return action_q_values(hidden, self._head_rows(target).to(hidden.dtype)).float()
 
-    _q_values = q_values  # the name tools/context_td_error.py uses
-
     # --- training -----------------------------------------------------------------------------------
+    @property
+    def batch_fields(self) -> frozenset[str]:
+        """The extra batch fields (``data.stream.BATCH_FIELDS``) this objective reads."""
+        return frozenset({"conflict"} if self.td.conflict_weight != 1 else ())
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        q_mask = batch["q_mask"]
+        td, cql, q_mask = self.td, self.cql, batch["q_mask"]
         q = self.q_values(batch["input_ids"], q_mask)
         with torch.no_grad():
             q_target = self.q_values(batch["input_ids"], q_mask, target=True)
         action, reward, done = batch["action"][q_mask], batch["reward"][q_mask], batch["done"][q_mask]
         q_taken = q.gather(1, action[:, None]).squeeze(1)
-        h = self.hparams
-        where = successful_episode(reward, done) if h.cql_weight and h.cql_on == "successful" else None
-        if h.failure_reward:
-            reward = failure_rewards(reward, done, batch["truncated"][q_mask], h.failure_reward)
-        y = double_dqn_targets(reward, done, next_step(q.detach()), next_step(q_target), h.gamma, h.reward_scale)
-        weight = None
-        if h.conflict_weight != 1:
-            weight = 1 + (h.conflict_weight - 1) * batch["conflict"][q_mask].to(q_taken.dtype)
-            weight = weight / weight.mean().clamp(min=1e-6)
-        td_loss = bellman_loss(q_taken, y, h.loss, q_mask.nonzero()[:, 0], weight)
+        # y = scale * r + gamma * Q_target(next, argmax_a Q_online(next, a)), no bootstrap past an episode end
+        y = double_dqn_targets(reward, done, next_step(q.detach()), next_step(q_target), td.gamma, td.reward_scale)
+        weight = position_weights(batch["conflict"][q_mask], td.conflict_weight) if td.conflict_weight != 1 else None
+        td_loss = bellman_loss(q_taken, y, td.loss, q_mask.nonzero()[:, 0], weight)
         loss = td_loss
-        if h.cql_weight:
-            optimal = batch["optimal"][q_mask] if h.cql_target == "oracle" else None
-            penalty = conservative_penalty(q, action, where, optimal, weight)
-            loss = td_loss + h.cql_weight * penalty
+        if cql is not None:
+            where = successful_episode(reward, done) if cql.episodes == "successful" else None
+            penalty = conservative_penalty(q, action, where, weight)
+            loss = td_loss + cql.weight * penalty
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite TD loss ({loss.item()}) at global step {self.global_step}; "
                                      "the last checkpoint is untouched")
@@ -265,7 +231,7 @@ class ICRLModule(L.LightningModule):
         self._step_clock = now
         bs = batch["input_ids"].shape[0]
         self.log("train/td_loss", td_loss, prog_bar=True, batch_size=bs)
-        if h.cql_weight:
+        if cql is not None:
             self.log("train/cql_penalty", penalty.detach(), batch_size=bs)
         self.log("train/q_mean", q_taken.detach().mean(), batch_size=bs)
         self.log("train/target_mean", y.mean(), batch_size=bs)
@@ -276,7 +242,7 @@ class ICRLModule(L.LightningModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        polyak_(self.target_params(), [p for _, p in self._online], self.hparams.alpha)
+        polyak_(self.target_params(), [p for _, p in self._online], self.target.alpha)
 
     def configure_optimizers(self):
         h = self.hparams
@@ -355,6 +321,14 @@ def _eval_mode(model: torch.nn.Module):
 
 def _as_dict(spec) -> dict | None:
     return dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) else spec
+
+
+def _group(value, cls, optional: bool = False):
+    """A settings group (a fresh copy) from a dataclass instance, a dict (checkpoint
+    hyper-parameters) or None."""
+    if value is None:
+        return None if optional else cls()
+    return cls(**value) if isinstance(value, dict) else dataclasses.replace(value)
 
 
 class _ActionRows:

@@ -62,30 +62,22 @@ def bellman_loss(
     raise ValueError(f"loss={kind!r}: choose 'mse' or 'normalized'")
 
 
-def conservative_gap(q: torch.Tensor, action: torch.Tensor, preferred: torch.Tensor | None = None) -> torch.Tensor:
-    """Per row, ``logsumexp_a Q(., a) - Q(., a_taken)`` (the cross-entropy of the action taken under
-    softmax(Q)); with ``preferred`` (bool ``[N, 4]``) the set instead of the action taken,
-    ``logsumexp_a Q - logsumexp_{a in set} Q``, and 0 on rows with an empty set."""
-    lse = torch.logsumexp(q, dim=-1)
-    if preferred is None:
-        return lse - q.gather(-1, action[:, None]).squeeze(-1)
-    # A row with no preferred action prefers all four: its gap is exactly 0 (and no -inf row
-    # reaches logsumexp, whose gradient would be NaN).
-    preferred = preferred | ~preferred.any(dim=-1, keepdim=True)
-    return lse - torch.logsumexp(q.masked_fill(~preferred, float("-inf")), dim=-1)
+def conservative_gap(q: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """Per row, ``logsumexp_a Q(., a) - Q(., a_taken)``: the cross-entropy of the action taken under
+    softmax(Q)."""
+    return torch.logsumexp(q, dim=-1) - q.gather(-1, action[:, None]).squeeze(-1)
 
 
 def conservative_penalty(q: torch.Tensor, action: torch.Tensor, where: torch.Tensor | None = None,
-                         preferred: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
+                         weight: torch.Tensor | None = None) -> torch.Tensor:
     """CQL(H) regulariser: mean over actions taken of ``logsumexp_a Q(., a) - Q(., a_taken)``.
 
     Offline data shows one action per context, so the Q-values of the other three are never
     trained and can be over-estimated; this term pushes them below the action the data took.
     ``where`` (bool per action): only those positions are penalised (the others count as zero in
-    the mean, so the weight means the same whatever share is selected). ``preferred``: push up
-    that set of actions instead of the one taken (see ``conservative_gap``). ``weight``: per
-    action, multiplies its term."""
-    gap = conservative_gap(q, action, preferred)
+    the mean, so the weight means the same whatever share is selected). ``weight``: per action,
+    multiplies its term."""
+    gap = conservative_gap(q, action)
     if where is not None:
         gap = gap * where.to(gap.dtype)
     if weight is not None:
@@ -103,11 +95,10 @@ def successful_episode(reward: torch.Tensor, done: torch.Tensor) -> torch.Tensor
     return (reward[done] != 0)[episode]
 
 
-def failure_rewards(reward: torch.Tensor, done: torch.Tensor, truncated: torch.Tensor, value: float) -> torch.Tensor:
-    """``reward`` with ``value`` at the last action of each episode that ended without reward and
-    not on the time limit (in Frozen Lake: fell into a hole)."""
-    failed = done & (reward == 0) & ~truncated
-    return torch.where(failed, torch.full_like(reward, value), reward)
+def position_weights(marked: torch.Tensor, weight: float) -> torch.Tensor:
+    """``weight`` on the ``marked`` rows and 1 elsewhere, scaled to mean 1."""
+    w = 1 + (weight - 1) * marked.float()
+    return w / w.mean().clamp(min=1e-6)
 
 
 @torch.no_grad()

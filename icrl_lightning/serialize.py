@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from icrl_lightning.envs.frozen_lake import ACTIONS
+from icrl_lightning.episodes import Episode
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ class Serializer:
         self._cache: dict[str, tuple[int, ...]] = {}
         self.pad_id = self._pad_id()
         self.action_token_ids = np.array([self._single(a, f"action word {a!r}") for a in ACTIONS])
-        self.action_header = self.encode(self.fmt.header("action"))
+        self.action_header = self.piece(self.fmt.header("action"))
         self.warm_up()
         self._failed_ids = self._failure_table()
 
@@ -140,7 +141,8 @@ class Serializer:
         # Workers get the id tables only; every piece was tokenized by warm_up().
         return {**self.__dict__, "_tokenizer": None}
 
-    def encode(self, text: str) -> tuple[int, ...]:
+    def piece(self, text: str) -> tuple[int, ...]:
+        """The token ids of one piece of text (tokenized once, then cached)."""
         ids = self._cache.get(text)
         if ids is None:
             if self._tokenizer is None:
@@ -158,7 +160,7 @@ class Serializer:
     def _pad_id(self) -> int:
         for pad in (self.fmt.pad, *self.fmt.pad_alternatives):
             try:
-                ids = self.encode(pad)
+                ids = self.piece(pad)
             except KeyError:  # not in a word-level vocabulary
                 continue
             if len(ids) == 1:
@@ -167,7 +169,7 @@ class Serializer:
         raise ValueError(f"format {self.fmt.name}: no pad token among {names} is one token of this tokenizer")
 
     def _single(self, text: str, what: str) -> int:
-        ids = self.encode(text)
+        ids = self.piece(text)
         if len(ids) != 1:
             raise ValueError(f"format {self.fmt.name}: {what} must be one token, got ids {list(ids)}")
         return ids[0]
@@ -182,7 +184,7 @@ class Serializer:
             self.reward(r)
         self.ending(truncated=True)
         self.ending(truncated=False)
-        self.encode(self.fmt.episode_start)
+        self.piece(self.fmt.episode_start)
         return self  # the outcome-tagged pieces are tokenized by _failure_table
 
     def _failure_table(self) -> dict[int, int]:
@@ -193,12 +195,17 @@ class Serializer:
             pairs += [(f.observation.format(i), f.failure_observation.format(i)) for i in range(self.max_tiles)]
         table: dict[int, int] = {}
         for plain, failed in pairs:
-            a, b = self.encode(plain), self.encode(failed)
+            a, b = self.piece(plain), self.piece(failed)
             if len(a) != len(b):
                 raise ValueError(f"format {f.name}: {failed!r} must be as many tokens as {plain!r} "
                                  f"(got {list(b)} and {list(a)})")
             table.update((x, y) for x, y in zip(a, b, strict=True) if x != y)
         return table
+
+    @property
+    def max_id(self) -> int:
+        """The largest token id this serializer writes (pad included)."""
+        return max([self.pad_id, *(max(ids) for ids in self._cache.values() if ids)])
 
     @property
     def outcome_tags(self) -> bool:
@@ -215,7 +222,7 @@ class Serializer:
 
     def _role(self, role: str, value: str) -> tuple[int, ...]:
         f = self.fmt
-        return self.encode(f.header(role) + value + f.role_suffix) if f.role_prefix else self.encode(value)
+        return self.piece(f.header(role) + value + f.role_suffix) if f.role_prefix else self.piece(value)
 
     def observation(self, obs: int) -> tuple[int, ...]:
         return self._role("observation", self.fmt.observation.format(int(obs)))
@@ -225,15 +232,15 @@ class Serializer:
 
     def action(self, action: int) -> tuple[int, ...]:
         # The header was appended already (it ends the previous piece): value + suffix only.
-        return self.encode(ACTIONS[action] + self.fmt.role_suffix)
+        return self.piece(ACTIONS[action] + self.fmt.role_suffix)
 
     def ending(self, truncated: bool) -> tuple[int, ...]:
         ids = self._role("edit", self.fmt.truncation) if truncated else ()
-        return ids + self.encode(self.fmt.episode_end)
+        return ids + self.piece(self.fmt.episode_end)
 
     # --- the two pieces ---------------------------------------------------------------------
     def begin(self, obs0: int) -> list[int]:
-        return [*self.encode(self.fmt.episode_start), *self.observation(obs0), *self.action_header]
+        return [*self.piece(self.fmt.episode_start), *self.observation(obs0), *self.action_header]
 
     def after_action(self, action: int, next_obs: int, reward: float, done: bool, truncated: bool) -> list[int]:
         ids = [*self.action(action), *self.observation(next_obs)]
@@ -242,40 +249,45 @@ class Serializer:
         ids += self.ending(truncated) if done else self.action_header
         return ids
 
-    def episode(self, observations, actions, rewards, terminated: bool, truncated: bool) -> EncodedEpisode:
-        """Whole-episode ids plus, for each action, the position that predicts it. In an
+    def encode(self, episode: Episode) -> EncodedEpisode:
+        """The episode's token ids and, for each action, the position that predicts it. In an
         outcome-tagged format an episode without reward is rewritten by ``mark_failed``."""
-        ids = self.begin(observations[0])
+        e = episode
+        ids = self.begin(e.observations[0])
         q_pos = [len(ids) - 1]
-        n = len(actions)
+        n = len(e.actions)
         for t in range(n):
             done = t == n - 1
-            ids += self.after_action(actions[t], observations[t + 1], rewards[t], done, truncated and done)
+            ids += self.after_action(e.actions[t], e.observations[t + 1], e.rewards[t], done, e.truncated and done)
             if not done:
                 q_pos.append(len(ids) - 1)
         if n == 0:  # an episode with no action is only its first observation
             q_pos = []
-        if not any(r > 0 for r in rewards):
+        success = any(r > 0 for r in e.rewards)
+        if not success:
             self.mark_failed(ids)
         return EncodedEpisode(
             ids=np.asarray(ids, dtype=np.int32),
             q_pos=np.asarray(q_pos, dtype=np.int32),
-            actions=np.asarray(actions, dtype=np.int64),
-            rewards=np.asarray(rewards, dtype=np.float32),
-            truncated=bool(truncated),
+            actions=np.asarray(e.actions, dtype=np.int64),
+            rewards=np.asarray(e.rewards, dtype=np.float32),
+            tiles=np.asarray(e.observations[:n], dtype=np.int64),
+            map_id=e.map_id,
+            success=success,
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class EncodedEpisode:
+    """An ``Episode`` as tokens: what the replay stream packs."""
+
     ids: np.ndarray  # int32 [n_tokens]
     q_pos: np.ndarray  # int32 [n_actions]: position whose logits predict each action
     actions: np.ndarray  # int64 [n_actions]
     rewards: np.ndarray  # float32 [n_actions]
-    truncated: bool = False  # the episode ended on the time limit (not on a goal or a hole)
-    optimal: np.ndarray | None = None  # bool [n_actions, 4]: shortest-path actions at each step (training maps)
-    tiles: np.ndarray | None = None  # int64 [n_actions]: the tile each action was taken on (training data)
-    map_id: int = -1  # the map it was played on (training data; -1: unknown)
+    tiles: np.ndarray  # int64 [n_actions]: the tile each action was taken on
+    map_id: int = -1  # the map it was played on (-1: unknown)
+    success: bool = False  # reached a goal
 
     def __len__(self) -> int:
         return len(self.ids)

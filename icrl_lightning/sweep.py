@@ -198,12 +198,19 @@ class Job:
                 "--trainer.logger.init_args.version=0",
                 # The evaluations run as validate afterwards, one per checkpoint and scenario.
                 "--trainer.limit_val_batches=0",
-                "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-                f"--trainer.callbacks.every_n_train_steps={every}", "--trainer.callbacks.save_top_k=-1",
-                "--trainer.callbacks.filename={step}", "--trainer.callbacks.save_last=true"]
-        if (self.checkpoints / "last.ckpt").exists():
-            args.append("--ckpt_path=last")
+                "--trainer.callbacks+=icrl_lightning.callbacks.StepCheckpoints",
+                f"--trainer.callbacks.every_n_train_steps={every}"]
+        resume = self.resume_from()
+        if resume is not None:
+            args.append(f"--ckpt_path={resume}")
         return args
+
+    def resume_from(self) -> Path | None:
+        """``last.ckpt`` of an interrupted fit, else its newest ``step=N.ckpt``, else None."""
+        if (self.checkpoints / "last.ckpt").is_file():
+            return self.checkpoints / "last.ckpt"
+        steps = sorted(self.checkpoints.glob("step=*.ckpt"), key=lambda p: int(p.stem.split("=")[1]))
+        return steps[-1] if steps else None
 
     @property
     def checkpoints(self) -> Path:

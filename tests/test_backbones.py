@@ -4,23 +4,21 @@ option checks, the Llama 3.1 8B config, the paper's config, and SmolLM2 from its
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from test_peft import save_tiny_model
 
 from icrl_lightning.backbones import CausalLM, TinyLlama, add_adapters, llama31_8b_config
+from icrl_lightning.episodes import Episode
 from icrl_lightning.evaluation import EvalProtocol
 from icrl_lightning.module import ICRLModule
 
-REPO = Path(__file__).resolve().parents[1]
-SMOLLM2 = REPO / "data/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2 = "data/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"  # under the repository root
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(tmp_path_factory, save_tiny_model):
     return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
 
 
@@ -138,32 +136,35 @@ def test_llama31_8b_config_is_the_8b_model():
     assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) == 32 * (1024 + 1024 + 14336)
 
 
-def test_fetched_8b_config_matches_the_code():
-    path = REPO / "data/models/llama31-8b-config/config.json"
+def test_fetched_8b_config_matches_the_code(repo_root):
+    path = repo_root / "data/models/llama31-8b-config/config.json"
     if not path.exists():
         pytest.skip("not fetched: python tools/fetch_models.py --only llama31-8b-config")
     assert json.loads(path.read_text()) == llama31_8b_config()
 
 
-def test_paper_config_holds_the_paper_hyperparameters():
-    cfg = yaml.safe_load((REPO / "conf/experiment/paper_llama31_8b.yaml").read_text())
+def test_paper_config_holds_the_paper_hyperparameters(repo_root):
+    cfg = yaml.safe_load((repo_root / "conf/experiment/paper_llama31_8b.yaml").read_text())
     m, d, t = cfg["model"], cfg["data"], cfg["trainer"]
     p = m["pretrained"]
     assert (p["adapter"], p["format"], p["dtype"], p["gradient_checkpointing"]) == ("ia3", "llama3", "bfloat16", True)
     assert p["target_modules"] == ["k_proj", "v_proj", "down_proj"] and p["feedforward_modules"] == ["down_proj"]
     assert (m["lr"], m["warmup_steps"], m["weight_decay"]) == (1.0e-2, 10, 0.01)
-    assert (m["alpha"], m["gamma"], m["reward_scale"], m["q_head"]) == (0.1, 0.9, 30.0, "tokens")
+    assert (m["target"]["alpha"], m["td"]["gamma"], m["td"]["reward_scale"], m["q_head"]) == (0.1, 0.9, 30.0, "tokens")
+    # The paper's objective: plain MSE double DQN, every position weighed alike, no penalty.
+    assert (m["td"]["loss"], m["td"]["conflict_weight"], m["cql"]) == ("mse", 1.0, None)
     assert (d["batch_size"], t["accumulate_grad_batches"], d["seq_len"]) == (5, 2, 4096)
     assert t["precision"] == "bf16-mixed" and 900 <= t["max_steps"] <= 1000
     assert (d["set_size_min"], d["set_size_max"], d["num_train_maps"]) == (20, 40, 250)
 
 
-def test_smollm2_config_layers_on_the_quickstart():
-    from icrl_lightning.cli import main
-
-    with pytest.raises(SystemExit):
-        main(["fit", "-c", str(REPO / "conf/experiment/quickstart.yaml"),
-              "-c", str(REPO / "conf/model/smollm2_135m_ia3.yaml"), "--print_config"])
+def test_smollm2_config_layers_on_the_quickstart(print_config, repo_root):
+    config = print_config(["fit", "-c", str(repo_root / "conf/experiment/quickstart.yaml"),
+                           "-c", str(repo_root / "conf/model/smollm2_135m_ia3.yaml"), "--print_config"])
+    model = config["model"]
+    assert model["pretrained"]["path"] == SMOLLM2 and model["pretrained"]["adapter"] == "ia3"
+    # Model settings only: the experiment's objective is kept.
+    assert model["td"]["conflict_weight"] == 10.0 and model["cql"] == {"weight": 10.0, "episodes": "successful"}
 
 
 def test_tiny_backbone_is_full_training():
@@ -172,12 +173,12 @@ def test_tiny_backbone_is_full_training():
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
-@pytest.mark.skipif(not SMOLLM2.exists(), reason="SmolLM2 not fetched: python tools/fetch_models.py --only smollm2")
-def test_smollm2_gguf_loads_serializes_chatml_and_trains_one_ia3_step(tiny_data_dir):
+def test_smollm2_gguf_loads_serializes_chatml_and_trains_one_ia3_step(tiny_data_dir, tiny_datamodule, repo_root):
     """The real pretrained path on CPU (~1 minute: the GGUF file is de-quantized on load)."""
-    from helpers import tiny_datamodule
-
-    spec = CausalLM(path=str(SMOLLM2), format="chatml", adapter="ia3")
+    gguf = repo_root / SMOLLM2
+    if not gguf.exists():
+        pytest.skip("SmolLM2 not fetched: python tools/fetch_models.py --only smollm2")
+    spec = CausalLM(path=str(gguf), format="chatml", adapter="ia3")
     torch.manual_seed(0)
     module = ICRLModule(pretrained=spec, lr=1e-2, seq_len=2048,
                         evaluation=EvalProtocol(max_context=2688, max_episode_steps=100))
@@ -187,7 +188,7 @@ def test_smollm2_gguf_loads_serializes_chatml_and_trains_one_ia3_step(tiny_data_
     s, tok = module.serializer, module.tokenizer
     # ChatML roles with SmolLM2's own special tokens; the four action words are one token each.
     assert tok.convert_ids_to_tokens(s.action_token_ids.tolist()) == ["left", "down", "right", "up"]
-    enc = s.episode([0, 1, 5], [2, 1], [0.0, 1.0], terminated=True, truncated=False)
+    enc = s.encode(Episode([0, 1, 5], [2, 1], [0.0, 1.0], terminated=True, truncated=False))
     toks = tok.convert_ids_to_tokens(enc.ids.tolist())
     assert "".join(toks).replace("Ċ", "\n") == (
         "<|im_start|>observation\n0<|im_end|>\n<|im_start|>action\nright<|im_end|>\n"
@@ -200,8 +201,7 @@ def test_smollm2_gguf_loads_serializes_chatml_and_trains_one_ia3_step(tiny_data_
     for role in ("observation", "action", "reward", "edit"):
         assert len(tok.encode(role, add_special_tokens=False)) == 1, role
     # One IA3 optimizer step: the adapter moves, the base does not.
-    dm = tiny_datamodule(tiny_data_dir, seq_len=2048, batch_size=1)
-    dm.serializer = s
+    dm = tiny_datamodule(tiny_data_dir, s, module.batch_fields, seq_len=2048, batch_size=1)
     # The first 512 tokens of a packed sequence (a step on 2,048 takes ~40 s on one core).
     batch = {k: v[None, :512] if v.ndim else v[None] for k, v in next(iter(dm.train_stream(num_sequences=1))).items()}
     opt = module.configure_optimizers()["optimizer"]

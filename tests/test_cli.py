@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import print_config
 
 from icrl_lightning.cli import main
 from icrl_lightning.module import ICRLModule
@@ -20,7 +19,7 @@ from icrl_lightning.module import ICRLModule
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "conf").rglob("*.yaml"))
+CONFIGS = sorted(p for p in (REPO / "conf").rglob("*.yaml") if p.parent.name != "sweep")
 AGENTS = {"icrl", "no_context", "random", "q_learning", "q_optimistic", "oracle"}
 
 
@@ -114,15 +113,35 @@ def test_fit_then_validate(tmp_path):
         assert torch.equal(v, trained[k]), k
 
 
+def test_validate_without_a_checkpoint_says_untrained(tmp_path, capsys):
+    main(["validate", *_tiny_args(tmp_path), *SHORT])
+    assert "evaluates an UNTRAINED model" in capsys.readouterr().err
+    (report,) = _reports(tmp_path)
+    assert report["untrained"] is True and report["checkpoint"] is None
+
+
 def test_help_through_module_entry_point():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-m", "icrl_lightning", "fit", "--help"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    for flag in ("--model.alpha", "--model.gamma", "--model.loss", "--data.set_order", "--data.quality",
-                 "--data.seq_len", "--model.evaluation"):
+    for flag in ("--model.target.alpha", "--model.td.gamma", "--model.td.loss", "--model.td.conflict_weight",
+                 "--model.cql.help", "--data.set_order", "--data.quality", "--data.seq_len", "--model.evaluation",
+                 "--data.env", "--data.behaviour"):
         assert flag in out.stdout, flag
     assert "Polyak" in out.stdout  # argument docstrings become the help text
+
+
+def test_only_fit_and_validate_are_offered(capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["--help"])
+    assert err.value.code == 0
+    out = capsys.readouterr().out
+    assert "fit" in out and "validate" in out
+    assert "test" not in out.split("{")[1].split("}")[0] and "predict" not in out
+    with pytest.raises(SystemExit) as err:
+        main(["test"])
+    assert err.value.code == 2
 
 
 def test_unknown_flag_is_an_error(capsys):
@@ -136,15 +155,14 @@ def test_there_are_configs():
 
 
 QUICKSTART = REPO / "conf/experiment/quickstart.yaml"
-OVERLAY_PREFIXES = ("eval_", "quality_", "online_")
+OVERLAY_PREFIXES = ("eval_", "quality_")
 _QUICKSTART_CFG: dict[str, dict] = {}
 
 
 def _is_overlay(path: Path) -> bool:
-    """Overlays are layered on a full experiment config: conf/experiment/eval_*.yaml, quality_*.yaml and
-    online_*.yaml (evaluation scenarios, data-quality runs, online fine-tuning) and every YAML with CLI
-    sections outside conf/experiment/ (e.g. conf/model/*.yaml). Everything else in conf/experiment/ is a
-    full experiment."""
+    """Overlays are layered on a full experiment config: conf/experiment/eval_*.yaml and quality_*.yaml
+    (evaluation scenarios, data-quality runs) and every YAML with CLI sections outside conf/experiment/
+    (e.g. conf/model/*.yaml). Everything else in conf/experiment/ is a full experiment."""
     if path.parent.name == "experiment":
         return path.name.startswith(OVERLAY_PREFIXES)
     return True
@@ -152,7 +170,7 @@ def _is_overlay(path: Path) -> bool:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(REPO / "conf")) for p in CONFIGS])
 @pytest.mark.parametrize("subcommand", ["fit", "validate"])
-def test_every_config_parses(path, subcommand, capsys):
+def test_every_config_parses(path, subcommand, print_config):
     top = yaml.safe_load(path.read_text()) or {}
     known = {"seed_everything", "trainer", "model", "data", "optimizer", "lr_scheduler", "ckpt_path"}
     if set(top) <= known:
@@ -162,7 +180,7 @@ def test_every_config_parses(path, subcommand, capsys):
         section = path.parent.name
         assert section in known, f"{path}: top-level keys {sorted(top)} are neither CLI sections nor a fragment"
         args = [subcommand, "-c", str(QUICKSTART), f"--{section}", str(path), "--print_config"]
-    cfg = print_config(args, capsys)
+    cfg = print_config(args)
     assert {"trainer", "model", "data"} <= set(cfg)
     assert isinstance(cfg["data"]["seq_len"], int)
     if path.name.startswith(OVERLAY_PREFIXES):
@@ -171,7 +189,7 @@ def test_every_config_parses(path, subcommand, capsys):
         assert cfg["trainer"]["logger"]["init_args"]["name"] == path.stem
         assert cfg["trainer"]["logger"]["class_path"].endswith("TensorBoardLogger")
         if subcommand not in _QUICKSTART_CFG:
-            _QUICKSTART_CFG[subcommand] = print_config([subcommand, "-c", str(QUICKSTART), "--print_config"], capsys)
+            _QUICKSTART_CFG[subcommand] = print_config([subcommand, "-c", str(QUICKSTART), "--print_config"])
         assert cfg["model"]["backbone"] == _QUICKSTART_CFG[subcommand]["model"]["backbone"]
         for section in ("data", "model"):
             for key, value in (top.get(section) or {}).items():
@@ -181,12 +199,25 @@ def test_every_config_parses(path, subcommand, capsys):
             assert cfg["model"]["evaluation"][key] == value, key
 
 
-def test_online_overlay_keeps_the_quickstart_callbacks(capsys):
-    cfg = print_config(["fit", "-c", str(QUICKSTART), "-c", str(REPO / "conf/experiment/online_trials.yaml"),
-                        "--print_config"], capsys)
-    base = print_config(["fit", "-c", str(QUICKSTART), "--print_config"], capsys)
-    names = [c["class_path"] for c in cfg["trainer"]["callbacks"]]
-    assert names == [c["class_path"] for c in base["trainer"]["callbacks"]] + ["icrl_lightning.callbacks.OnlineTrials"]
+def test_model_overlay_composes_with_the_quickstart_recipe(print_config):
+    """A model overlay sets the model, not the experiment's objective: the quickstart's penalty and
+    conflict weight survive it (they did not compose when the overlay set the penalty off)."""
+    cfg = print_config(["fit", "-c", str(QUICKSTART), "-c", str(REPO / "conf/model/smollm2_135m_ia3.yaml"),
+                        "--print_config"])
+    base = print_config(["fit", "-c", str(QUICKSTART), "--print_config"])
+    assert cfg["model"]["cql"] == base["model"]["cql"] == {"weight": 10.0, "episodes": "successful"}
+    assert cfg["model"]["td"] == base["model"]["td"]
+    assert cfg["model"]["pretrained"]["adapter"] == "ia3"
+
+
+def test_sweep_files_load():
+    from icrl_lightning.sweep import load_sweep, plan
+
+    sweeps = sorted((REPO / "conf/sweep").glob("*.yaml"))
+    assert sweeps
+    for path in sweeps:
+        jobs = plan(load_sweep(path))
+        assert jobs and all(j.steps for j in jobs), path
 
 
 # --- evaluation scenarios, periodic evaluation and the comparison command ---------------------------
@@ -214,6 +245,8 @@ def tiny_checkpoints(tmp_path_factory) -> dict:
 def test_scenario_overlay_validates(tiny_checkpoints, overlay, tmp_path):
     ckpt = tiny_checkpoints["ckpt"]["high"]
     extra = ["--data.data_dir", str(tiny_checkpoints["data"]), "--data.eval_maps", "3"]
+    if overlay == "eval_stitching":
+        extra += ["--model.evaluation.stitching_file", str(REPO / "data/stitching.json")]
     if overlay != "eval_stitching":
         extra += SHORT
     user_maps = [["SFFH", "FHFF", "FFFG"], ["SFF", "FHF", "FFG"]]
@@ -262,8 +295,9 @@ def test_periodic_evaluation_logs_curve_figure(tiny_checkpoints, tmp_path):
 
 
 def test_compare_checkpoints_into_one_figure(tiny_checkpoints, tmp_path):
-    from icrl_lightning.evaluation.compare import combine
-    from icrl_lightning.evaluation.compare import main as compare
+    from icrl_lightning.checks import InputError
+    from icrl_lightning.compare import combine
+    from icrl_lightning.compare import main as compare
 
     ck = tiny_checkpoints["ckpt"]
     out = tmp_path / "cmp"
@@ -285,5 +319,5 @@ def test_compare_checkpoints_into_one_figure(tiny_checkpoints, tmp_path):
                      "--labels", "high", "low", "--out", str(tmp_path / "again")])
     assert again["runs"]["low"]["agents"] == saved["runs"]["low"]["agents"]
     other = {**reports["low"], "maps": reports["low"]["maps"][::-1]}
-    with pytest.raises(ValueError, match="different maps"):
+    with pytest.raises(InputError, match="different maps"):
         combine({"high": reports["high"], "low": other})

@@ -2,33 +2,44 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_datamodule
 from torch.utils.data import DataLoader
 
 from icrl_lightning.backbones import build_tokenizer
-from icrl_lightning.data import ReplayStream, conflicts, load_map_file, with_optimal
-from icrl_lightning.envs import make_env, make_splits
-from icrl_lightning.envs.frozen_lake import optimal_actions
+from icrl_lightning.behaviour import QLearning
+from icrl_lightning.checks import InputError
+from icrl_lightning.data import BATCH_FIELDS, SET_ORDERS, ReplayStream, conflicts
+from icrl_lightning.envs import FrozenLake, make_env, make_splits
 from icrl_lightning.episodes import Episode, quality_weights, read_shard
-from icrl_lightning.serialize import Serializer
+from icrl_lightning.serialize import EncodedEpisode, Serializer
 
-
-@pytest.fixture(scope="module")
-def compact():
-    return Serializer(build_tokenizer("compact"), "compact")
+BATCH_KEYS = {"input_ids", "q_mask", "action", "reward", "done", "n_tokens"}
 
 
 def _files(d):
     return {p.name: p for p in sorted(d.iterdir())}
 
 
+@pytest.fixture(scope="module")
+def make_stream(tiny_datamodule):
+    """``make_stream(data_dir, serializer, num_sequences=6, rank=0, world_size=1, batch_fields=(), **overrides)``:
+    the tiny data module's replay stream."""
+
+    def make(data_dir, serializer, num_sequences=6, rank=0, world_size=1, batch_fields=(), **overrides):
+        dm = tiny_datamodule(data_dir, serializer, batch_fields, **overrides)
+        return dm.train_stream(num_sequences, rank, world_size)
+
+    return make
+
+
 # --- building the dataset --------------------------------------------------------------------------
-def test_prepare_data_builds_shards_and_manifest(tmp_path):
+def test_prepare_data_builds_shards_and_manifest(tmp_path, tiny_datamodule):
     dm = tiny_datamodule(tmp_path)
     dm.prepare_data()
     out = dm.dataset_dir
@@ -37,6 +48,7 @@ def test_prepare_data_builds_shards_and_manifest(tmp_path):
     assert set(files) == {"manifest.json", "shard-00000.parquet"}
     manifest = json.loads(files["manifest.json"].read_text())
     assert manifest["shards"] == ["shard-00000.parquet"]
+    assert manifest["settings"] == dm.generation_settings()
     assert manifest["settings"]["num_train_maps"] == 4 and manifest["settings"]["episodes_per_map"] == 10
     maps = [tuple(m) for m in manifest["maps"]]
     assert maps == make_splits(0, 4).train
@@ -46,6 +58,8 @@ def test_prepare_data_builds_shards_and_manifest(tmp_path):
         mine = [e for e in episodes if e.map_id == m]
         assert [e.learner_episode for e in mine] == list(range(10))
         assert all(e.map_rows == maps[m] for e in mine)
+        # The behaviour learner's run on that map, seeded by (seed, 3, map).
+        assert mine == dm.behaviour_run(maps[m], m, seed=[0, 3, m])
     # Evaluation maps are never trained on.
     splits = make_splits(0, 0)
     assert not set(maps) & (set(splits.heldout) | set(splits.ood))
@@ -56,7 +70,7 @@ def test_prepare_data_builds_shards_and_manifest(tmp_path):
     assert {n: p.stat().st_mtime_ns for n, p in _files(out).items()} == mtimes
 
 
-def test_recorded_episodes_replay_in_the_env(tiny_data_dir):
+def test_recorded_episodes_replay_in_the_env(tiny_data_dir, tiny_datamodule):
     """Every stored episode is what the environment does with its actions."""
     episodes = tiny_datamodule(tiny_data_dir).load_episodes()
     assert any(e.success for e in episodes) and any(not e.success for e in episodes)
@@ -74,7 +88,7 @@ def test_recorded_episodes_replay_in_the_env(tiny_data_dir):
         env.close()
 
 
-def test_same_seed_same_bytes_in_two_dirs(tmp_path):
+def test_same_seed_same_bytes_in_two_dirs(tmp_path, tiny_datamodule):
     a, b = tiny_datamodule(tmp_path / "a"), tiny_datamodule(tmp_path / "b")
     a.prepare_data()
     b.prepare_data()
@@ -84,22 +98,49 @@ def test_same_seed_same_bytes_in_two_dirs(tmp_path):
         assert fa[name].read_bytes() == fb[name].read_bytes(), name
 
 
-def test_settings_pick_the_dataset_folder(tmp_path):
+def test_settings_pick_the_dataset_folder(tmp_path, tiny_datamodule):
     base = tiny_datamodule(tmp_path)
     assert tiny_datamodule(tmp_path, batch_size=7, seq_len=999).dataset_dir == base.dataset_dir
+    assert tiny_datamodule(tmp_path, quality="high", set_order="learning").dataset_dir == base.dataset_dir
     assert tiny_datamodule(tmp_path, seed=1).dataset_dir != base.dataset_dir
     assert tiny_datamodule(tmp_path, episodes_per_map=11).dataset_dir != base.dataset_dir
-    assert tiny_datamodule(tmp_path, behaviour_q_init=1.0).dataset_dir != base.dataset_dir
-    assert tiny_datamodule(tmp_path, behaviour_schedule="protocol", episodes_per_map=30).dataset_dir != \
-        tiny_datamodule(tmp_path, episodes_per_map=30).dataset_dir
-    mixed = tiny_datamodule(tmp_path, behaviour_schedule="mixed", episodes_per_map=30).dataset_dir
-    assert mixed != tiny_datamodule(tmp_path, behaviour_schedule="protocol", episodes_per_map=30).dataset_dir
-    assert mixed != tiny_datamodule(tmp_path, episodes_per_map=30).dataset_dir
+    assert tiny_datamodule(tmp_path, behaviour=QLearning(q_init=1.0)).dataset_dir != base.dataset_dir
+    assert tiny_datamodule(tmp_path, behaviour=QLearning(epsilon=0.2)).dataset_dir != base.dataset_dir
+    assert tiny_datamodule(tmp_path, env=FrozenLake(max_episode_steps=60)).dataset_dir != base.dataset_dir
+    assert tiny_datamodule(tmp_path, env=FrozenLake(max_size=4)).dataset_dir != base.dataset_dir
+    # The defaults, given explicitly, are the same dataset.
+    assert tiny_datamodule(tmp_path, env=FrozenLake(), behaviour=QLearning()).dataset_dir == base.dataset_dir
     # Options added later enter the key only when set: older datasets keep their folder.
-    assert "behaviour_q_init" not in base._generation_settings()
+    assert "behaviour_q_init" not in base.generation_settings()
+    assert "split_seed" not in base.generation_settings()
 
 
-def test_interrupted_build_resumes_and_incomplete_is_refused(tmp_path):
+def test_dataset_key_of_the_defaults_is_the_original_one(tmp_path, tiny_datamodule):
+    """The folder name is the hash of the settings the first version wrote (same names, same
+    values): the redesign and ``split_seed == seed`` keep existing datasets where they are."""
+    for seed in (0, 1):
+        original = {"learner": "tabular_q", "version": 1, "seed": seed, "num_train_maps": 4, "episodes_per_map": 10,
+                    "behaviour_epsilon": 0.1, "behaviour_lr": 0.5, "behaviour_gamma": 0.9, "max_episode_steps": 100,
+                    "min_size": 3, "max_size": 5, "p_hole": 0.2, "min_hops": 4}
+        key = hashlib.sha256(json.dumps(original, sort_keys=True).encode()).hexdigest()[:12]
+        dm = tiny_datamodule(tmp_path, seed=seed, split_seed=seed)
+        assert dm.generation_settings() == original
+        assert dm.dataset_dir == tmp_path / "episodes" / key
+    # The folder the version before the redesign used for the tiny dataset.
+    assert tiny_datamodule(tmp_path).dataset_dir.name == "5f8865021c16"
+
+
+def test_tiny_dataset_episodes_are_pinned(tiny_data_dir, tiny_datamodule):
+    """The tiny dataset's episodes (maps, steps, order) are those the version before the redesign
+    generated at the same seed: a change here changes every dataset."""
+    eps = tiny_datamodule(tiny_data_dir).load_episodes()
+    rec = [[e.map_id, list(e.map_rows), list(e.observations), list(e.actions), [float(r) for r in e.rewards],
+            bool(e.terminated), bool(e.truncated), e.learner_episode] for e in eps]
+    assert (len(eps), sum(e.success for e in eps)) == (40, 24)
+    assert hashlib.sha256(json.dumps(rec).encode()).hexdigest()[:16] == "8d5a5063d560e6e3"
+
+
+def test_interrupted_build_resumes_and_incomplete_is_refused(tmp_path, tiny_datamodule):
     dm = tiny_datamodule(tmp_path)
     with pytest.raises(FileNotFoundError, match="manifest"):
         dm.load_episodes()
@@ -116,15 +157,40 @@ def test_interrupted_build_resumes_and_incomplete_is_refused(tmp_path):
         dm.load_episodes()
 
 
+# --- split_seed: evaluation maps fixed across data seeds -------------------------------------------------
+def test_split_seed_shares_the_evaluation_maps_across_seeds(tmp_path, tiny_datamodule):
+    a = tiny_datamodule(tmp_path, seed=0)
+    b = tiny_datamodule(tmp_path, seed=1, split_seed=0, eval_split="ood")
+    heldout, ood = a.heldout_maps("heldout"), a.heldout_maps("ood")
+    assert len(heldout) == len(ood) == 200
+    assert b.heldout_maps("heldout") == heldout and b.heldout_maps("ood") == ood
+    b.setup("validate")
+    assert b.eval_maps == ood[:3]
+    # Another split_seed, other evaluation maps.
+    own = tiny_datamodule(tmp_path, seed=1, split_seed=1)
+    assert own.heldout_maps("heldout") != heldout
+    # Another split_seed is another dataset (its training maps exclude other maps).
+    assert b.generation_settings() == {**own.generation_settings(), "split_seed": 0}
+    assert b.dataset_dir != own.dataset_dir
+
+
+def test_training_maps_never_contain_the_evaluation_maps_of_split_seed(tmp_path, tiny_datamodule):
+    """3 x 3 maps are few, so a run at seed 1 would draw held-out maps of split_seed 0 if they were
+    not excluded (see test_envs); the dataset's training maps hold none of them."""
+    env = FrozenLake(min_size=3, max_size=3, min_hops=3)
+    dm = tiny_datamodule(tmp_path, seed=1, split_seed=0, env=env, num_train_maps=30, episodes_per_map=1)
+    dm.prepare_data()
+    train = {tuple(m) for m in json.loads((dm.dataset_dir / "manifest.json").read_text())["maps"]}
+    assert len(train) == 30
+    reserved = set(dm.heldout_maps("heldout")) | set(dm.heldout_maps("ood"))
+    assert reserved == set(env.splits(0, 0).heldout) | set(env.splits(0, 0).ood)
+    assert not train & reserved
+    assert {e.map_rows for e in dm.load_episodes()} == train
+
+
 # --- the stream from the real dataset -------------------------------------------------------------
-def _stream(data_dir, serializer, num_sequences=6, rank=0, world_size=1, **overrides):
-    dm = tiny_datamodule(data_dir, **overrides)
-    dm.serializer = serializer
-    return dm.train_stream(num_sequences, rank, world_size)
-
-
 def _split_episodes(ids: list[int], s: Serializer) -> list[list[int]]:
-    start, end = s.encode(s.fmt.episode_start)[0], s.encode(s.fmt.episode_end)[0]
+    start, end = s.piece(s.fmt.episode_start)[0], s.piece(s.fmt.episode_end)[0]
     out, cur = [], None
     for t in ids:
         if t == start:
@@ -140,15 +206,16 @@ def _split_episodes(ids: list[int], s: Serializer) -> list[list[int]]:
     return out
 
 
-def test_stream_packs_whole_episodes(tiny_data_dir, compact):
-    stream = _stream(tiny_data_dir, compact, num_sequences=6)
+def test_stream_packs_whole_episodes(tiny_data_dir, compact, make_stream, tiny_datamodule):
+    stream = make_stream(tiny_data_dir, compact, num_sequences=6)
     known = {}
     for e in tiny_datamodule(tiny_data_dir).load_episodes():
-        enc = compact.episode(e.observations, e.actions, e.rewards, e.terminated, e.truncated)
+        enc = compact.encode(e)
         known[tuple(enc.ids.tolist())] = enc
     items = list(stream)
     assert len(items) == len(stream) == 6
     for it in items:
+        assert set(it) == BATCH_KEYS  # no extra fields unless asked for
         ids = it["input_ids"]
         assert ids.shape == (256,) and ids.dtype == torch.long
         for k in ("q_mask", "action", "reward", "done"):
@@ -169,25 +236,23 @@ def test_stream_packs_whole_episodes(tiny_data_dir, compact):
             assert it["action"][pos].tolist() == enc.actions.tolist()
             assert it["reward"][pos].tolist() == enc.rewards.tolist()
             assert it["done"][pos].tolist() == [False] * (len(pos) - 1) + [True]
-            assert it["truncated"][pos].tolist() == [False] * (len(pos) - 1) + [enc.truncated]
             # the action that follows each q position is the token after it
             assert ids[pos + 1].tolist() == compact.action_token_ids[enc.actions].tolist()
             at += len(ep)
         assert at == n
         assert it["done"].sum() == len(episodes)
         assert not (it["done"] & ~it["q_mask"]).any()
-        assert not (it["truncated"] & ~it["done"]).any()
         # The next episode would not have fitted (packing is greedy).
         assert 256 - n < max(len(k) for k in known)
 
 
-def test_outcome_tagged_stream_writes_failures_with_their_own_tokens(tiny_data_dir):
+def test_outcome_tagged_stream_writes_failures_with_their_own_tokens(tiny_data_dir, make_stream):
     """compact_outcome: in training sequences an episode without reward starts with <ep-> and writes
     its tiles as x-tokens; a success is written exactly as in compact."""
     s = Serializer(build_tokenizer("compact_outcome"), "compact_outcome")
     vocab = {i: t for t, i in s._tokenizer.get_vocab().items()}
     won = lost = 0
-    for it in _stream(tiny_data_dir, s, num_sequences=4):
+    for it in make_stream(tiny_data_dir, s, num_sequences=4):
         ids, n = it["input_ids"].tolist(), int(it["n_tokens"])
         done = torch.nonzero(it["done"]).flatten().tolist()
         starts = [j for j in range(n) if vocab[ids[j]] in ("<ep>", "<ep->")]
@@ -202,70 +267,54 @@ def test_outcome_tagged_stream_writes_failures_with_their_own_tokens(tiny_data_d
     assert won and lost
 
 
-def test_stream_is_deterministic_per_seed(tiny_data_dir, compact):
-    a = list(_stream(tiny_data_dir, compact))
-    b = list(_stream(tiny_data_dir, compact))
-    c = list(ReplayStream(**_kwargs_with_seed(tiny_data_dir, compact, 1)))
+def test_stream_is_deterministic_per_seed(tiny_data_dir, compact, make_stream):
+    a = list(make_stream(tiny_data_dir, compact))
+    b = list(make_stream(tiny_data_dir, compact))
+    st = make_stream(tiny_data_dir, compact)
+    c = list(ReplayStream(st.episodes, st.weights, st.seq_len, st.pad_id, st.num_sequences, st.set_size, seed=1))
     for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
         for k in x:
             assert torch.equal(x[k], y[k])
     assert any(not torch.equal(x["input_ids"], z["input_ids"]) for x, z in zip(a, c, strict=True))
 
 
-def _kwargs_with_seed(data_dir, s, seed):
-    st = _stream(data_dir, s)
-    return {"episodes": st.episodes, "weights": st.weights, "seq_len": st.seq_len, "pad_id": st.pad_id,
-            "num_sequences": st.num_sequences, "set_size": st.set_size, "seed": seed}
+def test_seq_len_shorter_than_longest_episode(tiny_data_dir, compact, make_stream):
+    with pytest.raises(InputError, match="seq_len"):
+        make_stream(tiny_data_dir, compact, seq_len=20)
+    # The stream itself refuses too (for episodes handed over directly).
+    st = make_stream(tiny_data_dir, compact)
+    longest = max(len(e) for eps in st.episodes.values() for e in eps)
+    with pytest.raises(InputError, match=rf"data\.seq_len={longest - 1} is shorter than the longest episode "
+                                         rf"\({longest} tokens\)"):
+        ReplayStream(st.episodes, st.weights, longest - 1, st.pad_id, 2)
+    assert len(ReplayStream(st.episodes, st.weights, longest, st.pad_id, 2)) == 2
 
 
-def test_seq_len_shorter_than_longest_episode(tiny_data_dir, compact):
-    with pytest.raises(ValueError, match="seq_len"):
-        _stream(tiny_data_dir, compact, seq_len=20)
-
-
-def test_llama3_episodes_need_longer_sequences(tiny_data_dir):
+def test_llama3_episodes_need_longer_sequences(tiny_data_dir, make_stream, tiny_datamodule):
     # Same episodes, ten tokens a step: 256 tokens no longer hold the longest one.
     s = Serializer(build_tokenizer("llama3"), "llama3")
-    with pytest.raises(ValueError, match="seq_len=256"):
-        _stream(tiny_data_dir, s)
-    items = list(_stream(tiny_data_dir, s, seq_len=2048, num_sequences=2))
+    with pytest.raises(InputError, match=r"data\.seq_len=256 is out of range.*llama3 format"):
+        make_stream(tiny_data_dir, s)
+    # The episodes of the dataset alone do not fit either.
+    dm = tiny_datamodule(tiny_data_dir, s, seq_len=2048)
+    st = dm.train_stream(2)
+    with pytest.raises(InputError, match="seq_len=256 is shorter than the longest episode"):
+        ReplayStream(st.episodes, st.weights, 256, st.pad_id, 2)
+    items = list(make_stream(tiny_data_dir, s, seq_len=2048, num_sequences=2))
     assert all(it["input_ids"].shape == (2048,) for it in items)
 
 
 # --- the stream on synthetic episodes ---------------------------------------------------------------
-def _synthetic(s: Serializer, n_maps: int, n_eps: int, success=lambda m, j: j % 2 == 0):
-    """Episode j of map m is `<ep> o{m} left o{j} [r1.0] </ep>`: its tokens name its map and index."""
-    episodes, weights, raw = {}, {}, {}
-    for m in range(n_maps):
-        eps = [Episode(map_id=m, map_rows=("SG",), observations=[m, j], actions=[0],
-                       rewards=[1.0 if success(m, j) else 0.0], terminated=True, truncated=False,
-                       learner_episode=j) for j in range(n_eps)]
-        raw[m] = eps
-        episodes[m] = [s.episode(e.observations, e.actions, e.rewards, e.terminated, e.truncated) for e in eps]
-        weights[m] = quality_weights(eps, "medium")
-    return episodes, weights, raw
-
-
-def _decode(items, s: Serializer) -> list[tuple[int, int]]:
-    """(map, episode index) of every packed episode, in stream order."""
-    out = []
-    for it in items:
-        n = int(it["n_tokens"])
-        for ep in _split_episodes(it["input_ids"][:n].tolist(), s):
-            toks = s._tokenizer.convert_ids_to_tokens(ep)
-            out.append((int(toks[1][1:]), int(toks[3][1:])))
-    return out
-
-
-def test_ranks_and_workers_read_disjoint_maps(compact):
-    episodes, weights, _ = _synthetic(compact, n_maps=8, n_eps=30)
+def test_ranks_and_workers_read_disjoint_maps(compact, synthetic, decode_stream):
+    episodes, weights, _ = synthetic(compact, n_maps=8, n_eps=30)
     seen = []
     for rank in (0, 1):
         st = ReplayStream(episodes, weights, seq_len=64, pad_id=compact.pad_id, num_sequences=20, set_size=(2, 4),
                           seed=0, rank=rank, world_size=2)
         items = list(st)
         assert len(items) == 20
-        seen.append({m for m, _ in _decode(items, compact)})
+        seen.append({m for m, _ in decode_stream(items, compact)})
     assert seen[0] and seen[1]
     assert not seen[0] & seen[1]
     assert seen[0] | seen[1] == set(range(8))
@@ -276,7 +325,7 @@ def test_ranks_and_workers_read_disjoint_maps(compact):
                           seed=0, rank=rank, world_size=2, batch_size=2)
         batches = list(DataLoader(st, batch_size=2, num_workers=2))
         assert len(batches) == 4
-        per_batch = [{m for m, _ in _decode([{k: v[b] for k, v in batch.items()} for b in range(2)], compact)}
+        per_batch = [{m for m, _ in decode_stream([{k: v[b] for k, v in batch.items()} for b in range(2)], compact)}
                      for batch in batches]
         # The DataLoader takes batches from its workers in turn.
         readers += [per_batch[0] | per_batch[2], per_batch[1] | per_batch[3]]
@@ -286,67 +335,12 @@ def test_ranks_and_workers_read_disjoint_maps(compact):
             assert not readers[i] & readers[j], (i, j, readers)
 
 
-def test_more_readers_than_maps_is_an_error(compact):
-    episodes, weights, _ = _synthetic(compact, n_maps=2, n_eps=5)
+def test_more_readers_than_maps_is_an_error(compact, synthetic):
+    episodes, weights, _ = synthetic(compact, n_maps=2, n_eps=5)
     st = ReplayStream(episodes, weights, seq_len=64, pad_id=compact.pad_id, num_sequences=2, seed=0, rank=2,
                       world_size=3)
-    with pytest.raises(ValueError, match="maps"):
+    with pytest.raises(InputError, match="maps"):
         list(st)
-
-
-def test_random_order_sets(compact):
-    lo, hi = 3, 5
-    episodes, weights, _ = _synthetic(compact, n_maps=6, n_eps=40)
-    st = ReplayStream(episodes, weights, seq_len=64, pad_id=compact.pad_id, num_sequences=60, set_size=(lo, hi),
-                      seed=0)
-    stream = _decode(list(st), compact)
-    runs = _runs(stream, lambda a, b: a[0] == b[0])
-    assert len(runs) > 10
-    for run in runs[:-1]:  # the last one may be cut by the end of the stream
-        assert len(run) >= lo
-        if len(run) <= hi:  # a single set: episodes drawn without replacement
-            assert len({j for _, j in run}) == len(run)
-    # Not in learning order: consecutive indices are no more common than chance.
-    consecutive = sum(b == (a[0], a[1] + 1) for a, b in zip(stream, stream[1:], strict=False))
-    assert consecutive < 0.2 * len(stream)
-
-
-def test_learning_order_windows(compact):
-    lo, hi = 3, 5
-    episodes, weights, _ = _synthetic(compact, n_maps=6, n_eps=40)
-    st = ReplayStream(episodes, weights, seq_len=64, pad_id=compact.pad_id, num_sequences=60, set_size=(lo, hi),
-                      seed=0, set_order="learning")
-    stream = _decode(list(st), compact)
-    runs = _runs(stream, lambda a, b: b == (a[0], a[1] + 1))
-    assert len(runs) > 10
-    for run in runs[:-1]:
-        assert len(run) >= lo  # each run is one or more whole windows of consecutive episodes
-    # Windows of at most `hi` start anywhere in the run, so most runs are single windows.
-    assert sum(len(r) <= hi for r in runs) >= 0.5 * len(runs)
-
-
-def test_trial_order_sets_are_whole_trials_in_played_order(compact):
-    episodes, weights, _ = _synthetic(compact, n_maps=4, n_eps=12)
-    st = ReplayStream(episodes, weights, seq_len=64, pad_id=compact.pad_id, num_sequences=60, seed=0,
-                      set_order="trial", trial_length=3)
-    stream = _decode(list(st), compact)
-    runs = _runs(stream, lambda a, b: b == (a[0], a[1] + 1) and b[1] % 3 != 0)
-    assert len(runs) > 10
-    for run in runs[:-1]:  # the last one may be cut by the end of the stream
-        assert [j for _, j in run] == [run[0][1], run[0][1] + 1, run[0][1] + 2] and run[0][1] % 3 == 0
-    with pytest.raises(ValueError, match="behaviour_schedule=protocol"):
-        ReplayStream(episodes, weights, seq_len=64, pad_id=compact.pad_id, num_sequences=2, set_order="trial")
-
-
-def test_protocol_data_holds_whole_trials(tmp_path, compact):
-    dm = tiny_datamodule(tmp_path, behaviour_schedule="protocol", behaviour_q_init=1.0, episodes_per_map=30,
-                         set_order="trial")
-    dm.serializer = compact
-    dm.prepare_data()
-    eps = dm.load_episodes()
-    assert len(eps) == 30 * dm.hparams.num_train_maps
-    assert sorted({e.learner_episode for e in eps}) == list(range(30))
-    assert dm.train_stream(4).trial_length == 30
 
 
 def _runs(stream, joined):
@@ -359,37 +353,72 @@ def _runs(stream, joined):
     return runs
 
 
-def test_bad_set_order(compact):
-    episodes, weights, _ = _synthetic(compact, n_maps=2, n_eps=5)
-    with pytest.raises(ValueError, match="set_order"):
-        ReplayStream(episodes, weights, seq_len=64, pad_id=compact.pad_id, num_sequences=2, set_order="sorted")
+def test_random_order_sets(compact, synthetic, decode_stream):
+    lo, hi = 3, 5
+    episodes, weights, _ = synthetic(compact, n_maps=6, n_eps=40)
+    st = ReplayStream(episodes, weights, seq_len=64, pad_id=compact.pad_id, num_sequences=60, set_size=(lo, hi),
+                      seed=0)
+    stream = decode_stream(list(st), compact)
+    runs = _runs(stream, lambda a, b: a[0] == b[0])
+    assert len(runs) > 10
+    for run in runs[:-1]:  # the last one may be cut by the end of the stream
+        assert len(run) >= lo
+        if len(run) <= hi:  # a single set: episodes drawn without replacement
+            assert len({j for _, j in run}) == len(run)
+    # Not in learning order: consecutive indices are no more common than chance.
+    consecutive = sum(b == (a[0], a[1] + 1) for a, b in zip(stream, stream[1:], strict=False))
+    assert consecutive < 0.2 * len(stream)
+
+
+def test_learning_order_windows(compact, synthetic, decode_stream):
+    lo, hi = 3, 5
+    episodes, weights, _ = synthetic(compact, n_maps=6, n_eps=40)
+    st = ReplayStream(episodes, weights, seq_len=64, pad_id=compact.pad_id, num_sequences=60, set_size=(lo, hi),
+                      seed=0, set_order="learning")
+    stream = decode_stream(list(st), compact)
+    runs = _runs(stream, lambda a, b: b == (a[0], a[1] + 1))
+    assert len(runs) > 10
+    for run in runs[:-1]:
+        assert len(run) >= lo  # each run is one or more whole windows of consecutive episodes
+    # Windows of at most `hi` start anywhere in the run, so most runs are single windows.
+    assert sum(len(r) <= hi for r in runs) >= 0.5 * len(runs)
+
+
+@pytest.mark.parametrize("order", ["sorted", "trial"])
+def test_bad_set_order(compact, synthetic, tmp_path, tiny_datamodule, order):
+    assert SET_ORDERS == ("random", "learning")  # "trial" (whole protocol trials) was removed
+    episodes, weights, _ = synthetic(compact, n_maps=2, n_eps=5)
+    with pytest.raises(InputError, match=rf"data\.set_order='{order}': choose one of 'random', 'learning'"):
+        ReplayStream(episodes, weights, seq_len=64, pad_id=compact.pad_id, num_sequences=2, set_order=order)
+    with pytest.raises(InputError, match=rf"data\.set_order='{order}'"):
+        tiny_datamodule(tmp_path, set_order=order)
 
 
 # --- quality weighting ---------------------------------------------------------------------------------
 def test_quality_weights_values():
-    eps = [Episode(0, ("SG",), [0, 1], [2], [r], True, False) for r in (1.0, 0.0, 0.0, 1.0)]
+    eps = [Episode([0, 1], [2], [r], True, False, map_id=0, map_rows=("SG",)) for r in (1.0, 0.0, 0.0, 1.0)]
     assert quality_weights(eps, "high").tolist() == [5.0, 1.0, 1.0, 5.0]
     assert quality_weights(eps, "medium").tolist() == [1.0, 1.0, 1.0, 1.0]
     assert quality_weights(eps, "low").tolist() == [1.0, 5.0, 5.0, 1.0]
-    with pytest.raises(ValueError, match="quality"):
+    with pytest.raises(InputError, match="quality"):
         quality_weights(eps, "best")
 
 
 @pytest.mark.parametrize(("quality", "lo", "hi"), [("high", 0.75, 0.92), ("medium", 0.4, 0.6), ("low", 0.08, 0.25)])
-def test_quality_changes_the_success_share(compact, quality, lo, hi):
+def test_quality_changes_the_success_share(compact, synthetic, decode_stream, quality, lo, hi):
     # Half the episodes succeed; sets of 2 from 60 make the weights matter (SPEC: 5x).
-    episodes, _, raw = _synthetic(compact, n_maps=2, n_eps=60)
+    episodes, _, raw = synthetic(compact, n_maps=2, n_eps=60)
     weights = {m: quality_weights(raw[m], quality) for m in raw}
     st = ReplayStream(episodes, weights, seq_len=64, pad_id=compact.pad_id, num_sequences=150, set_size=(2, 2),
                       seed=0)
-    stream = _decode(list(st), compact)
+    stream = decode_stream(list(st), compact)
     share = np.mean([j % 2 == 0 for _, j in stream])
     assert lo < share < hi, share
 
 
-def test_datamodule_quality_option_reaches_the_stream(tiny_data_dir, compact):
-    high = _stream(tiny_data_dir, compact, quality="high")
-    low = _stream(tiny_data_dir, compact, quality="low")
+def test_datamodule_quality_option_reaches_the_stream(tiny_data_dir, compact, make_stream, tiny_datamodule):
+    high = make_stream(tiny_data_dir, compact, quality="high")
+    low = make_stream(tiny_data_dir, compact, quality="low")
     raw = {}
     for e in tiny_datamodule(tiny_data_dir).load_episodes():
         raw.setdefault(e.map_id, []).append(e)
@@ -399,7 +428,7 @@ def test_datamodule_quality_option_reaches_the_stream(tiny_data_dir, compact):
 
 
 # --- evaluation maps ---------------------------------------------------------------------------------------
-def test_eval_maps_from_splits(tiny_data_dir):
+def test_eval_maps_from_splits(tiny_data_dir, tiny_datamodule):
     dm = tiny_datamodule(tiny_data_dir, eval_maps=3)
     dm.setup("validate")
     splits = make_splits(0, 0)
@@ -409,73 +438,74 @@ def test_eval_maps_from_splits(tiny_data_dir):
     assert dm.eval_maps == splits.ood[:2]
     batches = list(dm.val_dataloader())
     assert batches == [[(0, splits.ood[0]), (1, splits.ood[1])]]
-    with pytest.raises(ValueError, match="eval_split"):
+    with pytest.raises(InputError, match="eval_split"):
         tiny_datamodule(tiny_data_dir, eval_split="train").setup("validate")
-    with pytest.raises(ValueError, match="eval_maps"):
+    with pytest.raises(InputError, match="eval_maps"):
         tiny_datamodule(tiny_data_dir, eval_maps=201).setup("validate")
 
 
-def test_eval_map_file(tmp_path, tiny_data_dir):
+def test_eval_map_file(tmp_path, tiny_data_dir, tiny_datamodule):
     path = tmp_path / "maps.json"
     path.write_text(json.dumps([["SFF", "FHG"], ["SF", "FG"]]))
-    assert load_map_file(path) == [("SFF", "FHG"), ("SF", "FG")]
     dm = tiny_datamodule(tiny_data_dir, eval_map_file=str(path))
     dm.setup("validate")
     assert dm.eval_maps == [("SFF", "FHG"), ("SF", "FG")]
 
 
-@pytest.mark.parametrize(
-    ("text", "match"),
-    [
-        ('[["SFF", "FFG"], ', "not valid JSON"),
-        ('{"maps": []}', "non-empty JSON list"),
-        ("[]", "non-empty JSON list"),
-        ('[["SFF", "FFG"], ["SFF", "FG"]]', r"map 1\b.*ragged"),
-        ('[["SFF", "FFG"], ["SF", "FG"], ["SFF", "FFF"]]', r"map 2\b.*no goal"),
-        ('[["SXF", "FFG"]]', r"map 0\b.*unknown"),
-    ],
-)
-def test_load_map_file_errors(tmp_path, text, match):
-    path = tmp_path / "bad-maps.json"
-    path.write_text(text)
-    with pytest.raises(ValueError, match=match) as err:
-        load_map_file(path)
-    assert str(path) in str(err.value)
+def test_eval_map_file_is_checked_at_construction(tmp_path, tiny_data_dir, tiny_datamodule):
+    """The map file is read when the data module is built: a bad file fails before any work."""
+    path = tmp_path / "maps.json"
+    path.write_text(json.dumps([["SF", "FG"], ["SHG", "HFF"]]))
+    with pytest.raises(InputError, match=r"^data\.eval_map_file: .*maps\.json, map 1: no path from start tile"):
+        tiny_datamodule(tiny_data_dir, eval_map_file=str(path))
+    with pytest.raises(InputError, match=r"^data\.eval_map_file: .*missing\.json does not exist"):
+        tiny_datamodule(tiny_data_dir, eval_map_file=str(tmp_path / "missing.json"))
 
 
-def test_load_map_file_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.json"):
-        load_map_file(tmp_path / "nope.json")
-
-
-def test_read_shard_round_trip(tiny_data_dir):
+def test_read_shard_round_trip(tiny_data_dir, tiny_datamodule):
     dm = tiny_datamodule(tiny_data_dir)
     eps = read_shard(dm.dataset_dir / "shard-00000.parquet")
     assert len(eps) == 40
+    assert eps == dm.load_episodes()
     e = eps[0]
+    assert isinstance(e, Episode)
     assert len(e.observations) == len(e.actions) + 1 == len(e.rewards) + 1
     assert e.ret == sum(e.rewards)
+    assert isinstance(e.map_rows, tuple)
 
 
-# --- known bugs ------------------------------------------------------------------------------------------
-def test_load_map_file_rejects_a_map_given_as_one_string(tmp_path):
-    path = tmp_path / "maps.json"
-    path.write_text(json.dumps([["SFF", "FFG"], "SHFG"]))
-    with pytest.raises(ValueError, match="map 1"):
-        load_map_file(path)
+# --- the Episode record ---------------------------------------------------------------------------------
+def test_episode_is_frozen_and_checks_its_lengths():
+    e = Episode([0, 1, 2], [2, 2], [0.0, 1.0], True, map_id=3, map_rows=("SFG",), learner_episode=4)
+    assert (e.truncated, e.map_id, e.map_rows, e.learner_episode) == (False, 3, ("SFG",), 4)
+    assert e.ret == 1.0 and e.success and e.tiles == [0, 1]
+    assert e.steps() == {"observations": [0, 1, 2], "actions": [2, 2], "rewards": [0.0, 1.0], "terminated": True,
+                         "truncated": False}
+    assert json.loads(json.dumps(e.steps())) == e.steps()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        e.map_id = 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        e.terminated = False
+    fail = Episode([4], [], [], False, True)
+    assert (fail.ret, fail.success, fail.tiles, fail.map_id, fail.map_rows, fail.learner_episode) == \
+        (0.0, False, [], -1, (), 0)
+    for obs, acts, rews in (([0, 1], [2], []), ([0], [2], [0.0]), ([0, 1, 2], [2], [0.0]), ([], [], []),
+                            ([0, 1], [2, 2], [0.0, 0.0])):
+        with pytest.raises(ValueError, match=r"len\(observations\) == len\(actions\) \+ 1 == len\(rewards\) \+ 1"):
+            Episode(obs, acts, rews, True)
 
 
-def test_stream_yields_len_sequences(compact):
-    episodes, weights, _ = _synthetic(compact, n_maps=2, n_eps=10)
+# --- the stream's length and packing -------------------------------------------------------------------------
+def test_stream_yields_len_sequences(compact, synthetic):
+    episodes, weights, _ = synthetic(compact, n_maps=2, n_eps=10)
     st = ReplayStream(episodes, weights, seq_len=64, pad_id=compact.pad_id, num_sequences=5, seed=0, batch_size=2)
     assert len(list(st)) == len(st) == 5
 
 
-def _episode_of_length(n: int, tag: int):
-    from icrl_lightning.serialize import EncodedEpisode
-
+def _episode_of_length(n: int, tag: int) -> EncodedEpisode:
     return EncodedEpisode(ids=np.full(n, tag, dtype=np.int32), q_pos=np.zeros(0, dtype=np.int32),
-                          actions=np.zeros(0, dtype=np.int64), rewards=np.zeros(0, dtype=np.float32))
+                          actions=np.zeros(0, dtype=np.int64), rewards=np.zeros(0, dtype=np.float32),
+                          tiles=np.zeros(0, dtype=np.int64))
 
 
 @pytest.mark.parametrize(("set_order", "expected"), [
@@ -489,9 +519,9 @@ def test_packing_fills_from_the_current_set_only(set_order, expected):
     sets = [[6, 6, 3, 1], [2, 4, 4, 2, 1], [5, 5], [10]]  # episode lengths of the sets, in the order drawn
     stream = ReplayStream({0: [_episode_of_length(6, 0)]}, {0: np.ones(1)}, seq_len=10, pad_id=0, num_sequences=4,
                           set_order=set_order)
-    stream._sets = lambda rng, maps: iter([[_episode_of_length(n, 10 * s + i) for i, n in enumerate(lengths)]
-                                           for s, lengths in enumerate(sets)])
-    chunks = stream._chunks(np.random.default_rng(0), [0])
+    stream.sets = lambda rng, maps: iter([[_episode_of_length(n, 10 * s + i) for i, n in enumerate(lengths)]
+                                          for s, lengths in enumerate(sets)])
+    chunks = stream.chunks(np.random.default_rng(0), [0])
     got = [next(chunks) for _ in range(len(expected))]
     assert [[len(e) for e in c] for c in got] == expected
     # Sets stay contiguous: every episode of set 0 comes before every episode of set 1.
@@ -499,38 +529,30 @@ def test_packing_fills_from_the_current_set_only(set_order, expected):
     assert order == sorted(order)
 
 
-def test_training_batches_carry_the_shortest_path_actions(tiny_data_dir, compact):
-    """``optimal`` marks, at each action position, the moves that bring the agent one step closer to
-    a goal: checked against the transitions the episodes really made."""
-    from icrl_lightning.envs.frozen_lake import goal_distances
-
-    dm = tiny_datamodule(tiny_data_dir)
-    dm.serializer = compact
-    seen = {True: 0, False: 0}
-    for e in dm.load_episodes()[:200]:
-        dist = goal_distances(e.map_rows).flatten()
-        enc = with_optimal(compact.episode(e.observations, e.actions, e.rewards, e.terminated, e.truncated),
-                           e.observations, optimal_actions(e.map_rows))
-        assert enc.optimal.shape == (len(e.actions), 4)
-        for t, a in enumerate(e.actions):
-            s, nxt = e.observations[t], e.observations[t + 1]
-            if dist[s] > 0:
-                assert enc.optimal[t, a] == (dist[nxt] == dist[s] - 1), (e.map_rows, t)
-                seen[bool(enc.optimal[t, a])] += 1
-    assert seen[True] and seen[False]  # the data holds optimal and other moves
-    item = next(iter(dm.train_stream(num_sequences=1)))
-    assert item["optimal"].shape == (dm.hparams.seq_len, 4)
-    assert not (item["optimal"].any(-1) & ~item["q_mask"]).any()
-    assert item["optimal"].any(-1).sum() > 0
+def test_pack_lays_the_chunk_out_in_order(compact):
+    a = compact.encode(Episode([0, 1, 5], [2, 1], [0.0, 1.0], True, map_id=0))
+    b = compact.encode(Episode([0, 0], [0], [0.0], False, True, map_id=0))
+    st = ReplayStream({0: [a, b]}, {0: np.ones(2)}, seq_len=20, pad_id=compact.pad_id, num_sequences=1)
+    item = st.pack([a, b])
+    n = len(a) + len(b)
+    assert set(item) == BATCH_KEYS
+    assert int(item["n_tokens"]) == n
+    assert item["input_ids"][:n].tolist() == a.ids.tolist() + b.ids.tolist()
+    assert (item["input_ids"][n:] == compact.pad_id).all()
+    pos = [*a.q_pos.tolist(), *(b.q_pos + len(a)).tolist()]
+    assert torch.nonzero(item["q_mask"]).flatten().tolist() == pos
+    assert item["action"][pos].tolist() == [2, 1, 0]
+    assert item["reward"][pos].tolist() == [0.0, 1.0, 0.0]
+    assert torch.nonzero(item["done"]).flatten().tolist() == [pos[1], pos[2]]
 
 
+# --- conflicts: the context's most recent visit failed and disagrees with its most recent success --------------
 def _encoded(compact, map_id, tiles, actions, success):
     """An encoded episode on ``map_id`` that visits ``tiles`` (one per action) and ends on a goal
     (``success``) or in a hole."""
     obs = [*tiles, 63]
     rewards = [0.0] * (len(actions) - 1) + [1.0 if success else 0.0]
-    enc = compact.episode(obs, actions, rewards, True, False)
-    return with_optimal(enc, obs, np.zeros((64, 4), dtype=bool), map_id)
+    return compact.encode(Episode(obs, actions, rewards, True, False, map_id=map_id))
 
 
 def test_conflicts_mark_where_the_nearest_visit_failed_and_disagrees_with_the_nearest_success(compact):
@@ -546,16 +568,53 @@ def test_conflicts_mark_where_the_nearest_visit_failed_and_disagrees_with_the_ne
     s2 = _encoded(compact, 7, [0, 4, 6], [1, 2, 2], True)
     assert not conflicts([s1, f1, s2, cur])[3].any()
     assert not conflicts([f1, cur])[1].any()
-    # Episodes without tiles (e.g. built by hand) are never marked.
-    bare = compact.episode([0, 63], [1], [0.0], True, False)
+    # Episodes of an unknown map (map_id -1, e.g. built by hand) are never marked.
+    bare = compact.encode(Episode([0, 63], [1], [0.0], True, False))
+    assert bare.map_id == -1
     assert not conflicts([s1, f1, bare])[2].any()
 
 
-def test_training_batches_mark_conflicts_on_action_positions_only(tiny_data_dir, compact):
-    dm = tiny_datamodule(tiny_data_dir)
-    dm.serializer = compact
-    items = list(dm.train_stream(num_sequences=16))
+def test_training_batches_mark_conflicts_on_action_positions_only(tiny_data_dir, compact, make_stream):
+    assert BATCH_FIELDS == ("conflict",)
+    stream = make_stream(tiny_data_dir, compact, num_sequences=16, batch_fields={"conflict"})
+    assert stream.fields == {"conflict"}
+    items = list(stream)
+    assert all(set(i) == BATCH_KEYS | {"conflict"} for i in items)
     marked = torch.stack([i["conflict"] for i in items])
     q_mask = torch.stack([i["q_mask"] for i in items])
+    assert marked.dtype == torch.bool and marked.shape == q_mask.shape
     assert marked.any() and not (marked & ~q_mask).any()
     assert marked.sum() < 0.5 * q_mask.sum()
+    # Without the field: no "conflict" key, and the same sequences otherwise.
+    plain = list(make_stream(tiny_data_dir, compact, num_sequences=16))
+    assert all(set(i) == BATCH_KEYS for i in plain)
+    for x, y in zip(items, plain, strict=True):
+        for k in BATCH_KEYS:
+            assert torch.equal(x[k], y[k]), k
+
+
+def test_packed_conflicts_are_the_chunks_conflicts(tiny_data_dir, compact, make_stream):
+    """The ``conflict`` field is ``conflicts(chunk)`` laid out at each episode's action positions."""
+    stream = make_stream(tiny_data_dir, compact, num_sequences=4, batch_fields={"conflict"})
+    chunks = stream.chunks(np.random.default_rng(0), sorted(stream.episodes))
+    seen = 0
+    for _ in range(8):
+        chunk = next(chunks)
+        item = stream.pack(chunk)
+        want = torch.zeros(stream.seq_len, dtype=torch.bool)
+        at = 0
+        for e, flag in zip(chunk, conflicts(chunk), strict=True):
+            want[torch.from_numpy(e.q_pos.astype(np.int64) + at)] = torch.from_numpy(flag)
+            at += len(e)
+        assert torch.equal(item["conflict"], want)
+        seen += int(want.sum())
+    assert seen
+
+
+def test_unknown_batch_field_is_an_error(compact, synthetic):
+    episodes, weights, _ = synthetic(compact, n_maps=2, n_eps=5)
+    with pytest.raises(ValueError, match=r"unknown batch fields \['optimal'\]"):
+        ReplayStream(episodes, weights, seq_len=64, pad_id=compact.pad_id, num_sequences=2, fields={"optimal"})
+    with pytest.raises(ValueError, match=r"unknown batch fields \['truncated'\]"):
+        ReplayStream(episodes, weights, seq_len=64, pad_id=compact.pad_id, num_sequences=2,
+                     fields={"conflict", "truncated"})

@@ -2,7 +2,8 @@
 Slow: each run spawns two Python processes.
 
 Each scenario runs in its own subprocess with a timeout, so a collective that never completes
-fails the test instead of hanging the suite."""
+fails the test instead of hanging the suite. What a subprocess runs beside the package (a script,
+a callback module) is written into its working folder, which Python puts on its path."""
 
 from __future__ import annotations
 
@@ -14,24 +15,22 @@ import sys
 import textwrap
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import yaml
-from helpers import TINY, TINY_DATA, tiny_datamodule
-
-REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent('''
     import json, sys
     import lightning as L
     import torch
-    from helpers import tiny_backbone, tiny_datamodule
+    from icrl_lightning.backbones import TinyLlama
     from icrl_lightning.callbacks import InContextReport
+    from icrl_lightning.data import ReplayDataModule
     from icrl_lightning.evaluation import EvalProtocol
     from icrl_lightning.module import ICRLModule
 
     OUT, N_MAPS, USE_REPORT = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+    SIZES, DATA = json.loads(sys.argv[4]), json.loads(sys.argv[5])  # the tests' tiny sizes and data
 
     class Dump(L.Callback):
         """Saves rank 0's report without touching trainer.log_dir (a collective)."""
@@ -46,8 +45,9 @@ SCRIPT = textwrap.dedent('''
     if __name__ == "__main__":
         torch.manual_seed(0)
         protocol = EvalProtocol(schedule=[0.5, 1.0], max_episode_steps=10, no_context=False, baselines=True)
-        module = ICRLModule(backbone=tiny_backbone(), seq_len=256, evaluation=protocol)
-        dm = tiny_datamodule(OUT + "/data", eval_maps=N_MAPS)
+        module = ICRLModule(backbone=TinyLlama(**SIZES), seq_len=256, evaluation=protocol)
+        dm = ReplayDataModule(**{**DATA, "data_dir": OUT + "/data", "eval_maps": N_MAPS})
+        dm.set_serializer(module.serializer, module.batch_fields)
         callbacks = [Dump()] + ([InContextReport()] if USE_REPORT else [])
         trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=OUT,
@@ -56,12 +56,23 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _run(tmp_path: Path, n_maps: int, use_report: bool) -> subprocess.CompletedProcess:
-    script = tmp_path / "run_ddp.py"
-    script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    return subprocess.run([sys.executable, str(script), str(tmp_path), str(n_maps), "1" if use_report else "0"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def run_validate(tmp_path, tiny_sizes, tiny_data_args):
+    """``run_validate(n_maps, use_report)``: a 2-process ``validate`` of a fresh tiny module, in ``tmp_path``."""
+
+    def run(n_maps: int, use_report: bool) -> subprocess.CompletedProcess:
+        script = tmp_path / "run_ddp.py"
+        script.write_text(SCRIPT)
+        args = [str(tmp_path), str(n_maps), "1" if use_report else "0", json.dumps(tiny_sizes),
+                json.dumps(tiny_data_args)]
+        return subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, env=_env(),
+                              capture_output=True, text=True, timeout=300)
+
+    return run
 
 
 def _dump(tmp_path: Path) -> dict:
@@ -69,8 +80,8 @@ def _dump(tmp_path: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_ddp_evaluation_even_split(tmp_path):
-    out = _run(tmp_path, n_maps=4, use_report=False)
+def test_ddp_evaluation_even_split(tmp_path, run_validate):
+    out = run_validate(n_maps=4, use_report=False)
     assert out.returncode == 0, out.stderr[-3000:]
     dump = _dump(tmp_path)
     assert dump["n_maps"] == 4
@@ -79,8 +90,8 @@ def test_ddp_evaluation_even_split(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_evaluation_uneven_split_counts_each_map_once(tmp_path):
-    out = _run(tmp_path, n_maps=3, use_report=False)
+def test_ddp_evaluation_uneven_split_counts_each_map_once(tmp_path, run_validate):
+    out = run_validate(n_maps=3, use_report=False)
     assert out.returncode == 0, out.stderr[-3000:]
     dump = _dump(tmp_path)
     assert dump["n_maps"] == 3
@@ -88,43 +99,63 @@ def test_ddp_evaluation_uneven_split_counts_each_map_once(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_report_callback(tmp_path):
-    out = _run(tmp_path, n_maps=4, use_report=True)
+def test_ddp_report_callback(tmp_path, run_validate):
+    out = run_validate(n_maps=4, use_report=True)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["n_maps"] == 4
 
 
 # --- fit under DDP through the real CLI and the ddp preset (on CPU: gloo) ------------------------------------
-class DumpRank(L.Callback):
-    """Test helper for ``test_ddp_fit``: each rank appends a hash of every batch it trains on to
-    ``{out}/batches-rank{r}.jsonl`` and saves its final weights and target buffers to
-    ``{out}/state-rank{r}.pt``.
+PROBE = textwrap.dedent('''
+    """Written as ddp_probe.py into the fit's working folder; the CLI imports DumpRank by class path."""
+    import hashlib
+    import json
 
-    Args:
-        out: folder for the files.
-    """
+    import lightning as L
+    import torch
 
-    def __init__(self, out: str):
-        self.out = out
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        with open(f"{self.out}/batches-rank{trainer.global_rank}.jsonl", "a") as f:
-            f.write(json.dumps([_digest(ids) for ids in batch["input_ids"]]) + "\n")
+    def digest(ids) -> str:
+        return hashlib.sha256(ids.numpy().astype("int64").tobytes()).hexdigest()[:16]
 
-    def on_train_end(self, trainer, pl_module):
-        torch.save({k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
-                   f"{self.out}/state-rank{trainer.global_rank}.pt")
+
+    class DumpRank(L.Callback):
+        """Each rank appends a hash of every batch it trains on (and whether the batch had
+        conflict marks) to ``{out}/batches-rank{r}.jsonl`` and saves its final weights and target
+        buffers to ``{out}/state-rank{r}.pt``.
+
+        Args:
+            out: folder for the files.
+        """
+
+        def __init__(self, out: str):
+            self.out = out
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            with open(f"{self.out}/batches-rank{trainer.global_rank}.jsonl", "a") as f:
+                f.write(json.dumps({"digests": [digest(ids) for ids in batch["input_ids"]],
+                                    "fields": sorted(batch)}) + "\\n")
+
+        def on_train_end(self, trainer, pl_module):
+            torch.save({k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
+                       f"{self.out}/state-rank{trainer.global_rank}.pt")
+''')
 
 
 def _digest(ids) -> str:
+    """The probe's batch hash (``digest`` in ``PROBE``)."""
     return hashlib.sha256(ids.numpy().astype("int64").tobytes()).hexdigest()[:16]
 
 
 FIT_STEPS = 3
+# Not the defaults: the conflict marks (a batch field the model asks the data for) and the
+# penalty run under DDP too.
+OBJECTIVE = {"td": {"conflict_weight": 5.0}, "cql": {"weight": 1.0, "episodes": "successful"}}
 
 
-def _fit_config(tmp: Path, data_dir: Path) -> Path:
+def _fit_config(tmp: Path, data_dir: Path, sizes: dict, data_args: dict) -> Path:
+    (tmp / "ddp_probe.py").write_text(PROBE)
     cfg = {
         "seed_everything": 0,
         "trainer": {
@@ -134,29 +165,25 @@ def _fit_config(tmp: Path, data_dir: Path) -> Path:
                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                  "init_args": {"dirpath": str(tmp / "ckpt"), "save_last": True}},
                 {"class_path": "icrl_lightning.callbacks.InContextReport", "init_args": {"figures": False}},
-                {"class_path": "test_ddp.DumpRank", "init_args": {"out": str(tmp)}},
+                {"class_path": "ddp_probe.DumpRank", "init_args": {"out": str(tmp)}},
             ],
         },
-        "model": {"backbone": TINY, "warmup_steps": 1, "lr": 1e-3,
+        "model": {"backbone": sizes, "warmup_steps": 1, "lr": 1e-3, **OBJECTIVE,
                   "evaluation": {"max_episode_steps": 20, "schedule": [0.0, 0.5, 1.0, 1.0]}},
-        "data": {**TINY_DATA, "data_dir": str(data_dir), "eval_maps": 5},
+        "data": {**data_args, "data_dir": str(data_dir), "eval_maps": 5},
     }
     path = tmp / "fit.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-
-
 @pytest.fixture(scope="module")
-def ddp_fit(tmp_path_factory, tiny_data_dir) -> tuple[Path, Path]:
+def ddp_fit(tmp_path_factory, tiny_data_dir, tiny_sizes, tiny_data_args, repo_root) -> tuple[Path, Path]:
     """(run folder, config): a 2-rank fit through the CLI with conf/trainer/ddp.yaml, moved to CPU."""
     tmp = tmp_path_factory.mktemp("ddp_fit")
-    config = _fit_config(tmp, tiny_data_dir)
-    preset = ["-c", str(REPO / "conf/trainer/ddp.yaml"), "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-              "--trainer.precision", "32-true"]
+    config = _fit_config(tmp, tiny_data_dir, tiny_sizes, tiny_data_args)
+    preset = ["-c", str(repo_root / "conf/trainer/ddp.yaml"), "--trainer.accelerator", "cpu",
+              "--trainer.devices", "2", "--trainer.precision", "32-true"]
     out = subprocess.run([sys.executable, "-m", "icrl_lightning", "fit", "-c", str(config), *preset],
                          cwd=tmp, env=_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
@@ -164,19 +191,20 @@ def ddp_fit(tmp_path_factory, tiny_data_dir) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
-def test_ddp_fit_data_and_weights(ddp_fit, tiny_data_dir):
-    """Each rank trains on its own rank's stream (disjoint maps), and the weights and target
-    buffers are identical on both ranks afterwards (and in the checkpoint)."""
+def test_ddp_fit_data_and_weights(ddp_fit, tiny_data_dir, tiny_data_args, tiny_datamodule, compact):
+    """Each rank trains on its own rank's stream (disjoint maps, with the batch fields the model
+    asked for), and the weights and target buffers are identical on both ranks afterwards (and in
+    the checkpoint)."""
     tmp, _ = ddp_fit
-    dm = tiny_datamodule(tiny_data_dir)
-    dm.serializer = _serializer()
+    dm = tiny_datamodule(tiny_data_dir, compact, {"conflict"})
     seen = []
     for rank in (0, 1):
         batches = [json.loads(line) for line in (tmp / f"batches-rank{rank}.jsonl").read_text().splitlines()]
         assert len(batches) == FIT_STEPS
-        n = FIT_STEPS * TINY_DATA["batch_size"]
+        assert all("conflict" in b["fields"] for b in batches)
+        n = FIT_STEPS * tiny_data_args["batch_size"]
         expected = [_digest(item["input_ids"]) for item in dm.train_stream(n, rank, 2)]
-        assert [d for b in batches for d in b] == expected, rank
+        assert [d for b in batches for d in b["digests"]] == expected, rank
         seen.append(set(expected))
     assert not seen[0] & seen[1]
 
@@ -186,6 +214,8 @@ def test_ddp_fit_data_and_weights(ddp_fit, tiny_data_dir):
         assert torch.equal(s0[k], s1[k]), k
     ckpt = torch.load(tmp / "ckpt" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == FIT_STEPS
+    hp = ckpt["hyper_parameters"]
+    assert hp["td"]["conflict_weight"] == 5.0 and hp["cql"] == OBJECTIVE["cql"]
     for k in s0:
         assert torch.equal(ckpt["state_dict"][k], s0[k]), k
 
@@ -209,10 +239,3 @@ def test_ddp_fit_evaluation_equals_one_process(ddp_fit):
     assert ddp["maps"] == single["maps"]
     for agent in single["agents"]:
         assert ddp["agents"][agent]["per_map"] == single["agents"][agent]["per_map"], agent
-
-
-def _serializer():
-    from icrl_lightning.backbones import build_tokenizer
-    from icrl_lightning.serialize import Serializer
-
-    return Serializer(build_tokenizer("compact"), "compact")

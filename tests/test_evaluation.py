@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
-from helpers import tiny_model
 
 from icrl_lightning.agent import InContextAgent
-from icrl_lightning.envs import STITCHING_MAP, make_splits
+from icrl_lightning.checks import InputError
+from icrl_lightning.envs import load_stitching_file, make_splits
 from icrl_lightning.evaluation import EvalProtocol, paper_schedule, run_baseline, summarize, write_report
 
 
@@ -19,27 +19,40 @@ def maps():
 
 
 def test_paper_schedule():
+    from icrl_lightning.envs import frozen_lake
+    from icrl_lightning.evaluation import protocol
+
     s = paper_schedule()
     assert len(s) == 30
     assert s[:20] == [0.0, 0.0, 0.1, 0.1, 0.2, 0.2, 0.3, 0.3, 0.4, 0.4, 0.5, 0.5, 0.6, 0.6, 0.7, 0.7, 0.8, 0.8,
                       0.9, 0.9]
     assert s[20:] == [1.0] * 10
+    # It lives with the environment; the evaluation package re-exports the same function.
+    assert paper_schedule is frozen_lake.paper_schedule is protocol.paper_schedule
 
 
 def test_protocol_schedule():
     assert EvalProtocol().greedy_probs() == paper_schedule()
     assert EvalProtocol(schedule=[0.5, 1.0]).greedy_probs() == [0.5, 1.0]
-    with pytest.raises(ValueError, match="schedule"):
+    EvalProtocol(schedule=[0.5, 1.0]).check()
+    with pytest.raises(InputError, match="model.evaluation.schedule"):
         EvalProtocol(schedule=[0.5, 1.5]).greedy_probs()
+    bad = EvalProtocol(schedule=[0.5, 1.5])  # constructing is fine: check() refuses it
+    with pytest.raises(InputError, match="model.evaluation.schedule"):
+        bad.check()
+    for key, value in (("last_k", 0), ("max_context", -1), ("max_episode_steps", 0)):
+        with pytest.raises(InputError, match=f"model.evaluation.{key}"):
+            EvalProtocol(**{key: value}).check()
 
 
-def test_oracle_is_perfect_when_greedy(maps):
-    out = run_baseline("oracle", maps + [STITCHING_MAP], [1.0] * 3, seed=0)
+def test_oracle_is_perfect_when_greedy(maps, repo_root):
+    stitching_map, _ = load_stitching_file(repo_root / "data" / "stitching.json")
+    out = run_baseline("oracle", maps + [stitching_map], [1.0] * 3, seed=0)
     assert out.shape == (5, 3)
     assert (out == 1.0).all()
 
 
-def test_baselines_share_exploration_draws(maps):
+def test_baselines_share_exploration_draws(maps, tiny_model):
     """At greedy probability 0 every agent takes the same uniform actions from the same seed."""
     schedule = [0.0] * 6
     rnd = run_baseline("random", maps, schedule, seed=3)
@@ -145,16 +158,42 @@ def test_print_table_rows_per_agent_and_phase():
     print_table(report, console)
     text = console.export_text()
     assert "icrl (map A)" in text and "icrl (map B)" in text and "nonstationary" in text
+    assert "UNTRAINED" not in text
 
 
-def test_conflict_probe_reads_the_agents_own_trials(tmp_path):
+def test_print_table_says_when_the_model_is_untrained():
+    """``validate`` without ``--ckpt_path`` plays random weights: the report says ``untrained`` and
+    the table's title starts with it."""
+    from rich.console import Console
+
+    from icrl_lightning.evaluation.report import print_table
+
+    s = summarize(np.array([[0.0, 1.0], [0.0, 0.0]]), [0.0, 1.0], last_k=1)
+    base = {"last_k": 1, "n_maps": 2, "n_episodes": 2, "scenario": "standard", "agents": {"icrl": s}}
+    titles = {}
+    for untrained in (True, False, None):
+        report = dict(base) if untrained is None else {**base, "untrained": untrained}
+        console = Console(record=True, width=140)
+        printed = []
+        console.print = printed.append  # the Table itself, to read its title
+        print_table(report, console)
+        (table,) = printed
+        titles[untrained] = str(table.title)
+        Console.print(console, table)
+        text = " ".join(console.export_text().split())
+        assert ("UNTRAINED MODEL" in text) == bool(untrained)
+    assert titles[True].startswith("UNTRAINED MODEL")
+    assert "In-context evaluation (standard): 2 maps x 2 episodes" in titles[True]
+    assert titles[False].startswith("In-context evaluation (standard)") and "UNTRAINED" not in titles[False]
+    assert titles[None] == titles[False]  # reports written before the key existed
+
+
+def test_conflict_probe_reads_the_agents_own_trials(tmp_path, repo_root):
     """``tools/conflict_probe.py --report``: greedy episodes whose first tile is a conflict, split by
     first / later conflict of a map and by where the recent visit was, on a hand-made report."""
     import importlib.util
-    from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location(
-        "conflict_probe", Path(__file__).resolve().parents[1] / "tools" / "conflict_probe.py")
+    spec = importlib.util.spec_from_file_location("conflict_probe", repo_root / "tools" / "conflict_probe.py")
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
     rows = ["SFF", "FHF", "FFG"]  # goal at tile 8, hole at tile 4

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import tiny_model
 from matplotlib.image import imread
 
 from icrl_lightning.agent import InContextAgent
@@ -22,14 +21,17 @@ from icrl_lightning.evaluation.runner import Evaluator
 
 
 @pytest.fixture(scope="module")
-def reports() -> dict[str, dict]:
+def reports(tiny_model, repo_root) -> dict[str, dict]:
     model, _, s = tiny_model("compact", seed=1)
     agent = InContextAgent(model, s, max_context=256, max_episode_steps=12)
     batch = list(enumerate(make_splits(0, 0).heldout[:3]))
     out = {}
     for scenario in ("standard", "nonstationary", "stitching"):
-        protocol = EvalProtocol(scenario=scenario, schedule=None if scenario == "stitching" else [0.0, 0.5, 1.0],
-                                max_episode_steps=12, last_k=1)
+        stitching = scenario == "stitching"
+        protocol = EvalProtocol(scenario=scenario, schedule=None if stitching else [0.0, 0.5, 1.0],
+                                max_episode_steps=12, last_k=1,
+                                stitching_file=str(repo_root / "data" / "stitching.json") if stitching else None)
+        protocol.check()
         ev = Evaluator(protocol)
         out[scenario] = ev.finish([ev.run(agent, batch)], global_step=1)[1]
     return out
@@ -76,6 +78,9 @@ def test_trajectory_figure_panels(reports):
     assert len(trajectory_figure(reports["nonstationary"]).axes) == 4
     st = trajectory_figure(reports["stitching"])
     assert "context episodes" in st.axes[0].get_title()
+    # The two context episodes of data/stitching.json, read from the report's context records.
+    legend = [t.get_text() for t in st.axes[0].get_legend().get_texts()]
+    assert legend == ["context 1: return 1", "context 2: return 0"]
     assert 0 <= pick_map(reports["standard"]) < 3
 
 

@@ -10,40 +10,22 @@ import json
 import lightning as L
 import pytest
 import torch
-from helpers import tiny_datamodule
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from icrl_lightning.backbones import TARGET, CausalLM, build_tokenizer, llama31_8b_config
 from icrl_lightning.evaluation import EvalProtocol
 from icrl_lightning.module import ICRLModule
+from icrl_lightning.objective import Target
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 
 SEQ = 256
 
 
-def save_tiny_model(folder, fmt: str = "compact", seed: int = 0, tie: bool = False):
-    """A tiny Llama with random weights and a word-level tokenizer for ``fmt``, saved as a model
-    folder (config.json, safetensors, tokenizer), like a downloaded checkpoint."""
-    torch.manual_seed(seed)
-    tok = build_tokenizer(fmt)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=SEQ,
-                         pad_token_id=tok.pad_token_id, bos_token_id=None, eos_token_id=None, tie_word_embeddings=tie)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # wider than the default init: attention far from uniform
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, 0.2)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
+def model_dir(tmp_path_factory, save_tiny_model):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"), max_positions=SEQ)
 
 
 def _module(model_dir, adapter: str = "ia3", q_head: str = "tokens", alpha: float = 0.1, **kwargs) -> ICRLModule:
@@ -52,7 +34,7 @@ def _module(model_dir, adapter: str = "ia3", q_head: str = "tokens", alpha: floa
                     **kwargs.pop("spec", {}))
     kwargs = {"lr": 1e-2, "weight_decay": 0.0, "warmup_steps": 1, "seq_len": SEQ,
               "evaluation": EvalProtocol(max_episode_steps=10), **kwargs}
-    return ICRLModule(pretrained=spec, q_head=q_head, alpha=alpha, **kwargs)
+    return ICRLModule(pretrained=spec, q_head=q_head, target=Target(alpha=alpha), **kwargs)
 
 
 def _trainer(tmp_path, max_steps: int, callbacks=(), **kwargs) -> L.Trainer:
@@ -62,11 +44,27 @@ def _trainer(tmp_path, max_steps: int, callbacks=(), **kwargs) -> L.Trainer:
                      default_root_dir=str(tmp_path), callbacks=list(callbacks), **kwargs)
 
 
-def _batch(module: ICRLModule, data_dir, n: int = 2) -> dict:
-    dm = tiny_datamodule(data_dir, seq_len=module.hparams.seq_len)
-    dm.serializer = module.serializer
-    items = list(dm.train_stream(num_sequences=n))
-    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+@pytest.fixture
+def module_data(tiny_datamodule):
+    """``module_data(module, data_dir, **overrides)``: the tiny data module, handed the module's
+    serializer and batch fields (as the CLI does)."""
+
+    def make(module: ICRLModule, data_dir, **overrides):
+        return tiny_datamodule(data_dir, module.serializer, module.batch_fields, **overrides)
+
+    return make
+
+
+@pytest.fixture
+def make_batch(module_data):
+    """``make_batch(module, data_dir, n=2)``: the first ``n`` packed sequences of the stream, stacked."""
+
+    def make(module: ICRLModule, data_dir, n: int = 2) -> dict:
+        dm = module_data(module, data_dir, seq_len=module.hparams.seq_len)
+        items = list(dm.train_stream(num_sequences=n))
+        return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+    return make
 
 
 def _base(module: ICRLModule) -> dict[str, torch.Tensor]:
@@ -94,7 +92,7 @@ class PolyakCheck(L.Callback):
 
 
 @pytest.mark.parametrize(("adapter", "q_head"), [("ia3", "tokens"), ("lora", "tokens"), ("ia3", "linear")])
-def test_adapter_trains_base_frozen_target_is_polyak(tmp_path, tiny_data_dir, model_dir, adapter, q_head):
+def test_adapter_trains_base_frozen_target_is_polyak(tmp_path, tiny_data_dir, model_dir, adapter, q_head, module_data):
     module = _module(model_dir, adapter, q_head)
     base0 = _base(module)
     online0 = [p.detach().clone() for _, p in module._online]
@@ -103,7 +101,7 @@ def test_adapter_trains_base_frozen_target_is_polyak(tmp_path, tiny_data_dir, mo
         assert {n.split(".")[-3] for n in names if "ia3_l" in n} == {"k_proj", "v_proj", "down_proj"}
     assert all(".default" in n for n in names if n != "q_head.weight")
     check = PolyakCheck(0.1)
-    _trainer(tmp_path, max_steps=3, callbacks=[check]).fit(module, datamodule=tiny_datamodule(tiny_data_dir))
+    _trainer(tmp_path, max_steps=3, callbacks=[check]).fit(module, datamodule=module_data(module, tiny_data_dir))
     assert module.global_step == 3 and check.moved == [True, True, True]
     unchanged = [n for (n, p), p0 in zip(module._online, online0, strict=True) if torch.equal(p.detach(), p0)]
     assert not unchanged, f"adapter tensors not trained: {unchanged}"
@@ -115,11 +113,11 @@ def test_adapter_trains_base_frozen_target_is_polyak(tmp_path, tiny_data_dir, mo
     assert not any(p.requires_grad for n, p in module.model.named_parameters() if ".default" not in n)
 
 
-def test_polyak_only_on_optimizer_steps(tmp_path, tiny_data_dir, model_dir):
+def test_polyak_only_on_optimizer_steps(tmp_path, tiny_data_dir, model_dir, module_data):
     module = _module(model_dir, alpha=0.5)
     check = PolyakCheck(0.5)
     _trainer(tmp_path, max_steps=2, callbacks=[check], accumulate_grad_batches=2).fit(
-        module, datamodule=tiny_datamodule(tiny_data_dir))
+        module, datamodule=module_data(module, tiny_data_dir))
     assert check.moved == [False, True, False, True]
 
 
@@ -136,10 +134,10 @@ def test_only_adapters_are_trainable_and_no_second_base(model_dir):
 
 
 @pytest.mark.parametrize("q_head", ["tokens", "linear"])
-def test_target_reads_the_delayed_adapter(tiny_data_dir, model_dir, q_head):
+def test_target_reads_the_delayed_adapter(tiny_data_dir, model_dir, q_head, make_batch):
     module = _module(model_dir, "ia3", q_head)
     module.eval()
-    batch = _batch(module, tiny_data_dir)
+    batch = make_batch(module, tiny_data_dir)
     ids, mask = batch["input_ids"], batch["q_mask"]
     with torch.no_grad():
         q = module.q_values(ids, mask)
@@ -156,7 +154,7 @@ def test_target_reads_the_delayed_adapter(tiny_data_dir, model_dir, q_head):
 
 
 @pytest.mark.parametrize("q_head", ["tokens", "linear"])
-def test_agent_reads_the_training_readout(tiny_data_dir, model_dir, q_head):
+def test_agent_reads_the_training_readout(tiny_data_dir, model_dir, q_head, make_batch):
     """The agent gets Q the way it always does (decoder + output rows at the action ids): equal to training's."""
     module = _module(model_dir, "ia3", q_head)
     with torch.no_grad():
@@ -164,7 +162,7 @@ def test_agent_reads_the_training_readout(tiny_data_dir, model_dir, q_head):
         if q_head == "linear":
             module.q_head.weight.mul_(1.5)  # the head is not the LM's output rows any more
     module.eval()
-    batch = _batch(module, tiny_data_dir, n=1)
+    batch = make_batch(module, tiny_data_dir, n=1)
     ids, mask = batch["input_ids"], batch["q_mask"]
     net = module.acting_network()
     rows = net.get_output_embeddings().weight[torch.as_tensor(module.serializer.action_token_ids)]
@@ -174,19 +172,19 @@ def test_agent_reads_the_training_readout(tiny_data_dir, model_dir, q_head):
     assert net.config is module.model.config
 
 
-def test_linear_head_starts_as_the_token_readout(tiny_data_dir, model_dir):
+def test_linear_head_starts_as_the_token_readout(tiny_data_dir, model_dir, make_batch):
     tokens, linear = _module(model_dir, q_head="tokens"), _module(model_dir, q_head="linear")
-    batch = _batch(tokens, tiny_data_dir, n=1)
+    batch = make_batch(tokens, tiny_data_dir, n=1)
     with torch.no_grad():
         torch.testing.assert_close(linear.q_values(batch["input_ids"], batch["q_mask"]),
                                    tokens.q_values(batch["input_ids"], batch["q_mask"]), rtol=0, atol=0)
     assert linear.q_head.weight.requires_grad and linear.q_head.bias is None
 
 
-def test_lightning_checkpoint_leaves_out_the_base_and_resumes(tmp_path, tiny_data_dir, model_dir):
+def test_lightning_checkpoint_leaves_out_the_base_and_resumes(tmp_path, tiny_data_dir, model_dir, module_data):
     module = _module(model_dir, "ia3", "linear")
     trainer = _trainer(tmp_path, max_steps=2, enable_checkpointing=True)
-    trainer.fit(module, datamodule=tiny_datamodule(tiny_data_dir))
+    trainer.fit(module, datamodule=module_data(module, tiny_data_dir))
     ckpt = tmp_path / "manual.ckpt"
     trainer.save_checkpoint(ckpt)
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
@@ -207,7 +205,7 @@ def test_lightning_checkpoint_leaves_out_the_base_and_resumes(tmp_path, tiny_dat
         _module(model_dir, "ia3", "linear").load_state_dict(broken)
     # Lightning resumes from it (optimizer and step included).
     resumed = _module(model_dir, "ia3", "linear")
-    _trainer(tmp_path / "resume", max_steps=3).fit(resumed, datamodule=tiny_datamodule(tiny_data_dir),
+    _trainer(tmp_path / "resume", max_steps=3).fit(resumed, datamodule=module_data(resumed, tiny_data_dir),
                                                    ckpt_path=str(ckpt))
     assert resumed.global_step == 3
     # ModelCheckpoint wrote the adapter folder beside the checkpoints.
@@ -217,15 +215,15 @@ def test_lightning_checkpoint_leaves_out_the_base_and_resumes(tmp_path, tiny_dat
 
 
 @pytest.mark.parametrize("q_head", ["tokens", "linear"])
-def test_saved_adapter_reloads_with_peft(tmp_path, tiny_data_dir, model_dir, q_head):
+def test_saved_adapter_reloads_with_peft(tmp_path, tiny_data_dir, model_dir, q_head, make_batch, module_data):
     from peft import PeftModel
 
     module = _module(model_dir, "ia3", q_head)
-    _trainer(tmp_path, max_steps=2).fit(module, datamodule=tiny_datamodule(tiny_data_dir))
+    _trainer(tmp_path, max_steps=2).fit(module, datamodule=module_data(module, tiny_data_dir))
     module.eval()
     folder = module.save_adapter(tmp_path / "adapter")
     assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "IA3"
-    batch = _batch(module, tiny_data_dir)
+    batch = make_batch(module, tiny_data_dir)
     ids, mask = batch["input_ids"], batch["q_mask"]
     base = LlamaForCausalLM.from_pretrained(model_dir)
     online = PeftModel.from_pretrained(base, folder).eval()
@@ -244,26 +242,24 @@ def test_saved_adapter_reloads_with_peft(tmp_path, tiny_data_dir, model_dir, q_h
         assert (q - q_t).abs().max() > 1e-4
 
 
-def test_full_fine_tuning_of_a_pretrained_model(tmp_path, tiny_data_dir, model_dir):
+def test_full_fine_tuning_of_a_pretrained_model(tmp_path, tiny_data_dir, model_dir, module_data):
     module = _module(model_dir, "full", alpha=0.5)
     assert not module._peft and not module._frozen_keys
     assert len(module._online) == len(list(module.model.parameters()))
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     check = PolyakCheck(0.5)
-    _trainer(tmp_path, max_steps=2, callbacks=[check]).fit(module, datamodule=tiny_datamodule(tiny_data_dir))
+    _trainer(tmp_path, max_steps=2, callbacks=[check]).fit(module, datamodule=module_data(module, tiny_data_dir))
     assert check.moved == [True, True]
     assert any(not torch.equal(p.detach(), before[n]) for n, p in module.model.named_parameters())
     with pytest.raises(ValueError, match="no adapter"):
         module.save_adapter(tmp_path / "adapter")
 
 
-def _shrunk_8b_folder(folder) -> tuple[str, str | None]:
+def _shrunk_8b_folder(folder, repo_root) -> str:
     """Llama 3.1 8B's config.json with the sizes shrunk (same GQA ratio 4:1, RoPE llama3 scaling,
     untied head), beside the real Llama 3 tokenizer when fetched, else the word-level one."""
-    from conftest import REPO
-
     config = llama31_8b_config()
-    real = REPO / "data/models/llama3-tokenizer/tokenizer.json"
+    real = repo_root / "data/models/llama3-tokenizer/tokenizer.json"
     if real.exists():
         (folder / "tokenizer.json").write_bytes(real.read_bytes())
     else:
@@ -274,10 +270,10 @@ def _shrunk_8b_folder(folder) -> tuple[str, str | None]:
     return str(folder)
 
 
-def test_llama31_8b_shaped_ia3_step(tmp_path, tiny_data_dir):
+def test_llama31_8b_shaped_ia3_step(tmp_path, tiny_data_dir, module_data, repo_root):
     """The paper's path on CPU: Llama 3.1 8B's architecture (shrunk), random weights, bf16,
     gradient checkpointing, IA3 on k_proj / v_proj / down_proj, one optimizer step."""
-    path = _shrunk_8b_folder(tmp_path)
+    path = _shrunk_8b_folder(tmp_path, repo_root)
     spec = CausalLM(path=path, format="llama3", init="random", dtype="bfloat16", gradient_checkpointing=True,
                     target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
                     config_overrides={"hidden_size": 64, "intermediate_size": 224, "num_hidden_layers": 2,
@@ -296,21 +292,19 @@ def test_llama31_8b_shaped_ia3_step(tmp_path, tiny_data_dir):
     assert all(p.dtype == torch.float32 for _, p in module._online)  # adapters train in float32
     base0 = _base(module)
     online0 = [p.detach().clone() for _, p in module._online]
-    _trainer(tmp_path, max_steps=1).fit(module, datamodule=tiny_datamodule(tiny_data_dir, seq_len=1024))
+    _trainer(tmp_path, max_steps=1).fit(module, datamodule=module_data(module, tiny_data_dir, seq_len=1024))
     assert module.global_step == 1
     assert all(not torch.equal(p.detach(), p0) for (_, p), p0 in zip(module._online, online0, strict=True))
     assert all(torch.equal(p, base0[n]) for n, p in _base(module).items())
 
 
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
-def test_cli_fit_then_validate_from_a_checkpoint_without_the_base(tmp_path, tiny_data_dir, model_dir):
+def test_cli_fit_then_validate_from_a_checkpoint_without_the_base(tmp_path, tiny_data_dir, model_dir, repo_root):
     """The real entry point with ``--model.pretrained.*``: the checkpoint leaves the base out,
     ``validate --ckpt_path`` rebuilds it from the folder and plays exactly as at the end of fit."""
-    from conftest import REPO
-
     from icrl_lightning.cli import main
 
-    args = ["-c", str(REPO / "conf/experiment/quickstart.yaml"),
+    args = ["-c", str(repo_root / "conf/experiment/quickstart.yaml"),
             "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path / "root"),
             "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
             "--data.data_dir", str(tiny_data_dir), "--data.num_train_maps", "4", "--data.episodes_per_map", "10",

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import TINY, print_config
 
 from icrl_lightning.cli import ICRLCLI, main
 from icrl_lightning.data import ReplayDataModule
@@ -32,9 +31,9 @@ def _contains(actual, expected) -> bool:
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_preset_layers_on_an_experiment(name, capsys):
+def test_preset_layers_on_an_experiment(name, print_config):
     preset = yaml.safe_load(PRESETS[name].read_text())["trainer"]
-    cfg = print_config(["fit", "-c", str(QUICKSTART), "-c", str(PRESETS[name]), "--print_config"], capsys)
+    cfg = print_config(["fit", "-c", str(QUICKSTART), "-c", str(PRESETS[name]), "--print_config"])
     trainer = cfg["trainer"]
     assert _contains(trainer, preset)
     # The experiment's own settings survive the layering.
@@ -70,14 +69,14 @@ def test_fsdp_wraps_each_llama_decoder_layer(tmp_path):
     assert _Capture.captured["precision"] == "bf16-mixed"
 
 
-def test_deepspeed_preset_is_zero_stage_2(capsys):
-    cfg = print_config(["fit", "-c", str(QUICKSTART), "-c", str(PRESETS["deepspeed"]), "--print_config"], capsys)
+def test_deepspeed_preset_is_zero_stage_2(print_config):
+    cfg = print_config(["fit", "-c", str(QUICKSTART), "-c", str(PRESETS["deepspeed"]), "--print_config"])
     strategy = cfg["trainer"]["strategy"]
     assert strategy["class_path"] == "lightning.pytorch.strategies.DeepSpeedStrategy"
     assert strategy["init_args"]["stage"] == 2
 
 
-def test_cpu_preset_trains(tmp_path):
+def test_cpu_preset_trains(tmp_path, tiny_sizes):
     cli = main([
         "fit", "-c", str(QUICKSTART), "-c", str(PRESETS["cpu"]),
         "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
@@ -85,7 +84,7 @@ def test_cpu_preset_trains(tmp_path):
         "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
         "--data.num_train_maps", "4", "--data.episodes_per_map", "10", "--data.seq_len", "256",
         "--data.batch_size", "2", "--data.data_dir", str(tmp_path / "data"),
-        *[a for k, v in TINY.items() for a in (f"--model.backbone.{k}", str(v))],
+        *[a for k, v in tiny_sizes.items() for a in (f"--model.backbone.{k}", str(v))],
         "--model.evaluation.max_episode_steps", "30",
     ])
     assert cli.trainer.global_step == 2

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -12,9 +10,9 @@ from icrl_lightning.qlearning import (
     bellman_loss,
     conservative_penalty,
     double_dqn_targets,
-    failure_rewards,
     next_step,
     polyak_,
+    position_weights,
     successful_episode,
 )
 
@@ -127,26 +125,21 @@ def test_successful_episode_marks_every_action_of_an_episode_that_reached_a_goal
         successful_episode(reward[:3], torch.tensor([False, True, False]))
 
 
-def test_conservative_penalty_towards_a_preferred_set_hand_computed():
-    q = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]], requires_grad=True)
-    preferred = torch.tensor([[False, False, True, True], [False] * 4, [True, False, False, False]])
-    out = conservative_penalty(q, torch.tensor([0, 0, 0]), None, preferred)
-    # row 0: log(e+e^2+e^3+e^4) - log(e^3+e^4); row 1 (no preferred action): 0; row 2: log 4
-    e = math.e
-    hand = (math.log(e + e**2 + e**3 + e**4) - math.log(e**3 + e**4) + 0.0 + math.log(4)) / 3
-    assert out.item() == pytest.approx(hand, rel=1e-6)
-    out.backward()
-    assert torch.isfinite(q.grad).all() and q.grad[1].abs().sum() == 0
-
-
-def test_failure_rewards_only_on_episodes_that_end_in_a_hole():
-    # Episodes: goal (reward 1), hole, time limit, hole after one action.
-    reward = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
-    done = torch.tensor([False, True, False, True, False, True, True])
-    truncated = torch.tensor([False, False, False, False, False, True, False])
-    out = failure_rewards(reward, done, truncated, -0.5)
-    assert out.tolist() == [0.0, 1.0, 0.0, -0.5, 0.0, 0.0, -0.5]
-    assert reward.tolist() == [0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # not modified in place
+def test_position_weights_hand_computed():
+    marked = torch.tensor([True, False, False, True])
+    # weight 3 on the marked rows, 1 elsewhere: [3, 1, 1, 3], mean 2
+    torch.testing.assert_close(position_weights(marked, 3.0), torch.tensor([1.5, 0.5, 0.5, 1.5]))
+    # weight 0 drops the marked rows: [0, 1, 1, 0], mean 0.5
+    torch.testing.assert_close(position_weights(marked, 0.0), torch.tensor([0.0, 2.0, 2.0, 0.0]))
+    # weight 1, or every row marked: all ones
+    assert torch.equal(position_weights(marked, 1.0), torch.ones(4))
+    torch.testing.assert_close(position_weights(torch.ones(3, dtype=torch.bool), 7.0), torch.ones(3))
+    assert position_weights(marked, 3.0).dtype == torch.float32
+    # Scaled to mean 1, the weighted MSE of equal errors is the unweighted one.
+    err = torch.tensor([2.0, 2.0, 2.0, 2.0])
+    w = position_weights(marked, 5.0)
+    assert w.mean().item() == pytest.approx(1.0)
+    assert bellman_loss(err, torch.zeros(4), "mse", weight=w).item() == pytest.approx(4.0)
 
 
 def test_action_q_values():

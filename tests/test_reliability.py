@@ -18,9 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import TINY, TINY_DATA, tiny_backbone, tiny_datamodule
 
-import icrl_lightning.data as data_mod
+import icrl_lightning.data.dataset as dataset_mod
 import icrl_lightning.episodes as episodes_mod
 from icrl_lightning.checks import InputError
 from icrl_lightning.cli import main
@@ -32,6 +31,12 @@ from icrl_lightning.module import ICRLModule
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
 
 REPO = Path(__file__).resolve().parents[1]
+TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "max_position_embeddings": 256}
+TINY_DATA = {"num_train_maps": 4, "episodes_per_map": 10, "seq_len": 256, "batch_size": 2, "eval_maps": 3}
+
+
+def _datamodule(data_dir, **overrides) -> ReplayDataModule:
+    return ReplayDataModule(data_dir=str(data_dir), **{**TINY_DATA, **overrides})
 
 
 def _args(tmp: Path, data_dir: Path | None = None) -> list[str]:
@@ -69,60 +74,69 @@ def test_unknown_key_names_the_key(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("key", "value", "expected"), [
-    ("model.lr", "abc", 'Parser key "model.lr":\n  Expected a <class \'float\'>. Got value: abc'),
-    ("data.seq_len", "5.5", 'Parser key "data.seq_len":\n  Expected a <class \'int\'>. Got value: 5.5'),
+    ("model.lr", "abc", 'Parser key "model.lr": Expected a <class \'float\'>. Got value: abc'),
+    ("data.seq_len", "5.5", 'Parser key "data.seq_len": Expected a <class \'int\'>. Got value: 5.5'),
 ])
 def test_wrong_type_names_the_key(tmp_path, capsys, key, value, expected):
     err = _cli_error(["fit", *_args(tmp_path), f"--{key}", value], capsys)
     assert expected in err
+    assert "usage:" not in err and len(err.strip().splitlines()) == 1  # one line, no usage dump
 
 
 IMPOSSIBLE = [
     (["--model.lr", "0"], "model.lr=0.0 is out of range: allowed (0, inf)"),
     (["--model.lr", "-0.001"], "model.lr=-0.001 is out of range: allowed (0, inf)"),
-    (["--model.alpha", "0"], "model.alpha=0.0 is out of range: allowed (0, 1]"),
-    (["--model.alpha", "1.5"], "model.alpha=1.5 is out of range: allowed (0, 1]"),
-    (["--model.gamma", "1.0"], "model.gamma=1.0 is out of range: allowed [0, 1)"),
-    (["--model.gamma", "-0.1"], "model.gamma=-0.1 is out of range: allowed [0, 1)"),
-    (["--model.loss", "l1"], "model.loss='l1': choose one of 'mse', 'normalized'"),
-    (["--model.cql_weight", "-1"], "model.cql_weight=-1.0 is out of range: allowed [0, inf)"),
-    (["--model.cql_on", "failures"], "model.cql_on='failures': choose one of ['all', 'successful']"),
-    (["--model.cql_target", "bfs"], "model.cql_target='bfs': choose one of ['data', 'oracle']"),
-    (["--model.cql_weight", "0", "--model.cql_target", "oracle"],
-     "model.cql_on='successful' / model.cql_target='oracle' shape the conservative penalty, which is off "
-     "(model.cql_weight=0): set model.cql_weight > 0"),
-    (["--model.failure_reward", "0.5"], "model.failure_reward=0.5 is out of range: allowed (-inf, 0]"),
+    (["--model.target.alpha", "0"], "model.target.alpha=0.0 is out of range: allowed (0, 1]"),
+    (["--model.target.alpha", "1.5"], "model.target.alpha=1.5 is out of range: allowed (0, 1]"),
+    (["--model.td.gamma", "1.0"], "model.td.gamma=1.0 is out of range: allowed [0, 1)"),
+    (["--model.td.gamma", "-0.1"], "model.td.gamma=-0.1 is out of range: allowed [0, 1)"),
+    (["--model.td.loss", "l1"], "model.td.loss='l1': choose one of 'mse', 'normalized'"),
+    (["--model.td.reward_scale", "0"], "model.td.reward_scale=0.0 is out of range: allowed (0, inf)"),
+    (["--model.td.conflict_weight", "-1"], "model.td.conflict_weight=-1.0 is out of range: allowed [0, inf)"),
+    (["--model.cql.weight", "-1"],
+     "model.cql.weight=-1.0 is out of range: allowed (0, inf) (model.cql: null turns the penalty off)"),
+    (["--model.cql.weight", "0"],
+     "model.cql.weight=0.0 is out of range: allowed (0, inf) (model.cql: null turns the penalty off)"),
+    (["--model.cql.episodes", "failures"], "model.cql.episodes='failures': choose one of 'all', 'successful'"),
+    (["--model.q_head", "mlp"], "model.q_head='mlp': choose one of 'tokens', 'linear'"),
+    (["--model.evaluation.scenario", "bandit"],
+     "model.evaluation.scenario='bandit': choose one of 'standard', 'nonstationary', 'stitching'"),
+    (["--model.evaluation.schedule", "[0.5, 1.5]"],
+     "model.evaluation.schedule: probabilities must lie in [0, 1], got [1.5]"),
+    (["--model.evaluation.last_k", "0"], "model.evaluation.last_k=0 is out of range: allowed [1, inf)"),
+    (["--model.evaluation.max_context", "100"],
+     "evaluation max_context=100 tokens (0 = data.seq_len) cannot hold one longest episode"),
     (["--data.seq_len", "100"],
-     "data.seq_len=100 is out of range: allowed [205, inf) (an episode of data.max_episode_steps=100 steps is "
-     "205 tokens in the compact_outcome format)"),
+     "data.seq_len=100 is out of range: allowed [205, inf) (an episode of data.env.max_episode_steps=100 steps "
+     "is 205 tokens in the compact_outcome format)"),
     (["--data.set_size_min", "30", "--data.set_size_max", "20"],
      "data.set_size_max=20 is out of range: allowed [30, inf) (at least data.set_size_min)"),
     (["--data.set_size_min", "0"], "data.set_size_min=0 is out of range: allowed [1, inf)"),
-    (["--data.min_size", "1"], "data.min_size=1 is out of range: allowed [2, inf) (a map is at least 2 x 2 tiles)"),
-    (["--data.max_size", "2"], "data.max_size=2 is out of range: allowed [3, inf) (at least data.min_size)"),
-    (["--data.max_size", "9"], "data.max_size: maps of 81 tiles, but the model's tokenizer writes at most 64 tiles"),
-    (["--data.p_hole", "1.0"], "data.p_hole=1.0 is out of range: allowed [0, 1)"),
-    (["--data.p_hole", "-0.2"], "data.p_hole=-0.2 is out of range: allowed [0, 1)"),
-    (["--data.min_hops", "9"],
-     "data.min_hops=9 is out of range: allowed [0, 8] (the farthest tiles of a 5 x 5 map are 8 moves apart)"),
-    (["--data.behaviour_epsilon", "1.5"], "data.behaviour_epsilon=1.5 is out of range: allowed [0, 1]"),
-    (["--data.behaviour_lr", "0"], "data.behaviour_lr=0.0 is out of range: allowed (0, 1]"),
+    (["--data.env.min_size", "1"],
+     "data.env.min_size=1 is out of range: allowed [2, inf) (a map is at least 2 x 2 tiles)"),
+    (["--data.env.max_size", "2"],
+     "data.env.max_size=2 is out of range: allowed [3, inf) (at least data.env.min_size)"),
+    (["--data.env.max_size", "9"],
+     "data.env.max_size: maps of 81 tiles, but the model's tokenizer writes at most 64 tiles"),
+    (["--data.env.p_hole", "1.0"], "data.env.p_hole=1.0 is out of range: allowed [0, 1)"),
+    (["--data.env.p_hole", "-0.2"], "data.env.p_hole=-0.2 is out of range: allowed [0, 1)"),
+    (["--data.env.min_hops", "9"],
+     "data.env.min_hops=9 is out of range: allowed [0, 8] (the farthest tiles of a 5 x 5 map are 8 moves apart)"),
+    (["--data.env.max_episode_steps", "0"], "data.env.max_episode_steps=0 is out of range: allowed [1, inf)"),
+    (["--data.behaviour.epsilon", "1.5"], "data.behaviour.epsilon=1.5 is out of range: allowed [0, 1]"),
+    (["--data.behaviour.lr", "0"], "data.behaviour.lr=0.0 is out of range: allowed (0, 1]"),
+    (["--data.behaviour.q_init", "-1"], "data.behaviour.q_init=-1.0 is out of range: allowed [0, inf)"),
     (["--data.num_train_maps", "0"], "data.num_train_maps=0 is out of range: allowed [1, inf)"),
     (["--data.episodes_per_map", "0"], "data.episodes_per_map=0 is out of range: allowed [1, inf)"),
-    (["--data.max_episode_steps", "0"], "data.max_episode_steps=0 is out of range: allowed [1, inf)"),
     (["--data.batch_size", "0"], "data.batch_size=0 is out of range: allowed [1, inf)"),
     (["--data.eval_maps", "201"],
      "data.eval_maps=201 is out of range: allowed [1, 200] (200 maps of each split are reserved for evaluation)"),
     (["--data.quality", "best"], "data.quality='best': choose one of 'high', 'medium', 'low'"),
-    (["--data.set_order", "sorted"], "data.set_order='sorted': choose one of 'random', 'learning', 'trial'"),
-    (["--data.set_order", "trial"],
-     "data.set_order=trial plays whole trials: it needs data.behaviour_schedule=protocol"),
-    (["--data.behaviour_schedule", "eval"], "data.behaviour_schedule='eval': choose one of 'constant', 'protocol'"),
-    (["--data.behaviour_schedule", "protocol", "--data.episodes_per_map", "100"],
-     "data.episodes_per_map=100 with data.behaviour_schedule=protocol: use a multiple of 30"),
-    (["--data.behaviour_q_init", "-1"], "data.behaviour_q_init=-1.0 is out of range: allowed [0, inf)"),
+    (["--data.set_order", "sorted"], "data.set_order='sorted': choose one of 'random', 'learning'"),
     (["--data.eval_split", "train"], "data.eval_split='train': choose one of 'heldout', 'ood'"),
     (["--data.seed", "-1"], "data.seed=-1 is out of range: allowed [0, inf) (numpy seeds are non-negative)"),
+    (["--data.split_seed", "-1"],
+     "data.split_seed=-1 is out of range: allowed [0, inf) (numpy seeds are non-negative)"),
 ]
 
 
@@ -135,15 +149,18 @@ def test_impossible_value_fails_before_any_work(tmp_path, capsys, args, message)
     assert not (tmp_path / "data").exists() and not (tmp_path / "logs").exists()
 
 
-# --- 2. bad files ---------------------------------------------------------------------------------------
+# --- 2. bad files: every file argument fails with one line naming it -----------------------------------
 BAD_MAP_FILES = [
-    ('[["SFF", "FFG"], ', " is not valid JSON: Expecting value: line 1 column 18"),
+    ('[["SFF", "FFG"], ', " is not valid JSON (Expecting value at line 1, column 18)"),
     ('{"maps": []}', ": expected a non-empty JSON list of maps (lists of row strings)"),
+    ("[]", ": expected a non-empty JSON list of maps (lists of row strings)"),
     ('[["SFF", "FFG"], ["SFF", "FG"]]', ", map 1: row 1 has 2 tiles, row 0 has 3 (ragged map)"),
     ('[["SFF", "FFG"], ["FFF", "FFG"]]', ", map 1: the map has no start tile 'S'"),
     ('[["SFF", "FFG"], ["SF", "FG"], ["SFF", "FFF"]]', ", map 2: the map has no goal tile 'G'"),
     ('[["SFF", "FXG"]]', ", map 0: row 1 has unknown tile letters ['X'] (allowed: S F H G)"),
     ('[["SFF", "FFG"], "SHFG"]', ", map 1: a map is a list of row strings, got str 'SHFG'"),
+    ('[["SFF", "FFG"], ["SHG", "HFF"]]',
+     ", map 1: no path from start tile(s) [0] to a goal (holes block every way): the agent could never solve it"),
 ]
 
 
@@ -153,19 +170,115 @@ def test_bad_map_file(tmp_path, capsys, text, message, subcommand):
     path = tmp_path / "my-maps.json"
     path.write_text(text)
     err = _cli_error([subcommand, *_args(tmp_path), "--data.eval_map_file", str(path)], capsys)
-    assert f"error: map file {path}{message}" in err
-    assert "Traceback" not in err
+    assert f"error: data.eval_map_file: {path}{message}" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "data").exists()  # failed before the dataset was built
 
 
-def test_missing_map_file(tmp_path, capsys):
-    err = _cli_error(["validate", *_args(tmp_path), "--data.eval_map_file", str(tmp_path / "nope.json")], capsys)
-    assert f"error: map file {tmp_path / 'nope.json'} does not exist" in err
+def _bad_path(tmp: Path, kind: str) -> Path:
+    """A file argument that is wrong in one way: missing, a folder, empty, not text, ..."""
+    p = tmp / f"bad-{kind}"
+    if kind == "folder":
+        p.mkdir()
+    elif kind == "empty":
+        p.write_text("")
+    elif kind == "binary":
+        p.write_bytes(b"\xff\xfe\x00garbage")
+    elif kind == "text":
+        p.write_text("just some text\n")
+    return p
+
+
+FILE_KINDS = {"missing": "does not exist", "folder": "is a folder", "empty": "is empty",
+              "binary": "is not a text file (not UTF-8)"}
+
+
+@pytest.mark.parametrize("kind", sorted(FILE_KINDS))
+def test_bad_map_file_kinds(tmp_path, capsys, kind):
+    path = _bad_path(tmp_path, kind)
+    err = _cli_error(["validate", *_args(tmp_path), "--data.eval_map_file", str(path)], capsys)
+    assert err.strip() == f"error: data.eval_map_file: {path} {FILE_KINDS[kind]}" + (
+        ", not a file" if kind == "folder" else "")
+
+
+CONFIG_KINDS = {**FILE_KINDS, "list": "expected a mapping of sections", "broken": "is not valid YAML at line 2"}
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIG_KINDS))
+def test_bad_config_file(tmp_path, capsys, kind):
+    if kind == "list":
+        path = tmp_path / "list.yaml"
+        path.write_text("- 1\n- 2\n")
+    elif kind == "broken":
+        path = tmp_path / "broken.yaml"
+        path.write_text("model: [lr\n")
+    else:
+        path = _bad_path(tmp_path, kind)
+    err = _cli_error(["fit", *_args(tmp_path), "-c", str(path)], capsys)
+    assert err.startswith("error: -c") and str(path) in err and CONFIG_KINDS[kind] in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def _not_a_checkpoint(tmp: Path, kind: str) -> Path:
+    if kind == "torch-dict":  # a real torch file, but not a Lightning checkpoint
+        p = tmp / "weights.pt"
+        torch.save({"w": torch.zeros(2)}, p)
+        return p
+    return _bad_path(tmp, kind)
+
+
+CKPT_KINDS = {"missing": "does not exist", "folder": "is a folder; give a .ckpt file",
+              "empty": "is not a readable PyTorch checkpoint", "binary": "is not a readable PyTorch checkpoint",
+              "text": "is not a readable PyTorch checkpoint",
+              "torch-dict": "is not a checkpoint written by icrl_lightning's fit"}
+
+
+@pytest.mark.parametrize("kind", sorted(CKPT_KINDS))
+@pytest.mark.parametrize("subcommand", ["fit", "validate"])
+def test_bad_checkpoint(tmp_path, capsys, kind, subcommand):
+    path = _not_a_checkpoint(tmp_path, kind)
+    err = _cli_error([subcommand, *_args(tmp_path), "--ckpt_path", str(path)], capsys)
+    assert err.startswith(f"error: --ckpt_path: {path} {CKPT_KINDS[kind]}"), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "data").exists()
+
+
+def test_validate_last_without_a_checkpoint(tmp_path, capsys):
+    err = _cli_error(["validate", *_args(tmp_path), "--ckpt_path", "last"], capsys)
+    assert err.startswith("error: --ckpt_path last: this experiment has no last*.ckpt to evaluate")
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder", "empty", "binary", "text"])
+def test_bad_stitching_file(tmp_path, capsys, kind):
+    path = _bad_path(tmp_path, kind)
+    err = _cli_error(["validate", *_args(tmp_path), "-c", str(REPO / "conf/experiment/eval_stitching.yaml"),
+                      "--model.evaluation.stitching_file", str(path)], capsys)
+    assert err.startswith(f"error: model.evaluation.stitching_file: {path}"), err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_data_dir_that_is_a_file(tmp_path, capsys):
+    path = _bad_path(tmp_path, "text")
+    err = _cli_error(["fit", *_args(tmp_path, data_dir=path)], capsys)
+    assert err.strip() == f"error: data.data_dir={str(path)!r} is a file: give a folder (datasets are built under it)"
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder", "empty", "text"])
+def test_bad_model_path(tmp_path, capsys, kind):
+    path = _bad_path(tmp_path, kind)
+    if kind != "folder":
+        path = path.with_suffix(".gguf")
+        if kind != "missing":
+            path.write_text("" if kind == "empty" else "not a gguf file")
+    err = _cli_error(["fit", *_args(tmp_path), "-c", str(REPO / "conf/model/smollm2_135m_ia3.yaml"),
+                      "--model.pretrained.path", str(path)], capsys)
+    assert err.startswith("error: ") and str(path) in err and "model.pretrained" in err + "GGUF", err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def _copy_dataset(src_root: Path, dst_root: Path) -> Path:
     shutil.copytree(src_root, dst_root)
-    return tiny_datamodule(dst_root).dataset_dir
+    return _datamodule(dst_root).dataset_dir
 
 
 def _truncate(p: Path):
@@ -195,7 +308,7 @@ def test_damaged_shard_names_the_file_and_the_fix(tmp_path, tiny_data_dir, damag
     assert str(err.value).startswith(f"episode shard {shard} is unreadable (")
     assert f"delete the dataset folder {out} and run again to rebuild it" in str(err.value)
     with pytest.raises(InputError, match=re.escape(str(shard))):
-        tiny_datamodule(tmp_path / "data").load_episodes()
+        _datamodule(tmp_path / "data").load_episodes()
 
 
 def test_damaged_shard_through_the_cli(tmp_path, tiny_data_dir, capsys):
@@ -210,13 +323,13 @@ def test_damaged_manifest(tmp_path, tiny_data_dir):
     out = _copy_dataset(tiny_data_dir, tmp_path / "data")
     _truncate(out / "manifest.json")
     with pytest.raises(InputError, match=re.escape(f"dataset manifest {out / 'manifest.json'} is damaged")):
-        tiny_datamodule(tmp_path / "data").load_episodes()
+        _datamodule(tmp_path / "data").load_episodes()
 
 
 # --- 3. nothing half-written ---------------------------------------------------------------------------------
 def test_killed_build_is_resumed_never_read_as_complete(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_mod, "MAPS_PER_SHARD", 2)  # two shards for the tiny dataset
-    reference = tiny_datamodule(tmp_path / "ref")
+    monkeypatch.setattr(dataset_mod, "MAPS_PER_SHARD", 2)  # two shards for the tiny dataset
+    reference = _datamodule(tmp_path / "ref")
     reference.prepare_data()
     assert sorted(p.name for p in reference.dataset_dir.iterdir()) == [
         "manifest.json", "shard-00000.parquet", "shard-00001.parquet"]
@@ -231,7 +344,7 @@ def test_killed_build_is_resumed_never_read_as_complete(tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")
         real_write_table(table, where, **kw)
 
-    dm = tiny_datamodule(tmp_path / "run")
+    dm = _datamodule(tmp_path / "run")
     monkeypatch.setattr(episodes_mod.pq, "write_table", dying_write_table)
     with pytest.raises(KeyboardInterrupt):
         dm.prepare_data()
@@ -253,7 +366,7 @@ def test_killed_build_is_resumed_never_read_as_complete(tmp_path, monkeypatch):
 
 
 def test_resumed_build_rebuilds_a_damaged_shard(tmp_path):
-    dm = tiny_datamodule(tmp_path)
+    dm = _datamodule(tmp_path)
     dm.prepare_data()
     out = dm.dataset_dir
     good = (out / "shard-00000.parquet").read_bytes()
@@ -304,11 +417,11 @@ class _PoisonedData(ReplayDataModule):
         return _Poisoned(super().train_dataloader(), at=3)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data_dir):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data_dir, tiny_backbone):
     torch.manual_seed(0)
     module = ICRLModule(backbone=tiny_backbone(), seq_len=256, evaluation=EvalProtocol(max_episode_steps=30))
     dm = _PoisonedData(data_dir=str(tiny_data_dir), num_train_maps=4, episodes_per_map=10, seq_len=256,
-                       batch_size=2, eval_maps=3)
+                       batch_size=2, eval_maps=3).set_serializer(module.serializer, module.batch_fields)
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
     trainer = L.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, callbacks=[ckpt],
@@ -363,12 +476,12 @@ ReplayDataModule(data_dir=sys.argv[1], **json.loads(sys.argv[2])).prepare_data()
 
 def test_same_dataset_bytes_in_another_process(tmp_path):
     """Built here and in a fresh process with another hash seed: byte-identical shards."""
-    here = tiny_datamodule(tmp_path / "a")
+    here = _datamodule(tmp_path / "a")
     here.prepare_data()
     env = {**os.environ, "PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-c", _BUILD, str(tmp_path / "b"), json.dumps(TINY_DATA)], env=env, check=True,
                    timeout=300)
-    there = tiny_datamodule(tmp_path / "b").dataset_dir
+    there = _datamodule(tmp_path / "b").dataset_dir
     assert here.dataset_dir.name == there.name
     names = sorted(p.name for p in here.dataset_dir.iterdir())
     assert names == sorted(p.name for p in there.iterdir())

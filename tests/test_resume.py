@@ -18,18 +18,13 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from helpers import TINY, TINY_DATA
-from test_data import _synthetic
 from torch.utils.data import DataLoader
 
-from icrl_lightning.backbones import build_tokenizer
 from icrl_lightning.cli import main
 from icrl_lightning.data import ReplayLoader, ReplayStream
-from icrl_lightning.serialize import Serializer
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
 
-REPO = Path(__file__).resolve().parents[1]
 # Checkpoints after every optimizer step; the killed run dies in step KILL_AT, after the checkpoint
 # of step KILL_AT - 1. Its resume skips (KILL_AT - 1) * ACCUMULATE = 9 batches: an odd offset for
 # the two DataLoader workers.
@@ -59,7 +54,7 @@ class Recorder(L.Callback):
             time.sleep(600)
 
 
-def _config(tmp: Path, data_dir: Path, run: str, hang_at_step: int = 0) -> Path:
+def _config(tmp: Path, data_dir: Path, run: str, sizes: dict, data_args: dict, hang_at_step: int = 0) -> Path:
     cfg = {
         "seed_everything": 0,
         "trainer": {
@@ -74,10 +69,10 @@ def _config(tmp: Path, data_dir: Path, run: str, hang_at_step: int = 0) -> Path:
                  "init_args": {"out": str(tmp / f"{run}.jsonl"), "hang_at_step": hang_at_step}},
             ],
         },
-        "model": {"backbone": TINY, "warmup_steps": 2, "lr": 1e-3, "evaluation": {"max_episode_steps": 30}},
+        "model": {"backbone": sizes, "warmup_steps": 2, "lr": 1e-3, "evaluation": {"max_episode_steps": 30}},
         # Two DataLoader workers: the resumed DataLoader must hand batches to its workers in the
         # order the uninterrupted one did.
-        "data": {**TINY_DATA, "data_dir": str(data_dir), "num_workers": 2},
+        "data": {**data_args, "data_dir": str(data_dir), "num_workers": 2},
     }
     path = tmp / f"{run}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -102,15 +97,18 @@ def _tensors(obj, prefix=""):
         yield prefix, torch.tensor(obj)
 
 
-def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, tiny_data_dir):
+def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, tiny_data_dir, tiny_sizes, tiny_data_args,
+                                                           repo_root):
+    # The killed run is another process: it finds the package and this module (the Recorder's
+    # class path) through its PYTHONPATH.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    killed_cfg = _config(tmp_path, tiny_data_dir, "b", hang_at_step=KILL_AT)
+           "PYTHONPATH": os.pathsep.join([str(repo_root), str(repo_root / "tests")])}
+    killed_cfg = _config(tmp_path, tiny_data_dir, "b", tiny_sizes, tiny_data_args, hang_at_step=KILL_AT)
     proc = subprocess.Popen([sys.executable, "-m", "icrl_lightning", "fit", "-c", str(killed_cfg)], cwd=tmp_path,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         # The uninterrupted run, in this process while the other one trains.
-        full = main(["fit", "-c", str(_config(tmp_path, tiny_data_dir, "a"))])
+        full = main(["fit", "-c", str(_config(tmp_path, tiny_data_dir, "a", tiny_sizes, tiny_data_args))])
         assert full.trainer.global_step == MAX_STEPS
         deadline = time.monotonic() + 240
         while not (tmp_path / "b.jsonl.hanging").exists():
@@ -127,7 +125,8 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, tiny_data_d
     last = tmp_path / "b" / "ckpt" / "last.ckpt"
     assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == KILL_AT - 1
 
-    resumed = main(["fit", "-c", str(_config(tmp_path, tiny_data_dir, "b")), "--ckpt_path", "last"])
+    resumed = main(["fit", "-c", str(_config(tmp_path, tiny_data_dir, "b", tiny_sizes, tiny_data_args)),
+                    "--ckpt_path", "last"])
     assert resumed.trainer.global_step == MAX_STEPS
 
     # Every batch either run trained on is the uninterrupted run's batch of that index, with its loss ...
@@ -160,20 +159,15 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, tiny_data_d
 
 
 # --- the stream's resume logic, rank by rank and worker by worker -------------------------------------------
-@pytest.fixture(scope="module")
-def compact():
-    return Serializer(build_tokenizer("compact"), "compact")
-
-
 def _batches(stream: ReplayStream, workers: int) -> list[torch.Tensor]:
     loader = DataLoader(stream, batch_size=stream.batch_size, num_workers=workers)
     return [b["input_ids"] for b in loader]
 
 
 @pytest.mark.parametrize(("workers", "skip"), [(0, 3), (2, 3), (2, 4), (3, 5), (2, 7)])
-def test_skipped_stream_is_the_tail_of_the_whole_stream(compact, workers, skip):
+def test_skipped_stream_is_the_tail_of_the_whole_stream(compact, synthetic, workers, skip):
     # 7 batches per rank with a short last one (13 sequences, batches of 2).
-    episodes, weights, _ = _synthetic(compact, n_maps=12, n_eps=20)
+    episodes, weights, _ = synthetic(compact, n_maps=12, n_eps=20)
     for rank in (0, 1):
         kw = {"episodes": episodes, "weights": weights, "seq_len": 64, "pad_id": compact.pad_id,
               "num_sequences": 13, "set_size": (2, 4), "seed": 0, "rank": rank, "world_size": 2, "batch_size": 2}
@@ -185,9 +179,24 @@ def test_skipped_stream_is_the_tail_of_the_whole_stream(compact, workers, skip):
             assert torch.equal(x, y)
 
 
-def test_longer_run_continues_the_same_stream(compact):
+def test_skipped_stream_keeps_the_extra_batch_fields(compact, synthetic):
+    """A resumed stream built with ``fields={"conflict"}`` continues every field of the batches,
+    the conflict marks included."""
+    episodes, weights, _ = synthetic(compact, n_maps=4, n_eps=20)
+    kw = {"episodes": episodes, "weights": weights, "seq_len": 64, "pad_id": compact.pad_id, "num_sequences": 10,
+          "set_size": (2, 4), "seed": 0, "batch_size": 2, "fields": {"conflict"}}
+    whole = list(DataLoader(ReplayStream(**kw), batch_size=2, num_workers=2))
+    tail = list(DataLoader(ReplayStream(**kw, skip_batches=3), batch_size=2, num_workers=2))
+    assert len(whole) == 5 and len(tail) == 2
+    for x, y in zip(whole[3:], tail, strict=True):
+        assert x.keys() == y.keys() == {"input_ids", "q_mask", "action", "reward", "done", "n_tokens", "conflict"}
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+
+
+def test_longer_run_continues_the_same_stream(compact, synthetic):
     """Resuming with a larger max_steps (a longer stream) continues the same batches."""
-    episodes, weights, _ = _synthetic(compact, n_maps=4, n_eps=20)
+    episodes, weights, _ = synthetic(compact, n_maps=4, n_eps=20)
     kw = {"episodes": episodes, "weights": weights, "seq_len": 64, "pad_id": compact.pad_id, "set_size": (2, 4),
           "seed": 0, "batch_size": 2}
     short = _batches(ReplayStream(**kw, num_sequences=8), 2)
@@ -197,10 +206,10 @@ def test_longer_run_continues_the_same_stream(compact):
     assert len(longer) == 6
 
 
-def test_resume_under_another_layout_says_so(compact, caplog):
+def test_resume_under_another_layout_says_so(compact, synthetic, caplog):
     """The loader saves the stream's layout in checkpoints; a resume that cannot continue the same
     batches (here: another number of DataLoader workers) warns and names what changed."""
-    episodes, weights, _ = _synthetic(compact, n_maps=4, n_eps=20)
+    episodes, weights, _ = synthetic(compact, n_maps=4, n_eps=20)
     stream = ReplayStream(episodes, weights, seq_len=64, pad_id=compact.pad_id, num_sequences=4, seed=0)
     layout = {"seed": 0, "num_workers": 2, "world_size": 1}
     saved = ReplayLoader(stream, layout).state_dict()
@@ -212,16 +221,17 @@ def test_resume_under_another_layout_says_so(compact, caplog):
     assert "num_workers: 2 -> 4" in record.getMessage()
 
 
-def test_ckpt_path_last_finds_the_previous_runs_checkpoint(tmp_path, tiny_data_dir):
+def test_ckpt_path_last_finds_the_previous_runs_checkpoint(tmp_path, tiny_data_dir, tiny_sizes, tiny_data_args,
+                                                          repo_root):
     """With the quickstart's logger every run writes to a new version_N folder; ``--ckpt_path last``
     still resumes from the previous run's last.ckpt instead of silently starting over."""
-    args = ["-c", str(REPO / "conf/experiment/quickstart.yaml"),
+    args = ["-c", str(repo_root / "conf/experiment/quickstart.yaml"),
             "--trainer.limit_val_batches", "0",
             "--trainer.default_root_dir", str(tmp_path / "root"),
             "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
-            *[a for k, v in TINY_DATA.items() for a in (f"--data.{k}", str(v))],
+            *[a for k, v in tiny_data_args.items() for a in (f"--data.{k}", str(v))],
             "--data.data_dir", str(tiny_data_dir),
-            *[a for k, v in TINY.items() for a in (f"--model.backbone.{k}", str(v))],
+            *[a for k, v in tiny_sizes.items() for a in (f"--model.backbone.{k}", str(v))],
             "--model.evaluation.max_episode_steps", "30"]
     first = main(["fit", *args, "--trainer.max_steps", "2"])
     (last,) = (tmp_path / "logs").rglob("last.ckpt")

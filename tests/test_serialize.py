@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from icrl_lightning.backbones import build_tokenizer
 from icrl_lightning.envs import ACTIONS
-from icrl_lightning.serialize import Serializer
+from icrl_lightning.episodes import Episode
+from icrl_lightning.serialize import EncodedEpisode, Serializer
 
 # observations [0, 1, 5], actions right, down, reward 1.0 on the last step, terminated.
 OBS, ACTS, REWS = [0, 1, 5], [2, 1], [0.0, 1.0]
@@ -43,13 +44,12 @@ def llama3():
     return Serializer(build_tokenizer("llama3"), "llama3")
 
 
-@pytest.fixture(scope="module")
-def compact():
-    return Serializer(build_tokenizer("compact"), "compact")
+def _encode(s: Serializer, obs, acts, rews, terminated: bool, truncated: bool) -> EncodedEpisode:
+    return s.encode(Episode(obs, acts, rews, terminated, truncated))
 
 
 def test_llama3_exact_text_and_ids(llama3):
-    enc = llama3.episode(OBS, ACTS, REWS, terminated=True, truncated=False)
+    enc = _encode(llama3, OBS, ACTS, REWS, terminated=True, truncated=False)
     toks = _tokens(llama3, enc.ids)
     assert "".join(toks) == LLAMA3_TEXT
     assert enc.ids.tolist() == LLAMA3_IDS
@@ -60,7 +60,7 @@ def test_llama3_exact_text_and_ids(llama3):
 
 
 def test_llama3_q_positions(llama3):
-    enc = llama3.episode(OBS, ACTS, REWS, terminated=True, truncated=False)
+    enc = _encode(llama3, OBS, ACTS, REWS, terminated=True, truncated=False)
     toks = _tokens(llama3, enc.ids)
     assert enc.q_pos.tolist() == [8, 18]
     for t, q in enumerate(enc.q_pos):
@@ -85,14 +85,13 @@ def test_llama3_step_costs_ten_tokens(llama3):
         for o in (0, 7, 63):
             assert len(llama3.after_action(a, o, 0.0, done=False, truncated=False)) == 10
     # An episode one step longer is exactly ten tokens longer.
-    short = llama3.episode([0, 1, 2], [2, 2], [0.0, 0.0], False, True)
-    longer = llama3.episode([0, 1, 2, 3], [2, 2, 2], [0.0, 0.0, 0.0], False, True)
+    short = _encode(llama3, [0, 1, 2], [2, 2], [0.0, 0.0], False, True)
+    longer = _encode(llama3, [0, 1, 2, 3], [2, 2, 2], [0.0, 0.0, 0.0], False, True)
     assert len(longer) - len(short) == 10
 
 
 def test_llama3_truncated_episode_has_edit_role(llama3):
-    enc = llama3.episode([0, 1, 1], [2, 3], [0.0, 0.0], terminated=False, truncated=True)
-    assert enc.truncated and not llama3.episode([0, 1], [2], [0.0], terminated=True, truncated=False).truncated
+    enc = _encode(llama3, [0, 1, 1], [2, 3], [0.0, 0.0], terminated=False, truncated=True)
     toks = _tokens(llama3, enc.ids)
     assert toks[-6:] == ["<|start_header_id|>", "edit", "<|end_header_id|>", "truncated", "<|eot_id|>",
                          "<|end_of_text|>"]
@@ -100,13 +99,13 @@ def test_llama3_truncated_episode_has_edit_role(llama3):
     assert toks[-11:-6] == ["<|start_header_id|>", "observation", "<|end_header_id|>", "1", "<|eot_id|>"]
     assert "reward" not in toks
     # A terminated episode has no edit.
-    done = llama3.episode([0, 1, 1], [2, 3], [0.0, 0.0], terminated=True, truncated=False)
+    done = _encode(llama3, [0, 1, 1], [2, 3], [0.0, 0.0], terminated=True, truncated=False)
     assert "edit" not in _tokens(llama3, done.ids)
     assert len(enc) == len(done) + 5
 
 
 def test_compact_exact_tokens_and_q_positions(compact):
-    enc = compact.episode(OBS, ACTS, REWS, terminated=True, truncated=False)
+    enc = _encode(compact, OBS, ACTS, REWS, terminated=True, truncated=False)
     toks = _tokens(compact, enc.ids)
     assert toks == COMPACT_TOKENS
     assert enc.ids.tolist() == COMPACT_IDS
@@ -118,19 +117,19 @@ def test_compact_exact_tokens_and_q_positions(compact):
 
 
 def test_compact_truncated(compact):
-    enc = compact.episode([0, 1, 1], [2, 3], [0.0, 0.0], terminated=False, truncated=True)
+    enc = _encode(compact, [0, 1, 1], [2, 3], [0.0, 0.0], terminated=False, truncated=True)
     assert _tokens(compact, enc.ids) == ["<ep>", "o0", "right", "o1", "up", "o1", "<trunc>", "</ep>"]
     assert enc.q_pos.tolist() == [1, 3]
 
 
 def test_compact_outcome_tags_failed_episodes():
     s = Serializer(build_tokenizer("compact_outcome"), "compact_outcome")
-    won = s.episode(OBS, ACTS, REWS, terminated=True, truncated=False)
+    won = _encode(s, OBS, ACTS, REWS, terminated=True, truncated=False)
     assert _tokens(s, won.ids) == COMPACT_TOKENS  # a success is written as in compact
-    hole = s.episode([3, 3, 7, 11], [3, 1, 1], [0.0, 0.0, 0.0], terminated=True, truncated=False)
+    hole = _encode(s, [3, 3, 7, 11], [3, 1, 1], [0.0, 0.0, 0.0], terminated=True, truncated=False)
     assert _tokens(s, hole.ids) == ["<ep->", "x3", "up", "x3", "down", "x7", "down", "x11", "</ep>"]
     assert hole.q_pos.tolist() == [1, 3, 5]
-    late = s.episode([0, 1, 1], [2, 3], [0.0, 0.0], terminated=False, truncated=True)
+    late = _encode(s, [0, 1, 1], [2, 3], [0.0, 0.0], terminated=False, truncated=True)
     assert _tokens(s, late.ids) == ["<ep->", "x0", "right", "x1", "up", "x1", "<trunc>", "</ep>"]
     # The agent writes an episode as a success while playing it and rewrites it in place once it failed.
     played = list(s.begin(3))
@@ -139,11 +138,11 @@ def test_compact_outcome_tags_failed_episodes():
     assert _tokens(s, played)[:2] == ["<ep>", "o3"]
     s.mark_failed(played)
     assert played == hole.ids.tolist()
-    assert pickle.loads(pickle.dumps(s)).episode([3, 3, 7, 11], [3, 1, 1], [0.0] * 3, True, False).ids.tolist() \
+    assert _encode(pickle.loads(pickle.dumps(s)), [3, 3, 7, 11], [3, 1, 1], [0.0] * 3, True, False).ids.tolist() \
         == hole.ids.tolist()
     # Formats without outcome tags are untouched.
     plain = Serializer(build_tokenizer("compact"), "compact")
-    ids = plain.episode([3, 3, 7, 11], [3, 1, 1], [0.0] * 3, True, False).ids.tolist()
+    ids = _encode(plain, [3, 3, 7, 11], [3, 1, 1], [0.0] * 3, True, False).ids.tolist()
     before = list(ids)
     plain.mark_failed(ids)
     assert ids == before and _tokens(plain, ids)[:2] == ["<ep>", "o3"]
@@ -162,7 +161,7 @@ def test_compact_outcome_tags_failed_episodes():
 )
 def test_pieces_concatenate_to_episode(fmt, obs, acts, rews, term, trunc):
     s = Serializer(build_tokenizer(fmt), fmt)
-    enc = s.episode(obs, acts, rews, term, trunc)
+    enc = _encode(s, obs, acts, rews, term, trunc)
     ids = list(s.begin(obs[0]))
     q_pos = [len(ids) - 1]
     for t in range(len(acts)):
@@ -185,11 +184,11 @@ def test_serializer_pickles(fmt):
     s = Serializer(build_tokenizer(fmt), fmt)
     eps = [(OBS, ACTS, REWS, True, False), ([0, 1, 1], [2, 3], [0.0, 0.0], False, True),
            ([63, 62, 48], [0, 3], [0.0, 0.0], True, False)]
-    before = [s.episode(*e) for e in eps]
+    before = [_encode(s, *e) for e in eps]
     s2 = pickle.loads(pickle.dumps(s))
     assert s2._tokenizer is None  # only the id tables travel
     for e, b in zip(eps, before, strict=True):
-        a = s2.episode(*e)
+        a = _encode(s2, *e)
         assert np.array_equal(a.ids, b.ids)
         assert np.array_equal(a.q_pos, b.q_pos)
     assert np.array_equal(s2.action_token_ids, s.action_token_ids)
@@ -204,9 +203,69 @@ def test_reward_text_is_rounded(llama3):
 
 
 def test_empty_episode_has_no_q_positions(compact):
-    enc = compact.episode([5], [], [], False, False)
+    enc = _encode(compact, [5], [], [], False, False)
     assert enc.q_pos.tolist() == []
     assert len(enc.actions) == 0
+
+
+def test_encode_an_episode_record(compact):
+    """``Serializer.encode(episode)``: the tokens depend on the steps only; the encoded episode keeps
+    the map, the tile of each action and whether it reached a goal (what ``conflicts`` reads)."""
+    e = Episode(OBS, ACTS, REWS, True, False, map_id=7, map_rows=("SFFF", "FFFG"), learner_episode=12)
+    enc = compact.encode(e)
+    assert isinstance(enc, EncodedEpisode)
+    assert _tokens(compact, enc.ids) == COMPACT_TOKENS
+    assert enc.q_pos.tolist() == [1, 3]
+    assert enc.map_id == 7 and enc.success is True
+    assert enc.tiles.tolist() == e.tiles == [0, 1]
+    assert enc.actions.tolist() == ACTS and enc.rewards.tolist() == REWS
+    assert (enc.ids.dtype, enc.q_pos.dtype, enc.actions.dtype, enc.rewards.dtype, enc.tiles.dtype) == \
+        (np.int32, np.int32, np.int64, np.float32, np.int64)
+    assert len(enc) == len(COMPACT_TOKENS)
+    # Only the steps decide the tokens: map, rows and place in the run do not.
+    bare = compact.encode(Episode(OBS, ACTS, REWS, True))
+    assert bare.ids.tolist() == enc.ids.tolist() and bare.q_pos.tolist() == enc.q_pos.tolist()
+    assert bare.map_id == -1
+    # A failure: success False, tiles of every action (not the final state).
+    hole = compact.encode(Episode([3, 3, 7, 11], [3, 1, 1], [0.0] * 3, True, map_id=2))
+    assert hole.success is False and hole.map_id == 2 and hole.tiles.tolist() == [3, 3, 7]
+    # truncated=True writes the edit marker; the same steps terminated do not.
+    trunc = compact.encode(Episode([0, 1, 1], [2, 3], [0.0, 0.0], False, True))
+    assert _tokens(compact, trunc.ids)[-2:] == ["<trunc>", "</ep>"]
+    assert "<trunc>" not in _tokens(compact, compact.encode(Episode([0, 1, 1], [2, 3], [0.0, 0.0], True)).ids)
+
+
+def test_encoded_episode_is_frozen(compact):
+    enc = compact.encode(Episode(OBS, ACTS, REWS, True, map_id=1))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        enc.map_id = 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        enc.ids = np.zeros(3, dtype=np.int32)
+    assert {f.name for f in dataclasses.fields(EncodedEpisode)} == {"ids", "q_pos", "actions", "rewards", "tiles",
+                                                                    "map_id", "success"}
+
+
+@pytest.mark.parametrize("fmt", ["llama3", "compact", "chatml", "compact_outcome"])
+def test_max_id_is_the_largest_id_written(fmt):
+    s = Serializer(build_tokenizer(fmt), fmt)
+    written = [s.pad_id, *s.action_token_ids.tolist(), *s.begin(0), *s.ending(True), *s.ending(False),
+               *s.reward(1.0), *[t for i in range(s.max_tiles) for t in s.observation(i)]]
+    if s.outcome_tags:
+        ids = list(s.begin(63))
+        s.mark_failed(ids)
+        written += ids
+    assert s.max_id == max(written)
+    # The tiny word-level tokenizers hold exactly what their format writes: the largest id is the last.
+    assert s.max_id == len(s._tokenizer) - 1
+    assert pickle.loads(pickle.dumps(s)).max_id == s.max_id
+    enc = _encode(s, [63, 62, 48], [0, 3], [0.0, 0.0], True, False)
+    assert int(enc.ids.max()) <= s.max_id
+
+
+def test_piece_is_the_text_level_encoding(compact):
+    assert compact.piece("<ep>") == (compact._tokenizer.convert_tokens_to_ids("<ep>"),)
+    assert compact.piece("o5 right") == tuple(compact._tokenizer.convert_tokens_to_ids(["o5", "right"]))
+    assert compact.piece("o5") is compact.piece("o5")  # tokenized once, then cached
 
 
 def test_tile_outside_vocabulary_is_an_error():
@@ -216,9 +275,7 @@ def test_tile_outside_vocabulary_is_an_error():
 
 
 # --- real tokenizers (tools/fetch_models.py puts them in data/models/; skipped when absent) -----------
-LLAMA3_TOKENIZER = Path(__file__).resolve().parents[1] / "data/models/llama3-tokenizer/tokenizer.json"
-needs_llama3 = pytest.mark.skipif(not LLAMA3_TOKENIZER.exists(),
-                                  reason="Llama 3 tokenizer not fetched: python tools/fetch_models.py --only llama3")
+LLAMA3_TOKENIZER = "data/models/llama3-tokenizer/tokenizer.json"  # under the repository root
 
 # A Figure-2-style episode on the 4x4 map SFFF/FHFH/FFFH/HFFG: right, right, down, down, down, right
 # to the goal (reward 1.0), then one that hits the 100-step limit (here: 2 steps, truncated).
@@ -244,17 +301,19 @@ def _authors_text(obs, acts, rews, truncated: bool) -> str:
 
 
 @pytest.fixture(scope="module")
-def real_llama3():
+def real_llama3(repo_root):
     from transformers import PreTrainedTokenizerFast
 
-    return Serializer(PreTrainedTokenizerFast(tokenizer_file=str(LLAMA3_TOKENIZER)), "llama3")
+    path = repo_root / LLAMA3_TOKENIZER
+    if not path.exists():
+        pytest.skip("Llama 3 tokenizer not fetched: python tools/fetch_models.py --only llama3")
+    return Serializer(PreTrainedTokenizerFast(tokenizer_file=str(path)), "llama3")
 
 
-@needs_llama3
 def test_paper_episode_has_the_authors_token_ids(real_llama3):
     s = real_llama3
     obs, acts, rews = FIG2
-    enc = s.episode(obs, acts, rews, terminated=True, truncated=False)
+    enc = _encode(s, obs, acts, rews, terminated=True, truncated=False)
     # Pinned ids: one token per header, role, tile index and action word.
     expected = [BOT, SH, OBS_ID, EH, TILE[0], EOT]
     for t, a in enumerate(acts):
@@ -272,11 +331,10 @@ def test_paper_episode_has_the_authors_token_ids(real_llama3):
     assert len(s.after_action(2, 14, 0.0, False, False)) == 10  # a step costs 10 tokens (SPEC)
 
 
-@needs_llama3
 def test_paper_truncated_episode_and_pad(real_llama3):
     s = real_llama3
     obs, acts, rews = [0, 1, 1], [2, 3], [0.0, 0.0]
-    enc = s.episode(obs, acts, rews, terminated=False, truncated=True)
+    enc = _encode(s, obs, acts, rews, terminated=False, truncated=True)
     whole = s._tokenizer.encode(_authors_text(obs, acts, rews, True), add_special_tokens=False)
     assert enc.ids.tolist() == whole
     assert enc.ids.tolist()[-7:] == [SH, EDIT_ID, EH, 376, 39107, EOT, EOT_TEXT]  # "truncated": two tokens
@@ -322,4 +380,4 @@ def test_unk_that_is_a_real_special_token_is_accepted():
     s = Serializer(PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<|endoftext|>"), "chatml")
     assert s.ending(truncated=False) == (0,)
     with pytest.raises(KeyError, match="not in the tokenizer"):
-        s.encode("observation_unknown_word")
+        s.piece("observation_unknown_word")

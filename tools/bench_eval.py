@@ -41,9 +41,9 @@ import numpy as np
 import torch
 
 from icrl_lightning.agent import InContextAgent, draw_action
-from icrl_lightning.envs.frozen_lake import make_env
-from icrl_lightning.evaluation.loading import checkpoint_eval_maps, load_module
-from icrl_lightning.evaluation.protocol import paper_schedule
+from icrl_lightning.checkpoints import load_run
+from icrl_lightning.checks import InputError
+from icrl_lightning.envs.frozen_lake import make_env, paper_schedule
 
 
 @torch.inference_mode()
@@ -87,22 +87,22 @@ def reference_play(network, serializer, maps, schedule, seed: int, max_steps: in
     return returns, actions, decisions
 
 
-def decision_context_lengths(serializer, maps, trajectories, actions, max_steps: int, window: int) -> list[int]:
+def decision_context_lengths(serializer, episodes_by_map, window: int) -> list[int]:
     """Per map, the summed context length (tokens) over all its decisions: what the reference
-    encodes. Rebuilt from a run's tiles and actions with the same window policy."""
+    encodes. Rebuilt from a run's episodes (``TrialResult.episodes``) with the same window policy."""
     out = []
-    for rows, traj, acts in zip(maps, trajectories, actions, strict=True):
-        ncol, episodes, total = len(rows[0]), [], 0
-        for tiles, ep_acts in zip(traj, acts, strict=True):
-            episodes.append(list(serializer.begin(tiles[0])))
-            for t, a in enumerate(ep_acts):
-                while sum(len(e) for e in episodes) > window:
+    for played in episodes_by_map:
+        episodes, total = [], 0
+        for e in played:
+            episodes.append(list(serializer.begin(e.observations[0])))
+            n = len(e.actions)
+            for t, a in enumerate(e.actions):
+                while sum(len(x) for x in episodes) > window:
                     episodes.pop(0)
-                total += sum(len(e) for e in episodes)
-                tile = rows[tiles[t + 1] // ncol][tiles[t + 1] % ncol]
-                term, trunc = tile in "HG", t + 1 == max_steps and tile not in "HG"
-                episodes[-1] += serializer.after_action(a, tiles[t + 1], 1.0 if tile == "G" else 0.0, term or trunc,
-                                                        trunc)
+                total += sum(len(x) for x in episodes)
+                done = t == n - 1
+                episodes[-1] += serializer.after_action(a, e.observations[t + 1], e.rewards[t], done,
+                                                        e.truncated and done)
         out.append(total)
     return out
 
@@ -133,18 +133,24 @@ def main() -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    module = load_module(args.checkpoint)
-    network, serializer = module.acting_network(), module.serializer
-    window = args.max_context or module.hparams.seq_len
-    maps = checkpoint_eval_maps(args.checkpoint, eval_split=args.eval_split, eval_maps=args.maps)
-    schedule = paper_schedule()
-    agent = InContextAgent(network, serializer, window, args.max_steps)
+    try:
+        # load_run hands the serializer over, which refuses maps bigger than the model's tokenizer writes
+        module, data = load_run(args.checkpoint, eval_split=args.eval_split, eval_maps=args.maps)
+        data.setup("validate")
+        maps = data.eval_maps
+        network, serializer = module.acting_network(), module.serializer
+        window = args.max_context or module.hparams.seq_len
+        schedule = paper_schedule()
+        agent = InContextAgent(network, serializer, window, args.max_steps)
+    except InputError as err:  # a missing or unreadable checkpoint, a too-small window: one line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"{len(maps)} maps x {len(schedule)} episodes, window {window} tokens, {torch.get_num_threads()} thread(s)")
 
     wall, cpu = time.perf_counter(), time.process_time()
     fast = agent.play(maps, schedule, args.seed)
     fast_wall, fast_cpu = time.perf_counter() - wall, time.process_time() - cpu
-    decisions = [sum(len(e) for e in m) for m in fast.actions]
+    decisions = [sum(len(e.actions) for e in m) for m in fast.episodes]
     print(f"fast: {fast_wall:.1f} s wall, {fast_cpu:.1f} s CPU, {sum(decisions)} decisions, "
           f"{fast.forward_calls} calls, {fast.reencodes} re-encodings")
 
@@ -158,7 +164,7 @@ def main() -> int:
     diff = first_difference(fast.actions[:n_ref], ref_actions)
     same_returns = bool(np.array_equal(fast.returns[:n_ref], ref_returns))
     extrapolated = n_ref < len(maps)
-    tokens = decision_context_lengths(serializer, maps, fast.trajectories, fast.actions, args.max_steps, window)
+    tokens = decision_context_lengths(serializer, fast.episodes, window)
     by_decisions = sum(decisions) / max(sum(decisions[:n_ref]), 1) if extrapolated else 1.0
     by_tokens = sum(tokens) / max(sum(tokens[:n_ref]), 1) if extrapolated else 1.0
     scale = min(by_decisions, by_tokens)

@@ -7,7 +7,8 @@ replay stream.
   temporary folder.
 * ``bare``: a plain PyTorch loop written here: the same model (built from the same config and
   seed), the same batches (the same replay stream, the same DataLoader), the same optimizer and
-  schedule, the same online + target forward, double-DQN loss and Polyak update.
+  schedule, the same online + target forward, the same objective (double-DQN loss with the
+  config's ``model.td`` settings, conflict weights and ``model.cql`` penalty) and Polyak update.
 
 Each measurement runs in its own process (peak memory is per process) and the two are interleaved
 (fit, bare, fit, bare, ...) with the same thread count, so that load from other work on the machine
@@ -90,12 +91,26 @@ def worker_bare(args) -> dict:
     from torch.func import functional_call
     from torch.utils.data import DataLoader
 
-    from icrl_lightning.qlearning import action_q_values, bellman_loss, double_dqn_targets, next_step, polyak_
+    from icrl_lightning.checks import InputError
+    from icrl_lightning.qlearning import (
+        action_q_values,
+        bellman_loss,
+        conservative_penalty,
+        double_dqn_targets,
+        next_step,
+        polyak_,
+        position_weights,
+        successful_episode,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         cli = _cli(args.config, tmp, args.data_dir, args.warmup + args.steps)
-    module, dm, trainer = cli.model, cli.datamodule, cli.trainer
+    module, dm, trainer = cli.model, cli.datamodule, cli.trainer  # the CLI handed the serializer over
     h, hd = module.hparams, dm.hparams
+    if h.q_head != "tokens":
+        raise InputError(f"model.q_head={h.q_head!r}: the bare loop reads Q from the output embeddings "
+                         "(model.q_head: tokens) only")
+    td, cql = module.td, module.cql
     accumulate = trainer.accumulate_grad_batches
     n_steps = args.warmup + args.steps
 
@@ -114,9 +129,8 @@ def worker_bare(args) -> dict:
     warm = max(1, h.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
 
-    # The data: the same stream the data module gives fit.
+    # The data: the same stream the data module gives fit (with the batch fields the objective reads).
     dm.prepare_data()
-    dm.serializer = module.serializer
     stream = dm.train_stream(n_steps * accumulate * hd.batch_size)
     loader = DataLoader(stream, batch_size=hd.batch_size, num_workers=hd.num_workers)
 
@@ -138,16 +152,20 @@ def worker_bare(args) -> dict:
         q = q_values(batch["input_ids"], q_mask, False)
         with torch.no_grad():
             q_target = q_values(batch["input_ids"], q_mask, True)
-        q_taken = q.gather(1, batch["action"][q_mask][:, None]).squeeze(1)
-        y = double_dqn_targets(batch["reward"][q_mask], batch["done"][q_mask], next_step(q.detach()),
-                               next_step(q_target), h.gamma, h.reward_scale)
-        loss = bellman_loss(q_taken, y, h.loss, q_mask.nonzero()[:, 0])
+        action, reward, done = batch["action"][q_mask], batch["reward"][q_mask], batch["done"][q_mask]
+        q_taken = q.gather(1, action[:, None]).squeeze(1)
+        y = double_dqn_targets(reward, done, next_step(q.detach()), next_step(q_target), td.gamma, td.reward_scale)
+        weight = position_weights(batch["conflict"][q_mask], td.conflict_weight) if td.conflict_weight != 1 else None
+        loss = bellman_loss(q_taken, y, td.loss, q_mask.nonzero()[:, 0], weight)
+        if cql is not None:
+            where = successful_episode(reward, done) if cql.episodes == "successful" else None
+            loss = loss + cql.weight * conservative_penalty(q, action, where, weight)
         (loss / accumulate).backward()
         if (i + 1) % accumulate == 0:
             opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
-            polyak_(target, params, h.alpha)
+            polyak_(target, params, module.target.alpha)
             marks.append(time.perf_counter())
     return _result("bare", marks, args.warmup, accumulate * hd.batch_size * hd.seq_len)
 
@@ -156,9 +174,8 @@ def packing(args) -> dict:
     """Non-pad share of the replay stream's sequences for the config."""
     with tempfile.TemporaryDirectory() as tmp:
         cli = _cli(args.config, tmp, args.data_dir, 1)
-    dm = cli.datamodule
+    dm = cli.datamodule  # the CLI handed the serializer over
     dm.prepare_data()
-    dm.serializer = cli.model.serializer
     items = list(dm.train_stream(args.packing_sequences))
     used = sum(int(it["n_tokens"]) for it in items)
     return {"sequences": len(items), "seq_len": dm.hparams.seq_len,
@@ -170,6 +187,16 @@ def _load() -> str:
 
 
 def main() -> None:
+    from icrl_lightning.checks import InputError
+
+    try:
+        run()
+    except InputError as err:  # a bad config value or input file: one line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(REPO / "conf/experiment/quickstart.yaml"), help="experiment config")
     p.add_argument("--data-dir", default=str(REPO / "data"), help="data.data_dir (the dataset is built if absent)")

@@ -24,16 +24,24 @@ recent visit:
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from collections import Counter
 
 import numpy as np
-import torch
+
+from icrl_lightning.checks import InputError, read_json_file
+
+REPORT_KEYS = ("schedule", "last_k", "maps", "trajectories", "actions")  # what report_view reads
 
 
 def report_view(path: str) -> Counter:
+    """{(case, "n" / "success" / "recent"): count} over the greedy-phase episodes of a report.json."""
     c: Counter = Counter()
-    r = json.loads(open(path).read())
+    r = read_json_file(path, "--report")
+    missing = [k for k in REPORT_KEYS if not isinstance(r, dict) or k not in r]
+    if missing:
+        raise InputError(f"--report: {path} is not a report.json of the in-context evaluation "
+                         f"(no {', '.join(missing)})")
     greedy_from = len(r["schedule"]) - r["last_k"]
     for rows, episodes, actions in zip(r["maps"], r["trajectories"], r["actions"], strict=True):
         w = len(rows[0])
@@ -57,64 +65,41 @@ def report_view(path: str) -> Counter:
     return c
 
 
-def model_view(ckpt: str, maps: str, sequences: int, seed: int) -> Counter:
-    from icrl_lightning.data import ReplayDataModule, conflicts, nearest_visits, with_optimal
-    from icrl_lightning.envs.frozen_lake import make_splits, optimal_actions
-    from icrl_lightning.episodes import quality_weights
-    from icrl_lightning.module import ICRLModule
+def model_view(ckpt: str, maps: str, sequences: int, seed: int, heldout_maps: int = 100) -> Counter:
+    from icrl_lightning import diagnostics
+    from icrl_lightning.checkpoints import load_run
+    from icrl_lightning.data import conflicts, nearest_visits
 
-    module = ICRLModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
-    module.eval()
-    data = ReplayDataModule(**{k: v for k, v in _data_hparams(ckpt).items() if k != "num_workers"})
-    data.serializer = module.serializer
-    data.prepare_data()
-    stream = data.train_stream(sequences)
-    if maps == "heldout":
-        h = data.hparams
-        stream.episodes, stream.weights = {}, {}
-        for i, rows in enumerate(make_splits(h.split_seed, 0, **data._split_kwargs()).heldout[:100]):
-            m = 1_000_000 + i  # ids apart from the training maps'
-            eps = data.behaviour_run(rows, m, seed=[h.seed, 4, i])
-            table = optimal_actions(rows)
-            stream.episodes[m] = [with_optimal(module.serializer.episode(e.observations, e.actions, e.rewards,
-                                                                         e.terminated, e.truncated),
-                                               e.observations, table, m) for e in eps]
-            stream.weights[m] = quality_weights(eps, h.quality)
-    chunks = stream._chunks(np.random.default_rng([seed, 1]), sorted(stream.episodes))
+    module, data = load_run(ckpt, num_workers=0)
+    # train: every training map (the dataset's runs); heldout: fresh runs on the first held-out maps
+    by_map = diagnostics.learner_episodes(data, maps, maps=heldout_maps if maps == "heldout" else None)
+    stream = diagnostics.replay_stream(data, by_map, sequences)
+    chunks = stream.chunks(np.random.default_rng([seed, 1]), sorted(stream.episodes))
     c: Counter = Counter()
-    with torch.no_grad():
-        for _ in range(sequences):
-            chunk = next(chunks)
-            packed = stream._pack(chunk)
-            q = module.q_values(packed["input_ids"][None], packed["q_mask"][None])
-            greedy = q.argmax(-1).numpy()
-            row = 0
-            for e, flags, (recent, success) in zip(chunk, conflicts(chunk), nearest_visits(chunk), strict=True):
-                if e.rewards.sum() > 0:
-                    for who, acts in (("model", greedy[row:row + len(flags)]), ("data", e.actions)):
-                        c[who, "n"] += int(flags.sum())
-                        c[who, "success"] += int((acts == success)[flags].sum())
-                        c[who, "recent"] += int((acts == recent)[flags].sum())
-                row += len(flags)
+    for _ in range(sequences):
+        chunk = next(chunks)
+        packed = stream.pack(chunk)
+        greedy = diagnostics.q_values(module, packed).argmax(-1).numpy()
+        row = 0
+        for e, flags, (recent, success) in zip(chunk, conflicts(chunk), nearest_visits(chunk), strict=True):
+            if e.rewards.sum() > 0:
+                for who, acts in (("model", greedy[row:row + len(flags)]), ("data", e.actions)):
+                    c[who, "n"] += int(flags.sum())
+                    c[who, "success"] += int((acts == success)[flags].sum())
+                    c[who, "recent"] += int((acts == recent)[flags].sum())
+            row += len(flags)
     return c
-
-
-def _data_hparams(ckpt: str) -> dict:
-    """The data settings of the run, from its config.yaml beside the checkpoints folder."""
-    import pathlib
-
-    import yaml
-
-    config = pathlib.Path(ckpt).resolve().parent.parent / "config.yaml"
-    if not config.exists():
-        raise SystemExit(f"error: {config} not found: the checkpoint must sit in a run's checkpoints/ folder")
-    return yaml.safe_load(config.read_text())["data"]
 
 
 def show(title: str, c: Counter) -> None:
     print(title)
+    if not c:
+        print("  no conflict position")
     for key in sorted({k for k, _ in c}):
         n = c[key, "n"]
+        if not n:
+            print(f"  {key:64s} n {n:6d}")
+            continue
         print(f"  {key:64s} n {n:6d}   success {c[key, 'success'] / n:.2f}   recent {c[key, 'recent'] / n:.2f}")
 
 
@@ -126,14 +111,19 @@ def main() -> None:
                     help="learner contexts of the training maps or of fresh runs on the held-out maps")
     ap.add_argument("--sequences", type=int, default=360, help="packed sequences to read (--ckpt)")
     ap.add_argument("--seed", type=int, default=12345, help="seed of the set stream (--ckpt)")
+    ap.add_argument("--heldout-maps", type=int, default=100, help="held-out maps played for --maps heldout (--ckpt)")
     args = ap.parse_args()
     if not args.report and not args.ckpt:
         ap.error("give --report, --ckpt or both")
-    if args.report:
-        show(f"agent's greedy episodes, first action ({args.report})", report_view(args.report))
-    if args.ckpt:
-        show(f"learner contexts ({args.maps} maps), successful episodes, every conflict position",
-             model_view(args.ckpt, args.maps, args.sequences, args.seed))
+    try:
+        if args.report:
+            show(f"agent's greedy episodes, first action ({args.report})", report_view(args.report))
+        if args.ckpt:
+            show(f"learner contexts ({args.maps} maps), successful episodes, every conflict position",
+                 model_view(args.ckpt, args.maps, args.sequences, args.seed, args.heldout_maps))
+    except InputError as err:  # a missing or unreadable report or checkpoint: one line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ move's Q-value with the best other move's, split by whether the context already 
 (same tile, same action) ending in a hole, and by how many times. Two kinds of context:
 
   learner   contexts like the training data: 30 episodes of a tabular Q-learning run on one map,
-            drawn at random and packed whole into ``--seq-len`` tokens (``--split train``: the
-            dataset's runs; ``heldout``: fresh runs on held-out maps)
+            drawn at random and packed whole into ``--seq-len`` tokens (``learner, train``: the
+            dataset's runs; ``learner, heldout``: fresh runs on held-out maps)
   own       the model's own trials of the paper protocol on the evaluation maps: every greedy-phase
             decision on a tile where a move already ended in a hole in this trial (taken or not),
             i.e. the contexts the evaluation really acts from
@@ -20,17 +20,17 @@ context gives a low Q and a low argmax share once the move is "seen".
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import defaultdict
 
 import numpy as np
 import torch
-from context_td_error import single_map_sequences  # tools/ is on the path when a tool runs
 
+from icrl_lightning import diagnostics
 from icrl_lightning.agent import InContextAgent
-from icrl_lightning.data import ReplayDataModule
-from icrl_lightning.envs.frozen_lake import make_splits
-from icrl_lightning.evaluation.loading import checkpoint_eval_maps, load_module
-from icrl_lightning.evaluation.protocol import paper_schedule
+from icrl_lightning.checkpoints import checkpoint_eval_maps, load_run
+from icrl_lightning.checks import InputError
+from icrl_lightning.envs.frozen_lake import paper_schedule
 
 
 def ends_in_hole(rows, observations, actions) -> bool:
@@ -41,33 +41,33 @@ def ends_in_hole(rows, observations, actions) -> bool:
 
 def learner_contexts(module, by_map, n_maps: int, seq_len: int, rng) -> dict:
     """{times seen before (capped at 3): [(Q of the hole move, best other Q)]} over learner contexts
-    (packed as ``context_td_error.py`` packs them)."""
+    (packed by ``icrl_lightning.diagnostics.single_map_sequences``, as ``context_td_error.py`` packs them)."""
     out = defaultdict(list)
-    with torch.no_grad():
-        for x, mask, _, _, done, _, _, packed in single_map_sequences(by_map, module.serializer, n_maps, seq_len, rng):
-            if not packed:
-                continue
-            rows, seen = packed[0].map_rows, defaultdict(int)
-            last_q = module._q_values(x, mask).numpy()[np.flatnonzero(done)]  # each episode's last move
-            for e, q in zip(packed, last_q, strict=True):
-                if e.terminated and ends_in_hole(rows, e.observations, e.actions):
-                    key, a = (e.observations[-2], e.actions[-1]), e.actions[-1]
-                    out[min(seen[key], 3)].append((q[a], np.delete(q, a).max()))
-                    seen[key] += 1
+    for seq in diagnostics.single_map_sequences(by_map, module.serializer, seq_len, rng, maps=n_maps):
+        if not seq.episodes:
+            continue
+        rows, seen = seq.episodes[0].map_rows, defaultdict(int)
+        last_q = diagnostics.q_values(module, seq.batch).numpy()[np.flatnonzero(seq.batch["done"])]  # last moves
+        for e, q in zip(seq.episodes, last_q, strict=True):
+            if e.terminated and ends_in_hole(rows, e.observations, e.actions):
+                key, a = (e.observations[-2], e.actions[-1]), e.actions[-1]
+                out[min(seen[key], 3)].append((q[a], np.delete(q, a).max()))
+                seen[key] += 1
     return out
 
 
 def own_contexts(module, maps, seq_len: int, seed: int) -> dict:
     """The same over the model's own protocol trials, greedy phase only: at every greedy decision on
     a tile where a move has already ended in a hole in this trial (the move taken or not)."""
-    agent = InContextAgent(module.model, module.serializer, max_context=seq_len)
+    agent = InContextAgent(module.acting_network(), module.serializer, max_context=seq_len)
     schedule = paper_schedule()
     with torch.no_grad():
         trial = agent.play(maps, schedule, seed, record_q=True, keys=list(range(len(maps))))
     out = defaultdict(list)
     for i, rows in enumerate(maps):
         seen, t = defaultdict(int), 0
-        for k, (obs, acts) in enumerate(zip(trial.trajectories[i], trial.actions[i], strict=True)):
+        for k, e in enumerate(trial.episodes[i]):
+            obs, acts = e.observations, e.actions
             for j in range(len(acts)):
                 q = trial.q_values[i][t + j]
                 for a in range(4):
@@ -80,6 +80,8 @@ def own_contexts(module, maps, seq_len: int, seed: int) -> dict:
 
 
 def show(name: str, table: dict) -> None:
+    if not table:
+        print(f"{name:18s} no move into a hole")
     for n in sorted(table):
         v = np.array(table[n])
         label = {0: "first time", 3: "seen 3+ times"}.get(n, f"seen {n} time{'s' * (n > 1)}")
@@ -96,18 +98,18 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1234, help="evaluation seed (the protocol's default)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    try:
+        run(args)
+    except InputError as err:  # a missing or unreadable checkpoint, bad data settings: one line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
-    module = load_module(args.checkpoint)
-    saved = torch.load(args.checkpoint, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters", {})
-    data = ReplayDataModule(**{k: v for k, v in saved.items() if not k.startswith("_")})
-    h = data.hparams
-    train: dict[int, list] = {}
-    for e in data.load_episodes():
-        train.setdefault(e.map_id, []).append(e)
-    heldout = {i: data.behaviour_run(rows, i, seed=[h.seed, 4, i])  # as context_td_error.py --split heldout
-               for i, rows in enumerate(make_splits(h.split_seed, 0, **data._split_kwargs()).heldout[: args.maps])}
-    for name, by_map in (("learner, train", train), ("learner, heldout", heldout)):
-        show(name, learner_contexts(module, by_map, args.maps, args.seq_len, np.random.default_rng(0)))
+
+def run(args: argparse.Namespace) -> None:
+    module, data = load_run(args.checkpoint)
+    for split in ("train", "heldout"):  # heldout: as context_td_error.py --split heldout
+        by_map = diagnostics.learner_episodes(data, split, maps=args.maps)
+        show(f"learner, {split}", learner_contexts(module, by_map, args.maps, args.seq_len, np.random.default_rng(0)))
     maps = checkpoint_eval_maps(args.checkpoint, eval_maps=args.eval_maps)
     show("own, greedy phase", own_contexts(module, maps, args.seq_len, args.seed))
 

@@ -1,25 +1,31 @@
-"""Environment families. Frozen Lake is the paper's."""
+"""Problem families. Frozen Lake is the paper's."""
 
 from icrl_lightning.envs.frozen_lake import (
     ACTIONS,
-    STITCHING_MAP,
+    FrozenLake,
     MapSplits,
     generate_map,
     generate_maps,
+    load_map_file,
+    load_stitching_file,
     make_env,
     make_splits,
+    paper_schedule,
     shortest_path_actions,
     validate_map,
 )
 
 __all__ = [
     "ACTIONS",
-    "STITCHING_MAP",
+    "FrozenLake",
     "MapSplits",
     "generate_map",
     "generate_maps",
+    "load_map_file",
+    "load_stitching_file",
     "make_env",
     "make_splits",
+    "paper_schedule",
     "shortest_path_actions",
     "validate_map",
 ]

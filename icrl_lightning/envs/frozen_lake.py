@@ -9,21 +9,25 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 
-from icrl_lightning.checks import InputError
+from icrl_lightning.checks import InputError, check_range, read_json_file
 
 # gymnasium's action indices: 0 left, 1 down, 2 right, 3 up.
 ACTIONS = ("left", "down", "right", "up")
 _MOVES = ((0, -1), (1, 0), (0, 1), (-1, 0))
 TILES = frozenset("SFHG")
 
-# SPEC "Behaviour stitching": 4 wide, 6 tall.
-STITCHING_MAP = ("HHFF", "FFFF", "SFFH", "HFFF", "HFFF", "HFGF")
-
 Map = tuple[str, ...]
+
+
+def paper_schedule() -> list[float]:
+    """The evaluation protocol's greedy probability per episode (SPEC): 0.0, 0.1, ..., 0.9 for two
+    episodes each, then 1.0 for 10."""
+    return [round(p / 10, 1) for p in range(10) for _ in range(2)] + [1.0] * 10
 
 
 def validate_map(rows: Map | list[str], where: str = "map") -> Map:
@@ -45,6 +49,11 @@ def validate_map(rows: Map | list[str], where: str = "map") -> Map:
         raise InputError(f"{where}: the map has no start tile 'S'")
     if "G" not in text:
         raise InputError(f"{where}: the map has no goal tile 'G'")
+    dist = goal_distances(rows)
+    stuck = [r * width + c for r in range(len(rows)) for c in range(width) if rows[r][c] == "S" and dist[r, c] < 0]
+    if stuck:
+        raise InputError(f"{where}: no path from start tile(s) {stuck} to a goal (holes block every way): "
+                         "the agent could never solve it")
     return rows
 
 
@@ -186,3 +195,99 @@ def make_env(rows: Map, max_episode_steps: int = 100) -> gym.Env:
         max_episode_steps=max_episode_steps,
         disable_env_checker=True,
     )
+
+
+def load_map_file(path: str | Path, what: str = "data.eval_map_file") -> list[Map]:
+    """A JSON file holding a list of maps, each a list of row strings (gymnasium ``desc``); every
+    map must be solvable (a path from each start to a goal)."""
+    data = read_json_file(path, what)
+    if not isinstance(data, list) or not data:
+        raise InputError(f"{what}: {path}: expected a non-empty JSON list of maps (lists of row strings)")
+    return [validate_map(m, where=f"{what}: {path}, map {i}") for i, m in enumerate(data)]
+
+
+def path_steps(rows: Map, path: list[int], where: str) -> tuple[list[int], list[float], bool, bool]:
+    """A tile path on ``rows`` as ``(actions, rewards, terminated, truncated)``: each move's action,
+    reward 1.0 on reaching a goal, terminated on a goal or hole (which must be the last tile),
+    else truncated."""
+    nrow, ncol = len(rows), len(rows[0])
+    if len(path) < 2:
+        raise InputError(f"{where}: path {list(path)} needs at least two tiles")
+    bad = [t for t in path if not isinstance(t, int) or not 0 <= t < nrow * ncol]
+    if bad:
+        raise InputError(f"{where}: tiles {bad} are outside the {nrow}x{ncol} map")
+    actions, rewards = [], []
+    for t, (a_tile, b_tile) in enumerate(zip(path, path[1:], strict=False)):
+        letter = rows[a_tile // ncol][a_tile % ncol]
+        if letter in "HG":
+            raise InputError(f"{where}: path {list(path)} goes on after tile {a_tile} ({letter!r}, terminal)")
+        moves = [a for a, rr, cc in _neighbours(rows, a_tile // ncol, a_tile % ncol) if rr * ncol + cc == b_tile]
+        if not moves:
+            raise InputError(f"{where}: no single move leads from tile {a_tile} to tile {b_tile} "
+                             f"(step {t} of path {list(path)})")
+        actions.append(moves[0])
+        rewards.append(1.0 if rows[b_tile // ncol][b_tile % ncol] == "G" else 0.0)
+    end = rows[path[-1] // ncol][path[-1] % ncol]
+    return actions, rewards, end in "HG", end not in "HG"
+
+
+def load_stitching_file(path: str | Path, what: str = "model.evaluation.stitching_file") -> tuple[Map, list[list[int]]]:
+    """``(map, context paths)`` of the behaviour-stitching scenario from a JSON file
+    ``{"map": [row strings], "context": [[tile, ...], ...]}`` (``data/stitching.json`` holds SPEC's)."""
+    data = read_json_file(path, what)
+    if not isinstance(data, dict) or set(data) != {"map", "context"}:
+        raise InputError(f"{what}: {path}: expected an object with the keys 'map' (row strings) and 'context' "
+                         "(a list of tile paths)")
+    rows = validate_map(data["map"], f"{what}: {path}, map")
+    paths = data["context"]
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, list) for p in paths):
+        raise InputError(f"{what}: {path}: 'context' must be a non-empty list of tile paths (lists of tile indices)")
+    for i, p in enumerate(paths):
+        path_steps(rows, p, f"{what}: {path}, context {i}")
+    return rows, paths
+
+
+class FrozenLake:
+    """The Frozen Lake map family (SPEC "Environment"): maps of ``min_size..max_size`` tiles a
+    side, each tile a start (p 0.1), else a goal (p 0.1), else a hole (``p_hole``); valid when every
+    start reaches a goal in at least ``min_hops`` moves; gymnasium's ``FrozenLake-v1``, not slippery.
+
+    Args:
+        min_size: smallest map side of the in-distribution maps.
+        max_size: largest map side of the in-distribution maps.
+        p_hole: hole probability of a tile that is neither start nor goal.
+        min_hops: shortest start-to-goal distance a valid map must have.
+        max_episode_steps: time limit of every episode (SPEC: 100).
+    """
+
+    def __init__(self, min_size: int = 3, max_size: int = 5, p_hole: float = 0.2, min_hops: int = 4,
+                 max_episode_steps: int = 100):
+        self.min_size, self.max_size, self.p_hole = min_size, max_size, p_hole
+        self.min_hops, self.max_episode_steps = min_hops, max_episode_steps
+        check_range("data.env.max_episode_steps", max_episode_steps, 1, None)
+        check_range("data.env.min_size", min_size, 2, None, why="a map is at least 2 x 2 tiles")
+        check_range("data.env.max_size", max_size, min_size, None, why="at least data.env.min_size")
+        check_range("data.env.p_hole", p_hole, 0, 1, hi_open=True)
+        far = 2 * (max_size - 1)
+        check_range("data.env.min_hops", min_hops, 0, far,
+                    why=f"the farthest tiles of a {max_size} x {max_size} map are {far} moves apart")
+
+    def settings(self) -> dict:
+        """What generates the maps and episodes (part of the dataset's key)."""
+        return {"max_episode_steps": self.max_episode_steps, "min_size": self.min_size, "max_size": self.max_size,
+                "p_hole": self.p_hole, "min_hops": self.min_hops}
+
+    def splits(self, seed: int, n_train: int, split_seed: int | None = None) -> MapSplits:
+        return make_splits(seed, n_train, split_seed, min_size=self.min_size, max_size=self.max_size,
+                           p_hole=self.p_hole, min_hops=self.min_hops)
+
+    def make_env(self, rows: Map) -> gym.Env:
+        return make_env(rows, self.max_episode_steps)
+
+    def largest_tiles(self, split: str) -> int:
+        """Tiles of the largest map of ``split`` (``train``/``heldout``, or ``ood``)."""
+        side = OOD_MAX_SIZE if split == "ood" else self.max_size
+        return side * side
+
+    def __repr__(self) -> str:
+        return f"FrozenLake({', '.join(f'{k}={v!r}' for k, v in self.settings().items())})"

@@ -8,14 +8,12 @@ import numpy as np
 
 from icrl_lightning.agent import draw_action
 from icrl_lightning.behaviour import TabularQLearner
-from icrl_lightning.envs.frozen_lake import Map, make_env, shortest_path_actions
+from icrl_lightning.checks import InputError, check_choice, check_range
+from icrl_lightning.envs.frozen_lake import Map, load_stitching_file, make_env, paper_schedule, shortest_path_actions
+from icrl_lightning.episodes import Episode
 
 SCENARIOS = ("standard", "nonstationary", "stitching")
-
-
-def paper_schedule() -> list[float]:
-    """Greedy probability per episode: 0.0, 0.1, ..., 0.9 for two episodes each, then 1.0 for 10."""
-    return [round(p / 10, 1) for p in range(10) for _ in range(2)] + [1.0] * 10
+__all__ = ["BASELINES", "SCENARIOS", "EvalProtocol", "paper_schedule", "run_baseline"]
 
 
 @dataclass
@@ -40,11 +38,11 @@ class EvalProtocol:
         no_context: also evaluate the same model starting every episode from an empty context.
         baselines: also run uniform random, tabular Q-learning from scratch and the BFS oracle.
         last_k: the headline metric is the mean return of the last ``last_k`` episodes.
-        stitching_map: map of the ``stitching`` scenario (rows); empty = SPEC's
-            ``HHFF/FFFF/SFFH/HFFF/HFFF/HFGF``.
-        stitching_context: the prefilled episodes as tile paths (each a list of tile indices
-            ``row * ncols + col``; rewards and endings follow from the map); empty = SPEC's two:
-            2-6-10-14-18-22 (reaches the goal) and 8-9-10-11 (ends in a hole).
+        stitching_file: the ``stitching`` scenario's map and context, a JSON file
+            ``{"map": [rows], "context": [[tile, ...], ...]}`` (tile paths, ``row * ncols + col``;
+            rewards and endings follow from the map). ``data/stitching.json`` holds SPEC's:
+            ``HHFF/FFFF/SFFH/HFFF/HFFF/HFGF`` with 2-6-10-14-18-22 (reaches the goal) and 8-9-10-11
+            (ends in a hole).
         stitching_trials: trials of the ``stitching`` scenario (SPEC: 5).
     """
 
@@ -56,17 +54,21 @@ class EvalProtocol:
     no_context: bool = True
     baselines: bool = True
     last_k: int = 10
-    stitching_map: list[str] | None = None
-    stitching_context: list[list[int]] | None = None
+    stitching_file: str | None = None
     stitching_trials: int = 5
 
-    def __post_init__(self):
-        if self.scenario not in SCENARIOS:
-            raise ValueError(f"model.evaluation.scenario={self.scenario!r}: choose one of {SCENARIOS}")
-        if self.stitching_trials < 1:
-            raise ValueError(f"model.evaluation.stitching_trials={self.stitching_trials}: must be >= 1")
-        if self.last_k < 1:
-            raise ValueError(f"model.evaluation.last_k={self.last_k}: must be >= 1")
+    def check(self) -> None:
+        check_choice("model.evaluation.scenario", self.scenario, SCENARIOS)
+        check_range("model.evaluation.stitching_trials", self.stitching_trials, 1, None)
+        check_range("model.evaluation.last_k", self.last_k, 1, None)
+        check_range("model.evaluation.max_context", self.max_context, 0, None)
+        check_range("model.evaluation.max_episode_steps", self.max_episode_steps, 1, None)
+        if self.scenario == "stitching":
+            if not self.stitching_file:
+                raise InputError("model.evaluation.scenario=stitching needs model.evaluation.stitching_file "
+                                 "(data/stitching.json holds the paper's map and context)")
+            load_stitching_file(self.stitching_file)
+        self.greedy_probs()
 
     def greedy_probs(self) -> list[float]:
         """The schedule of one phase (a non-stationary trial plays it twice)."""
@@ -74,26 +76,14 @@ class EvalProtocol:
             probs = list(self.schedule)
         else:
             probs = [1.0] if self.scenario == "stitching" else paper_schedule()
-        bad = [p for p in probs if not 0.0 <= p <= 1.0]
+        bad = [p for p in probs if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0]
         if bad:
-            raise ValueError(f"model.evaluation.schedule: probabilities must lie in [0, 1], got {bad}")
+            raise InputError(f"model.evaluation.schedule: probabilities must lie in [0, 1], got {bad}")
         return probs
 
 
 BASELINES = ("random", "q_learning", "q_optimistic", "oracle")
 Q_LEARNERS = ("q_learning", "q_optimistic")
-
-
-@dataclass
-class ContextEpisode:
-    """A whole episode given as context (behaviour stitching): ``observations`` has one more entry
-    than ``actions``."""
-
-    observations: list[int]
-    actions: list[int]
-    rewards: list[float]
-    terminated: bool
-    truncated: bool = False
 
 
 def run_baseline(
@@ -103,7 +93,7 @@ def run_baseline(
     seed: int,
     max_episode_steps: int = 100,
     switch_to: list[Map] | None = None,
-    context: list[ContextEpisode] | None = None,
+    context: list[Episode] | None = None,
     context_sweeps: int = 100,
     keys: list[int] | None = None,
 ) -> np.ndarray:

@@ -99,6 +99,8 @@ def print_table(report: dict, console: Console | None = None) -> None:
     caption = (f"first/last {k}: mean return of a trial's first/last {k} episodes; found: share of trials that "
                "reached the goal before the greedy phase; g|found, g|not: greedy-phase return on those / the rest; "
                "1st win: median episode of the first success; never: share with no success")
+    if report.get("untrained"):
+        title = f"UNTRAINED MODEL (validate without --ckpt_path: random weights). {title}"
     table = Table(title=title, caption=caption, caption_justify="left")
     table.add_column("agent", no_wrap=True, min_width=10)
     for col in (f"first {k}", f"last {k}", "all", "found", "g|found", "g|not", "1st win", "never"):

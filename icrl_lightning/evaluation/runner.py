@@ -104,7 +104,7 @@ class Evaluator:
             "global_step": global_step, "protocol": asdict(p),
             "maps": [list(flat["maps"][i]) for i in order],
             "switch_to": [list(switch[i]) for i in order] if switch else None,
-            "context": [asdict(e) for e in plan.context] if plan.context else None,
+            "context": [e.steps() for e in plan.context] if plan.context else None,
             "agents": summaries,
             "trajectories": [flat["trajectories"][i] for i in order],
             "actions": [flat["actions"][i] for i in order],

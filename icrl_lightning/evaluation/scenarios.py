@@ -6,12 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from icrl_lightning.envs.frozen_lake import _MOVES, STITCHING_MAP, Map, validate_map
-from icrl_lightning.evaluation.protocol import ContextEpisode, EvalProtocol
+from icrl_lightning.envs.frozen_lake import Map, load_stitching_file, path_steps
+from icrl_lightning.episodes import Episode
+from icrl_lightning.evaluation.protocol import EvalProtocol
 from icrl_lightning.serialize import Serializer
-
-# SPEC "Behaviour stitching": a path to the goal from tile 2, and one from the start (8) into a hole.
-STITCHING_CONTEXT = ((2, 6, 10, 14, 18, 22), (8, 9, 10, 11))
 
 
 @dataclass
@@ -23,52 +21,28 @@ class Plan:
     maps: list[Map]
     schedule: list[float]
     switch_to: list[Map] | None = None
-    context: list[ContextEpisode] | None = None
+    context: list[Episode] | None = None
 
     @property
     def phases(self) -> int:
         return 1 if self.switch_to is None else 2
 
 
-def path_episode(rows: Map, path: list[int], where: str = "stitching_context") -> ContextEpisode:
-    """A tile path on ``rows`` as an episode: each move's action, reward 1.0 on reaching a goal,
-    terminated on a goal or hole (which must be the last tile), else truncated."""
-    nrow, ncol = len(rows), len(rows[0])
-    if len(path) < 2:
-        raise ValueError(f"{where}: path {list(path)} needs at least two tiles")
-    bad = [t for t in path if not 0 <= t < nrow * ncol]
-    if bad:
-        raise ValueError(f"{where}: tiles {bad} are outside the {nrow}x{ncol} map")
-    actions, rewards = [], []
-    for t, (a_tile, b_tile) in enumerate(zip(path, path[1:], strict=False)):
-        letter = rows[a_tile // ncol][a_tile % ncol]
-        if letter in "HG":
-            raise ValueError(f"{where}: path {list(path)} goes on after tile {a_tile} ({letter!r}, terminal)")
-        r, c = divmod(a_tile, ncol)
-        moves = [a for a, (dr, dc) in enumerate(_MOVES)
-                 if min(max(r + dr, 0), nrow - 1) * ncol + min(max(c + dc, 0), ncol - 1) == b_tile]
-        if not moves:
-            raise ValueError(f"{where}: no single move leads from tile {a_tile} to tile {b_tile} "
-                             f"(step {t} of path {list(path)})")
-        actions.append(moves[0])
-        rewards.append(1.0 if rows[b_tile // ncol][b_tile % ncol] == "G" else 0.0)
-    end = rows[path[-1] // ncol][path[-1] % ncol]
-    return ContextEpisode(observations=list(path), actions=actions, rewards=rewards,
-                          terminated=end in "HG", truncated=end not in "HG")
+def path_episode(rows: Map, path: list[int], where: str = "stitching context") -> Episode:
+    """A tile path on ``rows`` as an episode (see ``frozen_lake.path_steps``)."""
+    actions, rewards, terminated, truncated = path_steps(rows, path, where)
+    return Episode(list(path), actions, rewards, terminated, truncated, map_rows=tuple(rows))
 
 
-def stitching_setup(protocol: EvalProtocol) -> tuple[Map, list[ContextEpisode]]:
-    """(map, context episodes) of the stitching scenario."""
-    rows = validate_map(protocol.stitching_map, "model.evaluation.stitching_map") if protocol.stitching_map \
-        else STITCHING_MAP
-    paths = protocol.stitching_context or [list(p) for p in STITCHING_CONTEXT]
-    return rows, [path_episode(rows, p, f"model.evaluation.stitching_context[{i}]") for i, p in enumerate(paths)]
+def stitching_setup(protocol: EvalProtocol) -> tuple[Map, list[Episode]]:
+    """(map, context episodes) of the stitching scenario, from ``protocol.stitching_file``."""
+    rows, paths = load_stitching_file(protocol.stitching_file)
+    return rows, [path_episode(rows, p, f"stitching context {i}") for i, p in enumerate(paths)]
 
 
-def context_tokens(serializer: Serializer, episodes: list[ContextEpisode]) -> list[list[int]]:
+def context_tokens(serializer: Serializer, episodes: list[Episode]) -> list[list[int]]:
     """Token ids of each context episode, exactly as the agent would have written them."""
-    return [serializer.episode(e.observations, e.actions, e.rewards, e.terminated, e.truncated).ids.tolist()
-            for e in episodes]
+    return [serializer.encode(e).ids.tolist() for e in episodes]
 
 
 def make_plan(protocol: EvalProtocol, batch: list[tuple[int, Map]]) -> Plan:

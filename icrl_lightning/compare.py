@@ -1,7 +1,7 @@
 """Evaluate several checkpoints on the same maps and protocol into one figure and one JSON
 (the data-quality experiment, paper Fig. 6, or any other comparison of runs).
 
-    python -m icrl_lightning.evaluation.compare -c conf/experiment/quickstart.yaml \\
+    python -m icrl_lightning.compare -c conf/experiment/quickstart.yaml \\
         --ckpt runs/quality_high/version_0/checkpoints/last.ckpt \\
                runs/quality_medium/version_0/checkpoints/last.ckpt \\
                runs/quality_low/version_0/checkpoints/last.ckpt \\
@@ -15,13 +15,14 @@ arguments after ``--``), its report written under ``OUT/<label>/``. ``--reports`
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from icrl_lightning.checks import InputError, read_json_file
+from icrl_lightning.cli import main as cli_main
 from icrl_lightning.episodes import write_json_atomic
 from icrl_lightning.evaluation.figures import comparison_figure, save
 
@@ -31,14 +32,12 @@ HEADLINE = ("first_episodes", "overall", "goal_found_before_greedy", "greedy_ret
 
 def evaluate_checkpoint(ckpt: str, label: str, configs: list[str], out: Path, extra: list[str]) -> dict:
     """Run ``validate`` on ``ckpt``; its report (also written to ``out/label/version_N/``)."""
-    from icrl_lightning.cli import main
-
     args = ["validate"]
     for c in configs:
         args += ["-c", c]
     args += ["--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", label,
              *extra, "--ckpt_path", ckpt]
-    cli = main(args)
+    cli = cli_main(args)
     report = getattr(cli.model, "eval_report", None)
     if report is None:
         raise RuntimeError(f"validate on {ckpt} produced no evaluation report")
@@ -54,7 +53,7 @@ def combine(reports: dict[str, dict]) -> dict:
         r = reports[label]
         for key in ("scenario", "maps", "schedule", "switch_to"):
             if r.get(key) != first.get(key):
-                raise ValueError(f"runs {labels[0]!r} and {label!r} were evaluated with different {key}: "
+                raise InputError(f"runs {labels[0]!r} and {label!r} were evaluated with different {key}: "
                                  "compare needs the same evaluation settings (data.eval_*, model.evaluation.*)")
     k = first["last_k"]
     return {
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
-    ap = argparse.ArgumentParser(prog="python -m icrl_lightning.evaluation.compare",
+    ap = argparse.ArgumentParser(prog="python -m icrl_lightning.compare",
                                  description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", nargs="+", help="checkpoints to evaluate (each with `validate`)")
@@ -131,7 +130,10 @@ def main(argv: list[str] | None = None) -> dict:
         if args.ckpt:
             reports[label] = evaluate_checkpoint(source, label, args.config, out, extra)
         else:
-            reports[label] = json.loads(Path(source).read_text()) | {"_report_path": source}
+            report = read_json_file(source, "--reports")
+            if not isinstance(report, dict) or "agents" not in report:
+                raise InputError(f"--reports: {source} is not a report.json of icrl_lightning (no 'agents')")
+            reports[label] = report | {"_report_path": source}
     record = combine(reports)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(record, out / "compare.json")
@@ -143,4 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

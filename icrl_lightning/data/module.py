@@ -1,0 +1,271 @@
+"""``ReplayDataModule``: builds the offline dataset when it is absent, streams packed sequences of
+multi-episode sets, and serves the evaluation maps."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from pathlib import Path
+
+import lightning as L
+from jsonargparse import lazy_instance
+from lightning.pytorch.trainer.states import TrainerFn
+from torch.utils.data import DataLoader, Dataset
+
+from icrl_lightning.behaviour import Behaviour, QLearning
+from icrl_lightning.checks import InputError, check_choice, check_range
+from icrl_lightning.data import dataset
+from icrl_lightning.data.stream import SET_ORDERS, ReplayLoader, ReplayStream
+from icrl_lightning.envs.frozen_lake import RESERVED_EVAL_MAPS, FrozenLake, Map, load_map_file
+from icrl_lightning.episodes import Episode, quality_weights
+from icrl_lightning.serialize import EncodedEpisode, Serializer
+
+log = logging.getLogger(__name__)
+
+EVAL_SPLITS = ("heldout", "ood")
+
+
+class MapList(Dataset):
+    """Evaluation maps; a batch is a list of ``(index, rows)``."""
+
+    def __init__(self, maps: list[Map]):
+        self.maps = maps
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    def __getitem__(self, i: int):
+        return i, self.maps[i]
+
+
+def _as_list(batch):
+    return batch
+
+
+class ReplayDataModule(L.LightningDataModule):
+    """Offline Frozen Lake replay data and the evaluation maps.
+
+    Args:
+        data_dir: where episode datasets live (``episodes/<settings hash>/``, one folder per
+            generating configuration).
+        seed: seeds the training maps, the behaviour runs and the replay stream.
+        split_seed: seeds the held-out and out-of-distribution maps (kept apart from ``seed`` so that
+            runs at different seeds are evaluated on the same maps; training maps never include them).
+        env: the map family and its episode time limit.
+        behaviour: the learner that plays the offline data (``QLearning``: tabular Q-learning).
+        num_train_maps: training maps (SPEC: 250).
+        episodes_per_map: episodes of the behaviour run on each training map; all are kept.
+        set_size_min: fewest episodes of one map in a set (SPEC: 20).
+        set_size_max: most episodes of one map in a set (SPEC: 40).
+        quality: ``high`` / ``medium`` / ``low``: successes sampled 5x more often than failures,
+            unweighted, or the reverse (SPEC data quality; ``random`` order only).
+        set_order: ``random`` (SPEC: a set's episodes drawn from the whole run and shuffled) or
+            ``learning`` (a window of consecutive episodes of the run, in the order played, as
+            Algorithm Distillation trains).
+        seq_len: tokens per training sequence.
+        batch_size: sequences per device batch.
+        num_workers: DataLoader worker processes.
+        eval_split: ``heldout`` (same sizes as training) or ``ood`` (6..7 x 6..7).
+        eval_maps: how many maps of the split to evaluate on (200 of each split are reserved).
+        eval_map_file: a JSON list of maps (lists of row strings) to evaluate on instead.
+
+    Every argument is checked here; the map file and ``seq_len`` against the longest possible
+    episode are checked once the model's serializer is handed over (``set_serializer``), before
+    the dataset is built or a step is trained.
+
+    ``fit --ckpt_path ...`` continues the replay stream where the checkpoint left it: the stream
+    skips the ``global_step x accumulate_grad_batches`` batches this rank already trained on.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        seed: int = 0,
+        split_seed: int = 0,
+        env: FrozenLake = lazy_instance(FrozenLake),  # noqa: B008 - jsonargparse's lazy default
+        behaviour: Behaviour = lazy_instance(QLearning),  # noqa: B008
+        num_train_maps: int = 250,
+        episodes_per_map: int = 200,
+        set_size_min: int = 20,
+        set_size_max: int = 40,
+        quality: str = "medium",
+        set_order: str = "random",
+        seq_len: int = 1024,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        eval_split: str = "heldout",
+        eval_maps: int = 50,
+        eval_map_file: str | None = None,
+    ):
+        super().__init__()
+        self.env = _instance(env, FrozenLake, "data.env")
+        self.behaviour = _instance(behaviour, Behaviour, "data.behaviour")
+        # Plain values only (class path + arguments), so a checkpoint loads with weights_only=True.
+        self.save_hyperparameters(ignore=["env", "behaviour"])
+        self.hparams["env"] = _spec(self.env)
+        self.hparams["behaviour"] = _spec(self.behaviour)
+        check_range("data.seed", seed, 0, None, why="numpy seeds are non-negative")
+        check_range("data.split_seed", split_seed, 0, None, why="numpy seeds are non-negative")
+        check_range("data.num_train_maps", num_train_maps, 1, None)
+        check_range("data.episodes_per_map", episodes_per_map, 1, None)
+        check_range("data.set_size_min", set_size_min, 1, None)
+        check_range("data.set_size_max", set_size_max, set_size_min, None, why="at least data.set_size_min")
+        check_choice("data.quality", quality, ("high", "medium", "low"))
+        check_choice("data.set_order", set_order, SET_ORDERS)
+        check_range("data.seq_len", seq_len, 1, None)
+        check_range("data.batch_size", batch_size, 1, None)
+        check_range("data.num_workers", num_workers, 0, None)
+        check_choice("data.eval_split", eval_split, EVAL_SPLITS)
+        check_range("data.eval_maps", eval_maps, 1, RESERVED_EVAL_MAPS,
+                    why=f"{RESERVED_EVAL_MAPS} maps of each split are reserved for evaluation")
+        if Path(data_dir).is_file():
+            raise InputError(f"data.data_dir={data_dir!r} is a file: give a folder (datasets are built under it)")
+        self.serializer: Serializer | None = None
+        self.batch_fields: frozenset[str] = frozenset()
+        self._file_maps: list[Map] | None = load_map_file(eval_map_file) if eval_map_file else None
+        self.eval_maps: list[Map] = []
+
+    def set_serializer(self, serializer: Serializer, batch_fields=frozenset()) -> ReplayDataModule:
+        """Hand over the model's serializer (and the extra batch fields its objective reads);
+        checks what depends on it (tile counts, ``seq_len`` against the longest episode)."""
+        self.serializer, self.batch_fields = serializer, frozenset(batch_fields)
+        h = self.hparams
+        sizes = {"data.env.max_size": self.env.largest_tiles("train")}
+        if self._file_maps:
+            sizes["data.eval_map_file"] = max(len(m) * len(m[0]) for m in self._file_maps)
+        elif h.eval_split == "ood":
+            sizes["data.eval_split=ood"] = self.env.largest_tiles("ood")
+        key, biggest = max(sizes.items(), key=lambda kv: kv[1])
+        if biggest > serializer.max_tiles:
+            raise InputError(f"{key}: maps of {biggest} tiles, but the model's tokenizer writes at most "
+                             f"{serializer.max_tiles} tiles: raise model.backbone.max_tiles to {biggest}")
+        need = self.longest_episode_tokens()
+        check_range("data.seq_len", h.seq_len, need, None,
+                    why=f"an episode of data.env.max_episode_steps={self.env.max_episode_steps} steps is {need} "
+                        f"tokens in the {serializer.fmt.name} format")
+        return self
+
+    def _serializer(self) -> Serializer:
+        if self.serializer is None:
+            raise RuntimeError("ReplayDataModule needs the model's serializer: call "
+                               "datamodule.set_serializer(model.serializer, model.batch_fields) first "
+                               "(python -m icrl_lightning does)")
+        return self.serializer
+
+    # --- the offline dataset -------------------------------------------------------------------
+    def generation_settings(self) -> dict:
+        """Everything that decides the dataset's episodes (hashed into its folder name)."""
+        h = self.hparams
+        settings = {"version": 1, "seed": h.seed, "num_train_maps": h.num_train_maps,
+                    "episodes_per_map": h.episodes_per_map, **self.behaviour.settings(), **self.env.settings()}
+        if h.split_seed != h.seed:  # the training maps exclude the evaluation maps of split_seed
+            settings["split_seed"] = h.split_seed
+        return settings
+
+    @property
+    def dataset_dir(self) -> Path:
+        return dataset.dataset_folder(self.hparams.data_dir, self.generation_settings())
+
+    def behaviour_run(self, rows: Map, map_id: int, seed: list[int]) -> list[Episode]:
+        """The behaviour learner's episodes on one map with this module's settings (the dataset's;
+        the diagnostics also run it on held-out maps, with their own seeds)."""
+        return self.behaviour.run(rows, map_id, self.hparams.episodes_per_map, seed, self.env.max_episode_steps)
+
+    def prepare_data(self) -> None:
+        """Build the dataset when absent (only ``fit`` needs it: ``validate`` builds nothing)."""
+        if self.trainer is not None and self.trainer.state.fn not in (None, TrainerFn.FITTING):
+            return
+        h = self.hparams
+        splits = self.env.splits(h.seed, h.num_train_maps, h.split_seed)
+        dataset.build(self.dataset_dir, self.generation_settings(), splits.train,
+                      lambda rows, m: self.behaviour_run(rows, m, seed=[h.seed, 3, m]))
+
+    def load_episodes(self) -> list[Episode]:
+        return dataset.load(self.dataset_dir)
+
+    def longest_episode_tokens(self) -> int:
+        """Tokens of the longest episode the data can hold: ``max_episode_steps`` steps on the
+        largest training map (a reward or a truncation marker at the end, whichever is longer)."""
+        s = self._serializer()
+        n, tile = self.env.max_episode_steps, min(self.env.largest_tiles("train"), s.max_tiles) - 1
+        return max(len(s.encode(Episode([tile] * (n + 1), [0] * n, [0.0] * (n - 1) + [r], not trunc, trunc)))
+                   for r in (0.0, 1.0) for trunc in (False, True))
+
+    # --- streams --------------------------------------------------------------------------------
+    def heldout_maps(self, split: str = "heldout") -> list[Map]:
+        """The reserved evaluation maps of ``split`` (``heldout`` or ``ood``), never trained on."""
+        splits = self.env.splits(self.hparams.split_seed, 0)
+        return splits.heldout if split == "heldout" else splits.ood
+
+    def setup(self, stage: str) -> None:
+        h = self.hparams
+        self.eval_maps = self._file_maps or self.heldout_maps(h.eval_split)[: h.eval_maps]
+
+    def encode(self, by_map: dict[int, list[Episode]]) -> dict[int, list[EncodedEpisode]]:
+        s = self._serializer()
+        return {m: [s.encode(e) for e in eps] for m, eps in by_map.items()}
+
+    def train_stream(self, num_sequences: int, rank: int = 0, world_size: int = 1,
+                     skip_batches: int = 0) -> ReplayStream:
+        h = self.hparams
+        by_map: dict[int, list[Episode]] = {}
+        for e in self.load_episodes():
+            by_map.setdefault(e.map_id, []).append(e)
+        weights = {m: quality_weights(eps, h.quality) for m, eps in by_map.items()}
+        return ReplayStream(self.encode(by_map), weights, h.seq_len, self._serializer().pad_id, num_sequences,
+                            (h.set_size_min, h.set_size_max), h.seed, rank, world_size, h.batch_size, h.set_order,
+                            skip_batches, fields=self.batch_fields)
+
+    def train_dataloader(self) -> DataLoader:
+        t = self.trainer
+        if t.max_steps is None or t.max_steps < 1:
+            raise InputError("trainer.max_steps must be set (>= 1): the replay stream is sized from it")
+        num_sequences = t.max_steps * t.accumulate_grad_batches * self.hparams.batch_size
+        # A resumed fit has its step counter restored by now: continue the stream after the batches
+        # already trained on (checkpoints are taken after an optimizer step).
+        skip = t.global_step * t.accumulate_grad_batches
+        if skip:
+            log.info("resuming the replay stream after %d batches per rank", skip)
+        stream = self.train_stream(num_sequences, t.global_rank, t.world_size, skip)
+        return ReplayLoader(stream, self._layout(), batch_size=self.hparams.batch_size,
+                            num_workers=self.hparams.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        # One batch holds every map of this rank: the agent plays them in lock-step.
+        return DataLoader(MapList(self.eval_maps), batch_size=len(self.eval_maps), collate_fn=_as_list)
+
+    def _layout(self) -> dict:
+        """What decides which batch comes at which step."""
+        h, t = self.hparams, self.trainer
+        keys = ("seed", "seq_len", "batch_size", "num_workers", "set_size_min", "set_size_max", "quality",
+                "set_order")
+        return {"dataset": self.dataset_dir.name, **{k: h[k] for k in keys}, "world_size": t.world_size,
+                "accumulate_grad_batches": t.accumulate_grad_batches}
+
+
+def _spec(obj) -> dict:
+    """A configured object as ``{"class_path", "init_args"}`` (what the CLI writes in a config); its
+    arguments are read back from the attributes of the same names."""
+    cls = type(obj)
+    names = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": {n: getattr(obj, n) for n in names}}
+
+
+def _instance(value, base: type, key: str):
+    """``value`` itself (a jsonargparse lazy default becomes a real instance of its own), or the
+    object a ``{"class_path", "init_args"}`` spec describes (as saved in a checkpoint's data
+    hyper-parameters)."""
+    lazy_cls = getattr(value, "_lazy_class_type", None) if not isinstance(value, dict) else None
+    if lazy_cls is not None:
+        value = lazy_cls(**getattr(value, "_lazy_kwargs", {}))
+    if isinstance(value, dict) and "class_path" in value:
+        module, _, name = value["class_path"].rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError):
+            raise InputError(f"{key}: class {value['class_path']!r} cannot be imported") from None
+        value = cls(**value.get("init_args", {}))
+    if not isinstance(value, base):
+        raise InputError(f"{key}: expected a {base.__name__}, got {type(value).__name__}")
+    return value

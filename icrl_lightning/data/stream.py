@@ -1,0 +1,195 @@
+"""The replay stream: packed token sequences of multi-episode sets, deterministic per seed,
+split between ranks and DataLoader workers, and resumable after the batches already trained on."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from icrl_lightning.checks import InputError
+from icrl_lightning.data.context import conflicts
+from icrl_lightning.serialize import EncodedEpisode
+
+log = logging.getLogger(__name__)
+
+SET_ORDERS = ("random", "learning")  # data.set_order
+BATCH_FIELDS = ("conflict",)  # batch fields computed only when the objective asks for them
+
+
+class ReplayStream(IterableDataset):
+    """Packed sequences of episode *sets*: a set is ``set_size`` episodes of one map, either drawn
+    (with quality weights, without replacement) from that map's run and shuffled (``random``,
+    SPEC), or a window of consecutive episodes of the run in the order played (``learning``,
+    as Algorithm Distillation). Sets follow one another, so sequences hold map switches. Only
+    whole episodes are packed; the rest of a sequence is padding. With ``random`` order, when the
+    next episode of the current set does not fit, a later episode of the same set that fits goes
+    first (the set's order is random anyway); sets stay contiguous either way.
+
+    Each (rank, worker) owns a disjoint slice of the maps and its own seeded generator, so the
+    stream is deterministic for a seed and no two readers produce the same sets.
+
+    ``skip_batches`` resumes the stream: this rank's first ``skip_batches`` batches are generated
+    and dropped, so a resumed run sees exactly the batches the uninterrupted run would have seen
+    (for the same world size, ``num_workers`` and ``batch_size``). ``__len__`` stays the length of
+    the whole stream, which is what Lightning's restored batch counter counts against.
+
+    ``fields``: extra batch fields (``BATCH_FIELDS``) to compute; ``conflict`` marks the action
+    positions of ``context.conflicts``.
+    """
+
+    def __init__(
+        self,
+        episodes: dict[int, list[EncodedEpisode]],
+        weights: dict[int, np.ndarray],
+        seq_len: int,
+        pad_id: int,
+        num_sequences: int,
+        set_size: tuple[int, int] = (20, 40),
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        batch_size: int = 1,
+        set_order: str = "random",
+        skip_batches: int = 0,
+        fields: frozenset[str] | set[str] = frozenset(),
+    ):
+        if set_order not in SET_ORDERS:
+            raise InputError(f"data.set_order={set_order!r}: choose one of {', '.join(map(repr, SET_ORDERS))}")
+        unknown = set(fields) - set(BATCH_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown batch fields {sorted(unknown)}; known: {list(BATCH_FIELDS)}")
+        longest = max(len(e) for eps in episodes.values() for e in eps)
+        if longest > seq_len:
+            raise InputError(f"data.seq_len={seq_len} is shorter than the longest episode ({longest} tokens): "
+                             f"raise seq_len to at least {longest}")
+        self.episodes, self.weights = episodes, weights
+        self.seq_len, self.pad_id, self.num_sequences = seq_len, pad_id, num_sequences
+        self.set_size, self.seed, self.rank, self.world_size = set_size, seed, rank, world_size
+        self.batch_size, self.set_order, self.skip_batches = batch_size, set_order, skip_batches
+        self.fields = frozenset(fields)
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    def _reader(self) -> tuple[int, int, int, int]:
+        """(global reader index, number of readers, sequences to drop, sequences to yield)."""
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        if self.world_size * nw > len(self.episodes):
+            raise InputError(f"{self.world_size * nw} data readers (ranks x data.num_workers) but only "
+                             f"{len(self.episodes)} training maps: lower data.num_workers or raise data.num_train_maps")
+        # Workers of one rank split that rank's batches; DataLoader takes batch k from worker k % nw,
+        # counting from 0 again when a resumed run builds a new DataLoader: worker `wid` then plays
+        # the reader that produced batches skip + wid, skip + wid + nw, ... in the uninterrupted run.
+        bs, total = self.batch_size, self.num_sequences
+        n_batches = -(-total // bs)
+        skip = min(self.skip_batches, n_batches)
+        local = (wid + skip) % nw
+
+        def size(b: int) -> int:
+            return min(bs, total - b * bs)
+
+        dropped = sum(size(b) for b in range(local, skip, nw))
+        count = sum(size(b) for b in range(skip + wid, n_batches, nw))
+        return self.rank * nw + local, self.world_size * nw, dropped, count
+
+    def sets(self, rng: np.random.Generator, maps: list[int]):
+        """Sets of episodes (lists) of ``maps``, forever."""
+        lo, hi = self.set_size
+        while True:
+            m = maps[rng.integers(len(maps))]
+            eps, w = self.episodes[m], self.weights[m]
+            k = min(int(rng.integers(lo, hi + 1)), len(eps))
+            if self.set_order == "learning":
+                first = int(rng.integers(len(eps) - k + 1))
+                yield eps[first:first + k]
+            else:
+                yield [eps[i] for i in rng.choice(len(eps), size=k, replace=False, p=w / w.sum())]
+
+    def chunks(self, rng: np.random.Generator, maps: list[int]):
+        """The episodes of each sequence (whole sets in order, packed), forever."""
+        sets = self.sets(rng, maps)
+        pending: list[EncodedEpisode] = []  # what is left of the current set, in order
+        reorder = self.set_order == "random"
+        while True:
+            chunk: list[EncodedEpisode] = []
+            room = self.seq_len
+            while True:
+                if not pending:
+                    pending = list(next(sets))
+                fits = next((i for i, e in enumerate(pending if reorder else pending[:1]) if len(e) <= room), None)
+                if fits is None:
+                    break
+                e = pending.pop(fits)
+                chunk.append(e)
+                room -= len(e)
+            yield chunk
+
+    def __iter__(self):
+        reader, readers, dropped, count = self._reader()
+        maps = sorted(self.episodes)[reader::readers]
+        chunks = self.chunks(np.random.default_rng([self.seed, reader]), maps)
+        for _ in range(dropped):  # resuming: regenerate what was consumed (packing only; cheap)
+            next(chunks)
+        for _ in range(count):
+            yield self.pack(next(chunks))
+
+    def pack(self, chunk: list[EncodedEpisode]) -> dict[str, torch.Tensor]:
+        """One training sequence of ``chunk``'s episodes, padded to ``seq_len``: token ids, the
+        action positions (``q_mask``) with their action, reward and episode end (``done``: no
+        bootstrap past it), the real length, and the extra ``fields``."""
+        n = self.seq_len
+        ids = np.full(n, self.pad_id, dtype=np.int64)
+        q_mask = np.zeros(n, dtype=bool)
+        action = np.zeros(n, dtype=np.int64)
+        reward = np.zeros(n, dtype=np.float32)
+        done = np.zeros(n, dtype=bool)
+        conflict = np.zeros(n, dtype=bool) if "conflict" in self.fields else None
+        flags = conflicts(chunk) if conflict is not None else [None] * len(chunk)
+        at = 0
+        for e, flag in zip(chunk, flags, strict=True):
+            ids[at:at + len(e)] = e.ids
+            if len(e.q_pos):
+                pos = e.q_pos + at
+                q_mask[pos], action[pos], reward[pos] = True, e.actions, e.rewards
+                done[pos[-1]] = True  # the last action of an episode does not bootstrap
+                if conflict is not None:
+                    conflict[pos] = flag
+            at += len(e)
+        batch = {"input_ids": torch.from_numpy(ids), "q_mask": torch.from_numpy(q_mask),
+                 "action": torch.from_numpy(action), "reward": torch.from_numpy(reward),
+                 "done": torch.from_numpy(done), "n_tokens": torch.tensor(at)}
+        if conflict is not None:
+            batch["conflict"] = torch.from_numpy(conflict)
+        return batch
+
+
+class ReplayLoader(DataLoader):
+    """The replay stream's ``DataLoader``. Its position is not state of its own: the stream skips
+    what the restored step counter says was trained on. What it saves in checkpoints (Lightning
+    keeps the state of loaders that have ``state_dict``) is the stream's layout, so that a resume
+    under a different layout, which cannot continue the same batches, says so.
+
+    Args:
+        dataset: the ``ReplayStream``.
+        layout: everything that decides which batch comes at which step (seed, sizes, world size, ...).
+        **kwargs: ``DataLoader`` arguments.
+    """
+
+    def __init__(self, dataset: ReplayStream, layout: dict, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.layout = layout
+
+    def state_dict(self) -> dict:
+        return {"stream_layout": self.layout}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict.get("stream_layout", {})
+        changed = {k: (v, self.layout.get(k)) for k, v in saved.items() if self.layout.get(k) != v}
+        if changed:
+            log.warning("the checkpoint's replay stream was laid out differently (%s): training continues after the "
+                        "same number of batches, but not with the batches the uninterrupted run would have seen",
+                        ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
