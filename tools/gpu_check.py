@@ -830,6 +830,7 @@ def run_cli(ctx: Ctx, tag: str, argv: list[str]) -> tuple[dict, object]:
         finally:
             sys.argv = saved_argv
     rec["wall_s"] = time.perf_counter() - t
+    rec["started_perf_counter"] = t
     rec["rc"] = rc
     rec["output_tail"] = file_tail(log, 40)
     if exc_rec:
@@ -853,12 +854,15 @@ def _quote(a: str) -> str:
     return a if a and all(c.isalnum() or c in "-_./=:,+" for c in a) else json.dumps(a)
 
 
-def clock_summary(ctx: Ctx, path: Path, tokens_per_step: int | None, config: dict | None, seq_len: int | None) -> dict:
+def clock_summary(ctx: Ctx, path: Path, tokens_per_step: int | None, config: dict | None, seq_len: int | None,
+                  run_start: float | None = None) -> dict:
     rows = [json.loads(line) for line in file_tail(path, 100000) if line.strip()]
     marks = [r for r in rows if r["what"] == "step"]
     out: dict = {"optimizer_steps_marked": len(marks)}
+    start = next((r for r in rows if r["what"] == "start"), None)
+    if start and run_start is not None:  # parse, model build, dataset, strategy setup: all before training
+        out["until_train_start_s"] = start["t"] - run_start
     if marks:
-        start = next((r for r in rows if r["what"] == "start"), None)
         if start:
             out["first_step_s"] = marks[0]["t"] - start["t"]
         if "peak_reserved" in marks[-1]:
@@ -926,7 +930,7 @@ def fit_run(ctx: Ctx, tag: str, argv: list[str], max_steps: int, config: dict | 
             h = cli.datamodule.hparams
             seq_len = h.seq_len
             tokens = cli.trainer.accumulate_grad_batches * h.batch_size * h.seq_len
-    rec["steps"] = clock_summary(ctx, ovr["clock"], tokens, config, seq_len)
+    rec["steps"] = clock_summary(ctx, ovr["clock"], tokens, config, seq_len, rec.pop("started_perf_counter"))
     rec["checkpoint"] = checkpoint_record(ovr["ckpt_dir"])
     report = getattr(getattr(cli, "model", None), "eval_report", None) if cli is not None else None
     if report:
@@ -985,7 +989,8 @@ def llama_cli_part(ctx: Ctx, tag: str, preset: str) -> dict:
                                                                    if ctx.shape["llama"] else ""),
                               "tokenizer": tok_kind, "n_params_decoder_layers": count_decoder_params(config)},
                     "attempts": []}
-    plan = [("paper_bf16_base", [])]
+    float32 = ("float32_base", ["--model.pretrained.dtype", "float32"])
+    plan = [float32] if preset == "fsdp" and ctx.args.fsdp_float32_only else [("paper_bf16_base", [])]
     while plan:
         label, extra = plan.pop(0)
         if ctx.remaining() <= 0:
@@ -999,7 +1004,7 @@ def llama_cli_part(ctx: Ctx, tag: str, preset: str) -> dict:
         if rec["status"] == "ok":
             break
         if preset == "fsdp" and label == "paper_bf16_base" and fsdp_retry_wanted(_error_text(rec)):
-            plan.append(("float32_base", ["--model.pretrained.dtype", "float32"]))
+            plan.append(float32)
     last = result["attempts"][-1]
     result["status"] = last["status"]
     if ctx.smoke and last["status"] == "error":
@@ -1253,6 +1258,7 @@ class Supervisor:
                 argv += [flag, str(value)]
         argv += ["--smoke"] if a.smoke else []
         argv += ["--tokenizer", a.tokenizer]
+        argv += ["--fsdp-float32-only"] if a.fsdp_float32_only else []
         argv += ["--profile"] if a.profile else ["--no-profile"]
         return argv
 
@@ -1397,8 +1403,10 @@ def headline(part: str, rec: dict) -> str:
 
 
 # --- --pack: what travels to a GPU machine --------------------------------------------------------------
+# Missing from the GPU image (KINDS.md's package list), plus peft and typing-extensions pinned to the versions
+# tested here (the image's peft version is not recorded; pydantic needs typing-extensions >= 4.16).
 WHEELS = ("jsonargparse", "docstring-parser", "typeshed-client", "omegaconf", "gymnasium", "farama-notifications",
-          "gguf", "pydantic", "pydantic-core", "annotated-types", "typing-inspection")
+          "gguf", "peft", "typing-extensions", "pydantic", "pydantic-core", "annotated-types", "typing-inspection")
 EXTRA_PINS = {"hjson": "3.1.0"}  # deepspeed's, not installed here
 DEEPSPEED_VERSION = "0.19.8"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
@@ -1480,6 +1488,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                     help="profile one checkpointed step of each step part")
     ap.add_argument("--peak-flops", type=float, help="dense bf16 peak FLOP/s for a GPU not in the table")
+    ap.add_argument("--fsdp-float32-only", action="store_true",
+                    help="fsdp_fit: skip the paper's bf16 base (FSDP1 refuses bf16 + float32 adapters in one unit)")
     ap.add_argument("--claim-steps", type=int, default=None, help="optimizer steps per claim run (default 200)")
     ap.add_argument("--claim-train-maps", type=int, default=250, help="training maps of the claim (paper: 250)")
     ap.add_argument("--claim-model", help="SmolLM2 .gguf or model folder (default data/models/.../*.gguf)")

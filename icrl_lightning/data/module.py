@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 from jsonargparse import lazy_instance
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset
@@ -16,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from icrl_lightning.behaviour import Behaviour, QLearning
 from icrl_lightning.checks import InputError, check_choice, check_range
 from icrl_lightning.data import dataset
-from icrl_lightning.data.stream import SET_ORDERS, ReplayLoader, ReplayStream
+from icrl_lightning.data.stream import SET_ORDERS, EpisodeTable, ReplayLoader, ReplayStream
 from icrl_lightning.envs.frozen_lake import RESERVED_EVAL_MAPS, FrozenLake, Map, load_map_file
 from icrl_lightning.episodes import Episode, quality_weights
 from icrl_lightning.serialize import EncodedEpisode, Serializer
@@ -66,6 +67,8 @@ class ReplayDataModule(L.LightningDataModule):
         seq_len: tokens per training sequence.
         batch_size: sequences per device batch.
         num_workers: DataLoader worker processes.
+        build_workers: processes that build a missing dataset (its bytes do not depend on it);
+            ``null`` = every CPU this process may use.
         eval_split: ``heldout`` (same sizes as training) or ``ood`` (6..7 x 6..7).
         eval_maps: how many maps of the split to evaluate on (200 of each split are reserved).
         eval_map_file: a JSON list of maps (lists of row strings) to evaluate on instead.
@@ -94,6 +97,7 @@ class ReplayDataModule(L.LightningDataModule):
         seq_len: int = 1024,
         batch_size: int = 8,
         num_workers: int = 0,
+        build_workers: int | None = None,
         eval_split: str = "heldout",
         eval_maps: int = 50,
         eval_map_file: str | None = None,
@@ -116,6 +120,8 @@ class ReplayDataModule(L.LightningDataModule):
         check_range("data.seq_len", seq_len, 1, None)
         check_range("data.batch_size", batch_size, 1, None)
         check_range("data.num_workers", num_workers, 0, None)
+        if build_workers is not None:
+            check_range("data.build_workers", build_workers, 1, None)
         check_choice("data.eval_split", eval_split, EVAL_SPLITS)
         check_range("data.eval_maps", eval_maps, 1, RESERVED_EVAL_MAPS,
                     why=f"{RESERVED_EVAL_MAPS} maps of each split are reserved for evaluation")
@@ -172,14 +178,29 @@ class ReplayDataModule(L.LightningDataModule):
         the diagnostics also run it on held-out maps, with their own seeds)."""
         return self.behaviour.run(rows, map_id, self.hparams.episodes_per_map, seed, self.env.max_episode_steps)
 
+    def encoded_maps(self) -> tuple[dict[int, EpisodeTable], dict[int, np.ndarray]]:
+        """The dataset's episodes encoded, as one ``EpisodeTable`` per map, and their quality
+        weights; read one shard at a time, so memory holds the tables and one shard's records."""
+        s, quality = self._serializer(), self.hparams.quality
+        tables, weights = {}, {}
+        for shard in dataset.iter_shards(self.dataset_dir):
+            by_map: dict[int, list[Episode]] = {}
+            for e in shard:
+                by_map.setdefault(e.map_id, []).append(e)
+            for m, eps in by_map.items():
+                tables[m] = EpisodeTable([s.encode(e) for e in eps])
+                weights[m] = quality_weights(eps, quality)
+        return tables, weights
+
     def prepare_data(self) -> None:
         """Build the dataset when absent (only ``fit`` needs it: ``validate`` builds nothing)."""
         if self.trainer is not None and self.trainer.state.fn not in (None, TrainerFn.FITTING):
             return
         h = self.hparams
         splits = self.env.splits(h.seed, h.num_train_maps, h.split_seed)
-        dataset.build(self.dataset_dir, self.generation_settings(), splits.train,
-                      lambda rows, m: self.behaviour_run(rows, m, seed=[h.seed, 3, m]))
+        play = _Play(self.behaviour, h.episodes_per_map, h.seed, self.env.max_episode_steps)
+        dataset.build(self.dataset_dir, self.generation_settings(), splits.train, play,
+                      workers=h.build_workers or dataset.default_workers())
 
     def load_episodes(self) -> list[Episode]:
         return dataset.load(self.dataset_dir)
@@ -209,11 +230,8 @@ class ReplayDataModule(L.LightningDataModule):
     def train_stream(self, num_sequences: int, rank: int = 0, world_size: int = 1,
                      skip_batches: int = 0) -> ReplayStream:
         h = self.hparams
-        by_map: dict[int, list[Episode]] = {}
-        for e in self.load_episodes():
-            by_map.setdefault(e.map_id, []).append(e)
-        weights = {m: quality_weights(eps, h.quality) for m, eps in by_map.items()}
-        return ReplayStream(self.encode(by_map), weights, h.seq_len, self._serializer().pad_id, num_sequences,
+        tables, weights = self.encoded_maps()
+        return ReplayStream(tables, weights, h.seq_len, self._serializer().pad_id, num_sequences,
                             (h.set_size_min, h.set_size_max), h.seed, rank, world_size, h.batch_size, h.set_order,
                             skip_batches, fields=self.batch_fields)
 
@@ -242,6 +260,17 @@ class ReplayDataModule(L.LightningDataModule):
                 "set_order")
         return {"dataset": self.dataset_dir.name, **{k: h[k] for k in keys}, "world_size": t.world_size,
                 "accumulate_grad_batches": t.accumulate_grad_batches}
+
+
+class _Play:
+    """``play(rows, map_id)``: the behaviour's episodes on one training map, seeded by the map's id
+    (a plain object, so that dataset builds in worker processes can take it)."""
+
+    def __init__(self, behaviour: Behaviour, episodes: int, seed: int, max_episode_steps: int):
+        self.behaviour, self.episodes, self.seed, self.max_episode_steps = behaviour, episodes, seed, max_episode_steps
+
+    def __call__(self, rows: Map, map_id: int) -> list[Episode]:
+        return self.behaviour.run(rows, map_id, self.episodes, [self.seed, 3, map_id], self.max_episode_steps)
 
 
 def _spec(obj) -> dict:

@@ -19,6 +19,41 @@ SET_ORDERS = ("random", "learning")  # data.set_order
 BATCH_FIELDS = ("conflict",)  # batch fields computed only when the objective asks for them
 
 
+class EpisodeTable:
+    """One map's encoded episodes as a few flat arrays instead of many small objects (a dataset of
+    25,000 maps x 200 episodes fits in memory); ``table[i]`` is an ``EncodedEpisode`` of views and
+    ``table[a:b]`` a list of them, in the order played."""
+
+    def __init__(self, episodes: list[EncodedEpisode]):
+        if not episodes:
+            raise ValueError("an EpisodeTable needs at least one episode")
+        self.map_id = episodes[0].map_id
+        self.ids = np.concatenate([e.ids for e in episodes])
+        self.id_at = np.cumsum([0] + [len(e.ids) for e in episodes])
+        self.q_pos = np.concatenate([e.q_pos for e in episodes])
+        self.actions = np.concatenate([e.actions for e in episodes]).astype(np.int8)
+        self.rewards = np.concatenate([e.rewards for e in episodes])
+        self.tiles = np.concatenate([e.tiles for e in episodes]).astype(np.int16)
+        self.step_at = np.cumsum([0] + [len(e.actions) for e in episodes])
+        self.success = np.array([e.success for e in episodes])
+
+    def __len__(self) -> int:
+        return len(self.success)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i)
+        a, b = self.step_at[i], self.step_at[i + 1]
+        return EncodedEpisode(ids=self.ids[self.id_at[i]:self.id_at[i + 1]], q_pos=self.q_pos[a:b],
+                              actions=self.actions[a:b].astype(np.int64), rewards=self.rewards[a:b],
+                              tiles=self.tiles[a:b].astype(np.int64), map_id=self.map_id,
+                              success=bool(self.success[i]))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
 class ReplayStream(IterableDataset):
     """Packed sequences of episode *sets*: a set is ``set_size`` episodes of one map, either drawn
     (with quality weights, without replacement) from that map's run and shuffled (``random``,
@@ -42,7 +77,7 @@ class ReplayStream(IterableDataset):
 
     def __init__(
         self,
-        episodes: dict[int, list[EncodedEpisode]],
+        episodes: dict[int, list[EncodedEpisode] | EpisodeTable],
         weights: dict[int, np.ndarray],
         seq_len: int,
         pad_id: int,
