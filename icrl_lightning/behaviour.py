@@ -67,18 +67,25 @@ def q_learning_run(
     gamma: float = 0.9,
     max_episode_steps: int = 100,
     q_init: float = 0.0,
+    history: int | None = None,
 ) -> list[Episode]:
-    """One epsilon-greedy Q-learning run of ``episodes`` episodes on one map (a random action with
-    probability ``epsilon``); every episode it plays is kept, in the order played."""
+    """Epsilon-greedy Q-learning on one map (a random action with probability ``epsilon``) for
+    ``episodes`` episodes, every episode kept in the order played: one run, or with ``history``
+    consecutive runs of that many episodes, each from a fresh table (the last one cut short when
+    ``episodes`` is not a multiple)."""
     rng = np.random.default_rng(seed)
     env = make_env(rows, max_episode_steps)
-    learner = TabularQLearner(len(rows) * len(rows[0]), lr=lr, gamma=gamma, rng=rng, q_init=q_init)
+    n_states = len(rows) * len(rows[0])
+    every = history or episodes
 
     def choose(obs: int) -> int:
         return int(rng.integers(4)) if rng.random() < epsilon else learner.greedy(obs)
 
-    out = [play_episode(env, choose, rng, learner, map_id=map_id, map_rows=tuple(rows), learner_episode=k)
-           for k in range(episodes)]
+    out = []
+    for k in range(episodes):
+        if k % every == 0:
+            learner = TabularQLearner(n_states, lr=lr, gamma=gamma, rng=rng, q_init=q_init)
+        out.append(play_episode(env, choose, rng, learner, map_id=map_id, map_rows=tuple(rows), learner_episode=k))
     env.close()
     return out
 
@@ -86,7 +93,12 @@ def q_learning_run(
 class Behaviour:
     """What plays the offline data: ``run`` gives one training map's episodes, in the order
     played; ``settings`` names everything that decides them (it keys the dataset on disk, so a
-    changed setting builds a new dataset). Choose one with ``data.behaviour`` (a class path)."""
+    changed setting builds a new dataset). Choose one with ``data.behaviour`` (a class path).
+    A subclass stores each ``__init__`` argument as an attribute of the same name (checkpoints
+    save them). ``history_length``: when the episodes are independent learning histories of that
+    many episodes (a fresh learner each), learning-order sets are whole histories."""
+
+    history_length: int | None = None
 
     def settings(self) -> dict:
         raise NotImplementedError
@@ -106,15 +118,26 @@ class QLearning(Behaviour):
         q_init: every table entry's initial value. 0 (default) never learns from a hole (its reward
             is 0, like an untried move), so it walks into the same hole again; an optimistic 1.0
             prefers untried moves to a move that ended in a hole and so explores systematically.
+        history: ``null`` (default): one run per map. A number: a fresh table every that many
+            episodes, so the map's episodes are independent learning histories from scratch, as
+            the evaluation's trials are (with ``data.set_order: learning`` a set is one whole
+            history, as Algorithm Distillation trains).
     """
 
-    def __init__(self, epsilon: float = 0.1, lr: float = 0.5, gamma: float = 0.9, q_init: float = 0.0):
+    def __init__(self, epsilon: float = 0.1, lr: float = 0.5, gamma: float = 0.9, q_init: float = 0.0,
+                 history: int | None = None):
         check_range("data.behaviour.epsilon", epsilon, 0, 1)
         check_range("data.behaviour.lr", lr, 0, 1, lo_open=True)
         check_range("data.behaviour.gamma", gamma, 0, 1)
         check_range("data.behaviour.q_init", q_init, 0, None,
                     why="0 = untried moves look like holes, 1 = optimistic (rewards are 0 or 1)")
-        self.epsilon, self.lr, self.gamma, self.q_init = epsilon, lr, gamma, q_init
+        if history is not None:
+            check_range("data.behaviour.history", history, 1, None)
+        self.epsilon, self.lr, self.gamma, self.q_init, self.history = epsilon, lr, gamma, q_init, history
+
+    @property
+    def history_length(self) -> int | None:
+        return self.history
 
     def settings(self) -> dict:
         """What generates the data (part of the dataset's key; the names of the first version)."""
@@ -122,11 +145,14 @@ class QLearning(Behaviour):
                "behaviour_gamma": self.gamma}
         if self.q_init != 0.0:  # added later: only a non-default value enters the key
             out["behaviour_q_init"] = self.q_init
+        if self.history is not None:
+            out["behaviour_history"] = self.history
         return out
 
     def run(self, rows: Map, map_id: int, episodes: int, seed: list[int], max_episode_steps: int) -> list[Episode]:
         return q_learning_run(rows, map_id, episodes, seed=seed, epsilon=self.epsilon, lr=self.lr, gamma=self.gamma,
-                              max_episode_steps=max_episode_steps, q_init=self.q_init)
+                              max_episode_steps=max_episode_steps, q_init=self.q_init, history=self.history)
 
     def __repr__(self) -> str:
-        return f"QLearning(epsilon={self.epsilon}, lr={self.lr}, gamma={self.gamma}, q_init={self.q_init})"
+        return (f"QLearning(epsilon={self.epsilon}, lr={self.lr}, gamma={self.gamma}, q_init={self.q_init}, "
+                f"history={self.history})")

@@ -55,7 +55,7 @@ def replay_stream(data: ReplayDataModule, by_map: dict[int, list[Episode]], num_
     weights = {m: quality_weights(eps, h.quality) for m, eps in by_map.items()}
     return ReplayStream(data.encode(by_map), weights, h.seq_len, data.serializer.pad_id, num_sequences,
                         (h.set_size_min, h.set_size_max), h.seed, batch_size=h.batch_size, set_order=h.set_order,
-                        fields=fields)
+                        fields=fields, history=data.behaviour.history_length)
 
 
 @dataclass

@@ -204,7 +204,10 @@ class ICRLModule(L.LightningModule):
     @property
     def batch_fields(self) -> frozenset[str]:
         """The extra batch fields (``data.stream.BATCH_FIELDS``) this objective reads."""
-        return frozenset({"conflict"} if self.td.conflict_weight != 1 else ())
+        fields = {"conflict"} if self.td.conflict_weight != 1 else set()
+        if self.td.cross_gamma:
+            fields.add("cross")
+        return frozenset(fields)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         td, cql, q_mask = self.td, self.cql, batch["q_mask"]
@@ -214,7 +217,9 @@ class ICRLModule(L.LightningModule):
         action, reward, done = batch["action"][q_mask], batch["reward"][q_mask], batch["done"][q_mask]
         q_taken = q.gather(1, action[:, None]).squeeze(1)
         # y = scale * r + gamma * Q_target(next, argmax_a Q_online(next, a)), no bootstrap past an episode end
-        y = double_dqn_targets(reward, done, next_step(q.detach()), next_step(q_target), td.gamma, td.reward_scale)
+        cross = batch["cross"][q_mask] if td.cross_gamma else None
+        y = double_dqn_targets(reward, done, next_step(q.detach()), next_step(q_target), td.gamma, td.reward_scale,
+                               cross, td.cross_gamma)
         weight = position_weights(batch["conflict"][q_mask], td.conflict_weight) if td.conflict_weight != 1 else None
         td_loss = bellman_loss(q_taken, y, td.loss, q_mask.nonzero()[:, 0], weight)
         loss = td_loss

@@ -27,18 +27,26 @@ class TD:
             batch. 1 (paper) weighs every position alike. There "copy the nearest visit" and "follow
             the success" disagree; such positions are rare in packed sequences, so a small model
             learns the simpler copy first unless they weigh more.
+        cross_gamma: discount of a value across episodes (not in the paper; the paper's own proposal
+            of a cross-episode reward, as AMAGO and ICEE do at the trial level): an episode's last
+            action bootstraps into the first action of the next episode of the same map in the
+            sequence, so what an episode reveals for the episodes after it carries value. 0
+            (default, paper): no bootstrap across an episode end. Meaningful when the next episode
+            in the sequence is the next one played (``data.set_order: learning``).
     """
 
     gamma: float = 0.9
     reward_scale: float = 30.0
     loss: str = "mse"
     conflict_weight: float = 1.0
+    cross_gamma: float = 0.0
 
     def check(self) -> None:
         check_range("model.td.gamma", self.gamma, 0, 1, hi_open=True)
         check_range("model.td.reward_scale", self.reward_scale, 0, None, lo_open=True)
         check_choice("model.td.loss", self.loss, LOSSES)
         check_range("model.td.conflict_weight", self.conflict_weight, 0, None)
+        check_range("model.td.cross_gamma", self.cross_gamma, 0, 1, hi_open=True)
 
 
 @dataclass

@@ -112,3 +112,35 @@ def test_play_episode_returns_a_frozen_episode_with_the_given_fields():
     env.close()
     assert (e.observations, e.actions, e.rewards, e.terminated, e.map_id, e.map_rows) == ([0, 1], [2], [0.0], True,
                                                                                          -1, ())
+
+
+def test_history_restarts_the_learner_every_history_episodes():
+    from icrl_lightning.behaviour import QLearning, q_learning_run
+
+    rows = ("SFFF", "FHFH", "FFFH", "HFFG")
+    one = q_learning_run(rows, 0, 12, seed=3, q_init=1.0)
+    hist = QLearning(q_init=1.0, history=6).run(rows, 0, 12, [3], 100)
+    assert QLearning(history=6).history_length == 6 and QLearning().history_length is None
+    # The first history is the one run's first six episodes; the second starts from a fresh table,
+    # so it explores again (an optimistic learner's first episode tries untried moves).
+    assert [e.actions for e in hist[:6]] == [e.actions for e in one[:6]]
+    assert len(hist[6].actions) > len(one[6].actions) or hist[6].actions != one[6].actions
+    assert QLearning(history=6).settings()["behaviour_history"] == 6
+    assert "behaviour_history" not in QLearning().settings()
+
+
+def test_noisy_demonstrations_anneal_from_random_to_the_shortest_path():
+    from icrl_lightning.envs.frozen_lake import goal_distances
+    from icrl_lightning.experimental.behaviour import NoisyDemonstrations
+
+    b = NoisyDemonstrations(history=10)
+    assert b.noise(0) == 1.0 and b.noise(9) == 0.0 and b.noise(5) == pytest.approx(1 - 5 / 8.1)
+    assert NoisyDemonstrations(history=10, max_perf=0.7).noise(9) == pytest.approx(0.3)
+    rows = ("SFFF", "FHFH", "FFFH", "HFFG")
+    eps = b.run(rows, 2, 20, [1], 100)
+    assert len(eps) == 20 and all(e.map_id == 2 and e.map_rows == rows for e in eps)
+    shortest = int(goal_distances(rows)[0, 0])
+    for last in (eps[9], eps[19]):  # the end of each history follows a shortest path
+        assert last.success and len(last.actions) == shortest
+    assert b.settings() == {"learner": "noisy_oracle", "history": 10, "max_perf": 1.0}
+    assert b.history_length == 10

@@ -648,3 +648,27 @@ def test_episode_table_gives_back_the_encoded_episodes(tiny_data_dir, tiny_datam
             assert getattr(got, field).dtype == getattr(want, field).dtype, field
         assert (got.map_id, got.success, len(got)) == (want.map_id, want.success, len(want))
     assert [e.ids.tolist() for e in table[2:5]] == [e.ids.tolist() for e in encoded[2:5]]
+
+
+def test_learning_sets_are_whole_histories(compact, synthetic, decode_stream):
+    episodes, weights, _ = synthetic(compact, n_maps=3, n_eps=12)
+    stream = ReplayStream(episodes, weights, seq_len=400, pad_id=compact.pad_id, num_sequences=20, set_order="learning",
+                          history=4, set_size=(1, 12))
+    sets = stream.sets(np.random.default_rng(0), sorted(episodes))
+    for _ in range(30):
+        s = next(sets)
+        idx = [int(compact._tokenizer.convert_ids_to_tokens(e.ids.tolist())[3][1:]) for e in s]  # episode j: o{j}
+        assert len(s) == 4 and idx[0] % 4 == 0 and idx == list(range(idx[0], idx[0] + 4)), idx
+
+
+def test_cross_marks_episode_ends_followed_by_the_same_map(compact, synthetic):
+    episodes, weights, _ = synthetic(compact, n_maps=2, n_eps=6)
+    chunk = [episodes[0][0], episodes[0][1], episodes[1][0], episodes[1][1]]
+    stream = ReplayStream(episodes, weights, seq_len=256, pad_id=compact.pad_id, num_sequences=1, fields={"cross"})
+    batch = stream.pack(chunk)
+    ends = torch.nonzero(batch["done"]).flatten().tolist()
+    assert len(ends) == 4
+    assert batch["cross"][ends].tolist() == [True, False, True, False]  # map 0 -> 0, 0 -> 1, 1 -> 1, last
+    assert int(batch["cross"].sum()) == 2
+    assert "cross" not in ReplayStream(episodes, weights, seq_len=256, pad_id=compact.pad_id,
+                                       num_sequences=1).pack(chunk)

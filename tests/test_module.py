@@ -328,7 +328,21 @@ def test_batch_fields_ask_for_conflict_only_when_weighted(tiny_data_dir, make_mo
         assert batch["conflict"].dtype == torch.bool and not (batch["conflict"] & ~batch["q_mask"]).any()
 
 
+def test_cross_gamma_asks_for_cross_and_bootstraps_across_episode_ends(tiny_data_dir, make_module, make_batch):
+    module = make_module(td=TD(cross_gamma=0.5))
+    assert module.batch_fields == frozenset({"cross"})
+    batch = make_batch(module, tiny_data_dir, n=2)
+    assert (batch["cross"] <= batch["done"]).all() and batch["cross"].any()
+    plain = make_module(td=TD())
+    plain.load_state_dict(module.state_dict())
+    with torch.no_grad():
+        crossed = module.training_step(batch, 0)
+        base = plain.training_step({k: v for k, v in batch.items() if k != "cross"}, 0)
+    assert not torch.isclose(crossed, base)  # the episode ends that bootstrap change the TD loss
+
+
 @pytest.mark.parametrize(("kwargs", "key"), [
+    ({"td": TD(cross_gamma=1.0)}, r"model\.td\.cross_gamma"),
     ({"cql": CQL(weight=0)}, r"model\.cql\.weight"),
     ({"cql": {"weight": 0.0}}, r"model\.cql\.weight"),
     ({"cql": CQL(weight=-1.0)}, r"model\.cql\.weight"),

@@ -63,7 +63,8 @@ class ReplayDataModule(L.LightningDataModule):
             unweighted, or the reverse (SPEC data quality; ``random`` order only).
         set_order: ``random`` (SPEC: a set's episodes drawn from the whole run and shuffled) or
             ``learning`` (a window of consecutive episodes of the run, in the order played, as
-            Algorithm Distillation trains).
+            Algorithm Distillation trains; one whole history when the behaviour plays histories,
+            e.g. ``data.behaviour.history``).
         seq_len: tokens per training sequence.
         batch_size: sequences per device batch.
         num_workers: DataLoader worker processes.
@@ -233,7 +234,7 @@ class ReplayDataModule(L.LightningDataModule):
         tables, weights = self.encoded_maps()
         return ReplayStream(tables, weights, h.seq_len, self._serializer().pad_id, num_sequences,
                             (h.set_size_min, h.set_size_max), h.seed, rank, world_size, h.batch_size, h.set_order,
-                            skip_batches, fields=self.batch_fields)
+                            skip_batches, fields=self.batch_fields, history=self.behaviour.history_length)
 
     def train_dataloader(self) -> DataLoader:
         t = self.trainer

@@ -16,7 +16,7 @@ from icrl_lightning.serialize import EncodedEpisode
 log = logging.getLogger(__name__)
 
 SET_ORDERS = ("random", "learning")  # data.set_order
-BATCH_FIELDS = ("conflict",)  # batch fields computed only when the objective asks for them
+BATCH_FIELDS = ("conflict", "cross")  # batch fields computed only when the objective asks for them
 
 
 class EpisodeTable:
@@ -72,7 +72,10 @@ class ReplayStream(IterableDataset):
     the whole stream, which is what Lightning's restored batch counter counts against.
 
     ``fields``: extra batch fields (``BATCH_FIELDS``) to compute; ``conflict`` marks the action
-    positions of ``context.conflicts``.
+    positions of ``context.conflicts``; ``cross`` marks an episode's last action when the next
+    episode of the sequence is of the same map (where ``model.td.cross_gamma`` bootstraps across
+    the episode end). ``history``: the maps' episodes are learning histories of
+    that many episodes; a ``learning`` set is then one whole history (``set_size`` unused).
     """
 
     def __init__(
@@ -90,6 +93,7 @@ class ReplayStream(IterableDataset):
         set_order: str = "random",
         skip_batches: int = 0,
         fields: frozenset[str] | set[str] = frozenset(),
+        history: int | None = None,
     ):
         if set_order not in SET_ORDERS:
             raise InputError(f"data.set_order={set_order!r}: choose one of {', '.join(map(repr, SET_ORDERS))}")
@@ -105,6 +109,7 @@ class ReplayStream(IterableDataset):
         self.set_size, self.seed, self.rank, self.world_size = set_size, seed, rank, world_size
         self.batch_size, self.set_order, self.skip_batches = batch_size, set_order, skip_batches
         self.fields = frozenset(fields)
+        self.history = history
 
     def __len__(self) -> int:
         return self.num_sequences
@@ -137,6 +142,11 @@ class ReplayStream(IterableDataset):
         while True:
             m = maps[rng.integers(len(maps))]
             eps, w = self.episodes[m], self.weights[m]
+            if self.set_order == "learning" and self.history:
+                # One whole learning history (the behaviour's episodes come in histories from scratch).
+                first = self.history * int(rng.integers(-(-len(eps) // self.history)))
+                yield eps[first:first + self.history]
+                continue
             k = min(int(rng.integers(lo, hi + 1)), len(eps))
             if self.set_order == "learning":
                 first = int(rng.integers(len(eps) - k + 1))
@@ -183,22 +193,28 @@ class ReplayStream(IterableDataset):
         reward = np.zeros(n, dtype=np.float32)
         done = np.zeros(n, dtype=bool)
         conflict = np.zeros(n, dtype=bool) if "conflict" in self.fields else None
+        cross = np.zeros(n, dtype=bool) if "cross" in self.fields else None
         flags = conflicts(chunk) if conflict is not None else [None] * len(chunk)
         at = 0
-        for e, flag in zip(chunk, flags, strict=True):
+        for j, (e, flag) in enumerate(zip(chunk, flags, strict=True)):
             ids[at:at + len(e)] = e.ids
             if len(e.q_pos):
                 pos = e.q_pos + at
                 q_mask[pos], action[pos], reward[pos] = True, e.actions, e.rewards
-                done[pos[-1]] = True  # the last action of an episode does not bootstrap
+                done[pos[-1]] = True  # the last action of an episode does not bootstrap within it
                 if conflict is not None:
                     conflict[pos] = flag
+                if cross is not None and j + 1 < len(chunk) and chunk[j + 1].map_id == e.map_id >= 0 \
+                        and len(chunk[j + 1].q_pos):
+                    cross[pos[-1]] = True
             at += len(e)
         batch = {"input_ids": torch.from_numpy(ids), "q_mask": torch.from_numpy(q_mask),
                  "action": torch.from_numpy(action), "reward": torch.from_numpy(reward),
                  "done": torch.from_numpy(done), "n_tokens": torch.tensor(at)}
         if conflict is not None:
             batch["conflict"] = torch.from_numpy(conflict)
+        if cross is not None:
+            batch["cross"] = torch.from_numpy(cross)
         return batch
 
 
