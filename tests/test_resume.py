@@ -5,6 +5,7 @@ the replay stream continues where the checkpoint left it."""
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -54,7 +55,8 @@ class Recorder(L.Callback):
             time.sleep(600)
 
 
-def _config(tmp: Path, data_dir: Path, run: str, sizes: dict, data_args: dict, hang_at_step: int = 0) -> Path:
+def _config(tmp: Path, data_dir: Path, run: str, sizes: dict, data_args: dict, hang_at_step: int = 0,
+            recorder: str = "test_resume.Recorder") -> Path:
     cfg = {
         "seed_everything": 0,
         "trainer": {
@@ -65,7 +67,7 @@ def _config(tmp: Path, data_dir: Path, run: str, sizes: dict, data_args: dict, h
             "callbacks": [
                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                  "init_args": {"dirpath": str(tmp / run / "ckpt"), "save_last": True, "every_n_train_steps": 1}},
-                {"class_path": "test_resume.Recorder",
+                {"class_path": recorder,
                  "init_args": {"out": str(tmp / f"{run}.jsonl"), "hang_at_step": hang_at_step}},
             ],
         },
@@ -99,11 +101,12 @@ def _tensors(obj, prefix=""):
 
 def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, tiny_data_dir, tiny_sizes, tiny_data_args,
                                                            repo_root):
-    # The killed run is another process: it finds the package and this module (the Recorder's
-    # class path) through its PYTHONPATH.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(repo_root), str(repo_root / "tests")])}
-    killed_cfg = _config(tmp_path, tiny_data_dir, "b", tiny_sizes, tiny_data_args, hang_at_step=KILL_AT)
+    # The killed run is another process: the Recorder travels as a module file in its working folder.
+    header = "import hashlib\nimport json\nimport time\nfrom pathlib import Path\n\nimport lightning as L\n\n\n"
+    (tmp_path / "resume_probe.py").write_text(header + inspect.getsource(Recorder))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    killed_cfg = _config(tmp_path, tiny_data_dir, "b", tiny_sizes, tiny_data_args, hang_at_step=KILL_AT,
+                         recorder="resume_probe.Recorder")
     proc = subprocess.Popen([sys.executable, "-m", "icrl_lightning", "fit", "-c", str(killed_cfg)], cwd=tmp_path,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
