@@ -16,7 +16,7 @@ skipped, a finished ``fit`` is not run again, and a killed one continues from it
 Runs go out through submitit: ``launcher.cluster: local`` runs them as processes on this machine,
 ``launcher.jobs`` at a time; ``slurm`` submits them as SLURM jobs (``launcher.slurm``: the
 executor's parameters, e.g. ``slurm_partition``, ``gpus_per_node``), at most ``launcher.jobs``
-running at once; ``debug`` runs them one after the other in this process.
+running at once; ``inline`` runs them one after the other in this process (no submitit).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import yaml
 from icrl_lightning.checks import InputError
 
 SEED_KEYS = ("seed_everything", "data.seed")
-CLUSTERS = ("local", "slurm", "debug")
+CLUSTERS = ("local", "slurm", "inline")
 # Student's t quantile (0.975) by degrees of freedom: the 95 % interval of a mean over few seeds.
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
@@ -48,8 +48,8 @@ class Launcher:
     """Where the runs go.
 
     Args:
-        cluster: ``local`` (processes on this machine), ``slurm`` (SLURM jobs) or ``debug`` (in this
-            process, one after the other).
+        cluster: ``local`` (processes on this machine, through submitit), ``slurm`` (SLURM jobs,
+            through submitit) or ``inline`` (in this process, one after the other).
         jobs: runs at the same time (local processes, or the SLURM array's parallelism).
         threads: torch threads per run (CPU runs; 1 keeps parallel runs from competing).
         timeout_min: wall-time limit of one run (fit and its evaluations).
@@ -275,16 +275,24 @@ def run_job(job: Job) -> str:
                     main(job.validate_args(scenario, step))
         (run_dir / "timing.json").write_text(json.dumps({"fit_and_eval_s": time.time() - started, "fit_s": fit_s}))
     except BaseException as err:  # SystemExit from a CLI error too: keep the reason beside the run
-        (run_dir / "error.txt").write_text("".join(traceback.format_exception(err)))
+        text = "".join(traceback.format_exception(err))
+        cause = err.__context__ if isinstance(err, SystemExit) and err.__context__ is not None else None
+        if cause is not None:  # the CLI's one-line error, raised as SystemExit(2) from it
+            text += f"{type(cause).__name__}: {cause}\n"
+        (run_dir / "error.txt").write_text(text)
+        if isinstance(err, SystemExit):  # a failed run, not a request to stop the launcher
+            raise RuntimeError(f"{type(cause).__name__}: {cause}" if cause else f"exit status {err.code}") from err
         raise
     return job.run_dir
 
 
 def launch(sweep: Sweep, jobs: list[Job], poll_s: float = 5.0) -> list[tuple[Job, str | None]]:
-    """Run ``jobs`` through submitit; (job, error or None) for each."""
+    """Run ``jobs`` through submitit (or, ``inline``, here); (job, error or None) for each."""
+    lc = sweep.launcher
+    if lc.cluster == "inline":
+        return [(j, _inline(j)) for j in jobs]
     import submitit
 
-    lc = sweep.launcher
     executor = submitit.AutoExecutor(folder=str(sweep.root / "submitit" / "%j"), cluster=lc.cluster)
     params = {"timeout_min": lc.timeout_min, "name": f"icrl-{sweep.name}"}
     if lc.cluster == "slurm":
@@ -323,6 +331,17 @@ def launch(sweep: Sweep, jobs: list[Job], poll_s: float = 5.0) -> list[tuple[Job
         if not done:
             time.sleep(poll_s)
     return results
+
+
+def _inline(job: Job) -> str | None:
+    print(f"start  {job.setting} seed {job.seed}  ({job.run_dir})", flush=True)
+    try:
+        run_job(job)
+    except Exception as err:  # noqa: BLE001 - a failed run is reported, the others go on
+        print(f"FAILED {job.setting} seed {job.seed}: {err}", flush=True)
+        return str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    print(f"done   {job.setting} seed {job.seed}", flush=True)
+    return None
 
 
 # --- the summary ------------------------------------------------------------------------------------

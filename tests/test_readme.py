@@ -114,16 +114,17 @@ def test_readme_command(command, workspace, monkeypatch):
     elif kind == "icrl_lightning.sweep":
         from icrl_lightning.sweep import main as sweep
 
-        # The project's sweeps run for hours: the same file, with tiny settings, two steps and seeds,
-        # in this process, out under the workspace.
+        # The project's sweeps run for hours: the same file with tiny settings, its first setting and
+        # scenario, two seeds (an interval needs two) and two steps, in this process, out under the
+        # workspace.
         sweep_file = Path(args[0])
         doc = yaml.safe_load((REPO / sweep_file).read_text())
         tiny = dict(zip(TINY[::2], TINY[1::2], strict=True))
         tiny = {k[2:]: yaml.safe_load(v) for k, v in tiny.items() if k != "--trainer.max_steps"}
         doc["settings"] = {name: {**(over or {}), **tiny, "data.data_dir": str(workspace / "data")}
                            for name, over in list(doc["settings"].items())[:1]}
-        doc.update(seeds=doc["seeds"][:2], steps=[1, 2], out_dir=str(workspace / "sweeps"),
-                   launcher={"cluster": "debug", "jobs": 1, "threads": 1})
+        doc.update(seeds=doc["seeds"][:2], steps=[1, 2], scenarios=doc["scenarios"][:1],
+                   out_dir=str(workspace / "sweeps"), launcher={"cluster": "inline", "jobs": 1, "threads": 1})
         tiny_file = workspace / sweep_file.name
         tiny_file.write_text(yaml.safe_dump(doc))
         assert sweep([str(tiny_file)]) == 0

@@ -1,0 +1,152 @@
+"""The multi-seed runner: sweep files checked with one-line errors, the plan, a tiny sweep run in
+this process (``launcher.cluster: inline``) that is resumable and reports a failed run, and the
+summary's mean and 95 % interval over seeds against hand computation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from icrl_lightning.checks import InputError
+from icrl_lightning.sweep import interval, load_sweep, main, plan, report_metrics, summarize
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = str(REPO / "conf/experiment/quickstart.yaml")
+TINY = {"data.num_train_maps": 4, "data.episodes_per_map": 10, "data.seq_len": 256, "data.batch_size": 2,
+        "data.eval_maps": 2, "model.backbone.hidden_size": 32, "model.backbone.num_layers": 1,
+        "model.backbone.num_heads": 2, "model.backbone.intermediate_size": 64,
+        "model.backbone.max_position_embeddings": 512, "model.evaluation.max_episode_steps": 30,
+        "model.evaluation.schedule": [0.0, 1.0]}
+
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
+
+
+def _write(tmp: Path, doc) -> Path:
+    path = tmp / "sweep.yaml"
+    path.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
+    return path
+
+
+BAD = [
+    ("name: x\n", "'configs' is required"),
+    ({"name": "x", "configs": [QUICKSTART], "seedz": [0]}, "unknown key(s) ['seedz']"),
+    ({"name": "x", "configs": ["nope.yaml"]}, "config nope.yaml does not exist"),
+    ({"name": "x", "configs": [QUICKSTART], "seeds": [0, 0]}, "seeds=[0, 0] must be distinct non-negative integers"),
+    ({"name": "x", "configs": [QUICKSTART], "steps": [0]}, "steps=[0] must be positive integers"),
+    ({"name": "x", "configs": [QUICKSTART], "scenarios": ["moon"]}, "scenario 'moon'"),
+    ({"name": "x", "configs": [QUICKSTART], "settings": {"a": 3}}, "settings.a must be a mapping of overrides"),
+    ({"name": "x", "configs": [QUICKSTART], "launcher": {"cluster": "cloud"}},
+     "launcher.cluster='cloud': choose one of ['local', 'slurm', 'inline']"),
+    ({"name": "x", "configs": [QUICKSTART], "launcher": {"gpus": 1}}, "launcher takes"),
+    ("name: [x\n", "is not valid YAML"),
+    ("- 1\n", "expected a mapping"),
+]
+
+
+@pytest.mark.parametrize(("doc", "message"), BAD, ids=[m for _, m in BAD])
+def test_bad_sweep_file_is_one_line(tmp_path, doc, message, capsys):
+    path = _write(tmp_path, doc)
+    with pytest.raises(InputError, match=None) as err:
+        load_sweep(path)
+    assert message in str(err.value) and str(path) in str(err.value)
+    assert main([str(path)]) == 2
+    out = capsys.readouterr().err.strip()
+    assert out.startswith("error: sweep file") and len(out.splitlines()) == 1
+
+
+def test_missing_sweep_file(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        load_sweep(tmp_path / "nope.yaml")
+    with pytest.raises(InputError, match="is a folder"):
+        load_sweep(tmp_path)
+
+
+def test_plan_and_commands(tmp_path):
+    doc = {"name": "p", "configs": [QUICKSTART], "seeds": [3, 4], "steps": [200, 600],
+           "settings": {"base": {}, "maps": {"data.num_train_maps": 2500}}, "scenarios": ["heldout", "ood"],
+           "out_dir": str(tmp_path)}
+    jobs = plan(load_sweep(_write(tmp_path, doc)))
+    assert [(j.setting, j.seed) for j in jobs] == [("base", 3), ("base", 4), ("maps", 3), ("maps", 4)]
+    fit = jobs[2].fit_args()
+    assert fit[:3] == ["fit", "-c", QUICKSTART]
+    for arg in ("--data.num_train_maps=2500", "--seed_everything=3", "--data.seed=3", "--trainer.max_steps=600",
+                "--trainer.limit_val_batches=0", "--trainer.callbacks.every_n_train_steps=200"):
+        assert arg in fit, arg
+    val = jobs[2].validate_args("ood", 200)
+    assert val[val.index("-c", 2) + 1] == "conf/experiment/eval_ood.yaml"  # right after the configs
+    assert val[-1] == f"--ckpt_path={jobs[2].checkpoint(200)}"
+    # Without steps, each setting's own max_steps (the quickstart's 600, or its override).
+    doc.pop("steps")
+    doc["settings"]["long"] = {"trainer.max_steps": 900}
+    assert {j.setting: j.steps for j in plan(load_sweep(_write(tmp_path, doc)))} == {
+        "base": [600], "maps": [600], "long": [900]}
+
+
+def test_interval_is_students_t():
+    mean, half = interval([0.4, 0.5, 0.6])
+    assert mean == pytest.approx(0.5)
+    assert half == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+    assert interval([0.7]) == (0.7, 0.0)
+
+
+def _report(last10: float, no_ctx: float, scenario: str = "standard") -> dict:
+    agents = {"icrl": {"last10": last10, "first_episodes": 0.1, "goal_found_before_greedy": 0.8,
+                       "greedy_return_if_found": last10, "greedy_after_failure": None,
+                       "per_map": [[0.0, 1.0], [0.0, 0.0]]},
+              "no_context": {"last10": no_ctx}, "q_learning": {"last10": 0.486}}
+    return {"last_k": 10, "scenario": scenario, "agents": agents}
+
+
+def test_report_metrics_and_summary(tmp_path):
+    doc = {"name": "s", "configs": [QUICKSTART], "seeds": [0, 1, 2], "steps": [600],
+           "scenarios": ["heldout", "stitching"], "out_dir": str(tmp_path)}
+    sweep = load_sweep(_write(tmp_path, doc))
+    jobs = plan(sweep)
+    for job, (a, b) in zip(jobs, [(0.4, 0.1), (0.5, 0.2), (0.6, 0.3)], strict=True):
+        for scenario in ("heldout", "stitching"):
+            path = job.report(scenario, 600)
+            path.parent.mkdir(parents=True)
+            path.write_text(json.dumps(_report(a, b, "stitching" if scenario == "stitching" else "standard")))
+    m = report_metrics(_report(0.4, 0.1, "stitching"))
+    assert m["icrl/successes"] == 1.0 and m["icrl/trials"] == 2.0 and m["icrl/context_ratio"] == pytest.approx(4.0)
+    assert "icrl/greedy_after_failure" not in m  # None values are left out
+    rows = summarize(sweep)["rows"]
+    assert [(r["scenario"], r["seeds"]) for r in rows] == [("heldout", [0, 1, 2]), ("stitching", [0, 1, 2])]
+    s = rows[0]["metrics"]["icrl/last10"]
+    assert s["mean"] == pytest.approx(0.5) and s["ci95"] == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+    assert rows[0]["per_seed"]["2"]["no_context/last10"] == 0.3
+
+
+def test_tiny_sweep_runs_resumes_and_reports_failures(tmp_path, capsys):
+    data = str(tmp_path / "data")
+    doc = {"name": "t", "configs": [QUICKSTART], "seeds": [0, 1], "steps": [2],
+           "settings": {"ok": {**TINY, "data.data_dir": data},
+                        "broken": {**TINY, "data.data_dir": data, "model.td.gamma": 2.0}},
+           "out_dir": str(tmp_path / "sweeps"), "launcher": {"cluster": "inline"}}
+    path = _write(tmp_path, doc)
+    assert main([str(path)]) == 1  # the broken setting failed; the others ran
+    err = capsys.readouterr().err
+    assert "failed: broken seed 0: " in err and "model.td.gamma=2.0 is out of range" in err
+    root = tmp_path / "sweeps" / "t"
+    assert "model.td.gamma=2.0" in (root / "broken" / "seed0" / "error.txt").read_text()
+    summary = json.loads((root / "summary.json").read_text())
+    (row,) = summary["rows"]
+    assert row["setting"] == "ok" and row["seeds"] == [0, 1] and "icrl/last10" in row["metrics"]
+    assert (root / "summary.png").stat().st_size > 0
+    assert "| ok | 2 | heldout | 2 |" in (root / "summary.md").read_text()
+    # Resumable: finished runs are skipped; a longer schedule continues the same fit from its checkpoint.
+    done = next(j for j in plan(load_sweep(path)) if j.setting == "ok")
+    mtime = done.report("heldout", 2).stat().st_mtime_ns
+    doc["steps"] = [2, 3]
+    doc["settings"].pop("broken")
+    path = _write(tmp_path, doc)
+    assert main([str(path)]) == 0
+    assert done.report("heldout", 2).stat().st_mtime_ns == mtime  # not evaluated again
+    for job in plan(load_sweep(path)):
+        assert job.finished() and job.checkpoint(3).is_file() and job.checkpoint(2).is_file()
+    assert main([str(path), "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("[done]") == 2
