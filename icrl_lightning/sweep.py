@@ -73,7 +73,8 @@ class Sweep:
         seeds: each run is repeated at these seeds (``seed_everything`` and ``data.seed``; the
             evaluation maps stay the same: ``data.split_seed``).
         settings: setting name -> overrides (``{"data.num_train_maps": 2500}``), applied after the
-            configs; ``{}`` is the configs alone.
+            configs; ``{}`` is the configs alone. A setting's ``steps`` key (a list) replaces the
+            sweep's ``steps`` for that setting. Runs go out in this order (settings, then seeds).
         steps: optimizer steps whose checkpoints are evaluated; ``fit`` runs to the largest (the
             learning rate is constant after warm-up, so step ``N`` of a longer run is the ``N``-step
             run). Empty: the configs' ``trainer.max_steps`` (per setting).
@@ -142,6 +143,10 @@ def _check(s: Sweep, path: Path) -> None:
             raise InputError(f"{where}: settings.{name} must be a mapping of overrides, got {over!r}")
         if "/" in str(name):
             raise InputError(f"{where}: setting name {name!r} must be a folder name")
+        own = (over or {}).get("steps")
+        if own is not None and (not isinstance(own, list) or not own
+                                or not all(isinstance(x, int) and x >= 1 for x in own)):
+            raise InputError(f"{where}: settings.{name}.steps={own!r} must be a list of positive integers")
     if not all(isinstance(x, int) and x >= 1 for x in s.steps):
         raise InputError(f"{where}: steps={s.steps!r} must be positive integers")
     for sc in s.scenarios:
@@ -239,7 +244,8 @@ def plan(sweep: Sweep) -> list[Job]:
     jobs = []
     for setting, over in sweep.settings.items():
         over = dict(over or {})
-        steps = sorted(set(sweep.steps)) or [_configured_max_steps(sweep.configs, over)]
+        own = over.pop("steps", None)
+        steps = sorted(set(own or sweep.steps)) or [_configured_max_steps(sweep.configs, over)]
         for seed in sweep.seeds:
             jobs.append(Job(setting, seed, str(sweep.root / setting / f"seed{seed}"), list(sweep.configs), over,
                             steps, list(sweep.scenarios), dict(sweep.eval_overrides), sweep.launcher.threads))

@@ -80,6 +80,12 @@ def test_plan_and_commands(tmp_path):
     assert val[val.index("-c", 2) + 1] == "conf/experiment/eval_ood.yaml"  # right after the configs
     assert val[-1] == f"--ckpt_path={jobs[2].checkpoint(200)}"
     # Without steps, each setting's own max_steps (the quickstart's 600, or its override).
+    doc["settings"]["short"] = {"steps": [100, 50]}  # a setting's own steps
+    assert {j.setting: j.steps for j in plan(load_sweep(_write(tmp_path, doc)))}["short"] == [50, 100]
+    doc["settings"]["short"] = {"steps": 7}
+    with pytest.raises(InputError, match=r"settings.short.steps=7 must be a list of positive integers"):
+        load_sweep(_write(tmp_path, doc))
+    doc["settings"].pop("short")
     doc.pop("steps")
     doc["settings"]["long"] = {"trainer.max_steps": 900}
     assert {j.setting: j.steps for j in plan(load_sweep(_write(tmp_path, doc)))} == {
