@@ -88,6 +88,15 @@ def check_checkpoint(path: str, what: str = "--ckpt_path") -> None:
         hint = next(iter(sorted(p.glob("**/last.ckpt"))), None)
         raise InputError(f"{what}: {path} is a folder; give a .ckpt file" + (f", e.g. {hint}" if hint else ""))
     try:
+        with open(p, "rb") as f:
+            magic = f.read(4)
+    except PermissionError:
+        raise InputError(f"{what}: {path} is not readable (permission denied)") from None
+    if not magic:
+        raise InputError(f"{what}: {path} is empty")
+    if magic != b"PK\x03\x04":  # torch.save writes a zip archive
+        raise InputError(f"{what}: {path} is not a PyTorch checkpoint (not the zip archive torch.save writes)")
+    try:
         ckpt = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
     except PermissionError:
         raise InputError(f"{what}: {path} is not readable (permission denied)") from None

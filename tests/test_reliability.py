@@ -228,8 +228,8 @@ def _not_a_checkpoint(tmp: Path, kind: str) -> Path:
 
 
 CKPT_KINDS = {"missing": "does not exist", "folder": "is a folder; give a .ckpt file",
-              "empty": "is not a readable PyTorch checkpoint", "binary": "is not a readable PyTorch checkpoint",
-              "text": "is not a readable PyTorch checkpoint",
+              "empty": "is empty", "binary": "is not a PyTorch checkpoint (not the zip archive torch.save writes)",
+              "text": "is not a PyTorch checkpoint (not the zip archive torch.save writes)",
               "torch-dict": "is not a checkpoint written by icrl_lightning's fit"}
 
 
