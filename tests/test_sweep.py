@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -156,3 +158,8 @@ def test_tiny_sweep_runs_resumes_and_reports_failures(tmp_path, capsys):
         assert job.finished() and job.checkpoint(3).is_file() and job.checkpoint(2).is_file()
     assert main([str(path), "--dry-run"]) == 0
     assert capsys.readouterr().out.count("[done]") == 2
+    # tools/sweep_figure.py draws some settings of the summary.
+    out = subprocess.run([sys.executable, str(REPO / "tools/sweep_figure.py"), str(root / "summary.json"), "--settings",
+                          "ok", "--out", str(tmp_path / "fig.png")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "fig.png").stat().st_size > 0 and "| ok | 3 | heldout | 2 |" in out.stdout
