@@ -72,7 +72,7 @@ def test_qlearning_settings_key_the_dataset():
     # q_init was added later: only a non-default value enters the key, so older datasets keep their folder.
     assert QLearning(q_init=1.0).settings() == {**QLearning().settings(), "behaviour_q_init": 1.0}
     assert QLearning(epsilon=0.3).settings()["behaviour_epsilon"] == 0.3
-    assert repr(QLearning(lr=1.0)) == "QLearning(epsilon=0.1, lr=1.0, gamma=0.9, q_init=0.0)"
+    assert repr(QLearning(lr=1.0)) == "QLearning(epsilon=0.1, lr=1.0, gamma=0.9, q_init=0.0, history=None)"
     with pytest.raises(NotImplementedError):
         Behaviour().settings()
 

@@ -462,7 +462,7 @@ def test_checkpoint_holds_the_objective_as_plain_dicts(tmp_path, tiny_data_dir, 
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     hp = torch.load(tmp_path / "m.ckpt", map_location="cpu", weights_only=True)["hyper_parameters"]
     assert type(hp["td"]) is dict and hp["td"] == {"gamma": 0.8, "reward_scale": 20.0, "loss": "normalized",
-                                                    "conflict_weight": 4.0}
+                                                    "conflict_weight": 4.0, "cross_gamma": 0.0}
     assert type(hp["target"]) is dict and hp["target"] == {"alpha": 0.05}
     assert type(hp["cql"]) is dict and hp["cql"] == {"weight": 3.0, "episodes": "successful"}
     loaded = ICRLModule.load_from_checkpoint(tmp_path / "m.ckpt", weights_only=True,
@@ -479,7 +479,8 @@ def test_checkpoint_holds_the_objective_as_plain_dicts(tmp_path, tiny_data_dir, 
     hp = torch.load(tmp_path / "plain.ckpt", map_location="cpu", weights_only=True)["hyper_parameters"]
     # Groups left at their defaults are saved as given (None) or as their plain dicts.
     assert hp["cql"] is None
-    assert hp["td"] in (None, {"gamma": 0.9, "reward_scale": 30.0, "loss": "mse", "conflict_weight": 1.0})
+    assert hp["td"] in (None, {"gamma": 0.9, "reward_scale": 30.0, "loss": "mse", "conflict_weight": 1.0,
+                                   "cross_gamma": 0.0})
     assert hp["target"] in (None, {"alpha": 0.1})
     loaded = ICRLModule.load_from_checkpoint(tmp_path / "plain.ckpt", weights_only=True,
                                              evaluation=EvalProtocol(max_episode_steps=30))
