@@ -5,6 +5,7 @@ configuration value or input file, which ``python -m icrl_lightning`` prints wit
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable
 
 
@@ -15,6 +16,16 @@ class InputError(ValueError):
 
 class MissingInputFile(InputError, FileNotFoundError):
     """An input file that does not exist."""
+
+
+def exit_on_input_error(run, *args):
+    """``run(*args)`` for a command-line tool: an ``InputError`` (a missing or unreadable file, a bad
+    value) becomes one ``error: ...`` line on stderr and exit status 2, with no traceback."""
+    try:
+        return run(*args)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def check_range(key: str, value, lo: float | None = None, hi: float | None = None,

@@ -186,3 +186,26 @@ def print_config(capsys):
         return yaml.safe_load(out)
 
     return run
+
+
+@pytest.fixture
+def module_data(tiny_datamodule):
+    """``module_data(module, data_dir, **overrides)``: the tiny data module, handed the module's
+    serializer and the batch fields its objective reads (as the CLI does)."""
+
+    def make(module, data_dir, **overrides):
+        return tiny_datamodule(data_dir, module.serializer, module.batch_fields, **overrides)
+
+    return make
+
+
+@pytest.fixture
+def make_batch(module_data):
+    """``make_batch(module, data_dir, n=2)``: the first ``n`` packed sequences of the stream, stacked."""
+
+    def make(module, data_dir, n: int = 2) -> dict:
+        dm = module_data(module, data_dir, seq_len=module.hparams.seq_len)
+        items = list(dm.train_stream(num_sequences=n))
+        return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+    return make

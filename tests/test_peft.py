@@ -44,29 +44,6 @@ def _trainer(tmp_path, max_steps: int, callbacks=(), **kwargs) -> L.Trainer:
                      default_root_dir=str(tmp_path), callbacks=list(callbacks), **kwargs)
 
 
-@pytest.fixture
-def module_data(tiny_datamodule):
-    """``module_data(module, data_dir, **overrides)``: the tiny data module, handed the module's
-    serializer and batch fields (as the CLI does)."""
-
-    def make(module: ICRLModule, data_dir, **overrides):
-        return tiny_datamodule(data_dir, module.serializer, module.batch_fields, **overrides)
-
-    return make
-
-
-@pytest.fixture
-def make_batch(module_data):
-    """``make_batch(module, data_dir, n=2)``: the first ``n`` packed sequences of the stream, stacked."""
-
-    def make(module: ICRLModule, data_dir, n: int = 2) -> dict:
-        dm = module_data(module, data_dir, seq_len=module.hparams.seq_len)
-        items = list(dm.train_stream(num_sequences=n))
-        return {k: torch.stack([it[k] for it in items]) for k in items[0]}
-
-    return make
-
-
 def _base(module: ICRLModule) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.model.named_parameters()
             if ".default" not in n and f".{TARGET}" not in n}

@@ -19,7 +19,6 @@ behaviour's own epsilon-greedy noise (epsilon 0.1) leaves about 0.35 once it has
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import numpy as np
@@ -28,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from icrl_lightning import diagnostics
 from icrl_lightning.backbones import TinyLlama
-from icrl_lightning.checks import InputError
+from icrl_lightning.checks import exit_on_input_error
 from icrl_lightning.data import ReplayDataModule
 from icrl_lightning.module import ICRLModule
 
@@ -48,11 +47,7 @@ def main() -> None:
     ap.add_argument("--episodes-per-map", type=int, default=200, help="data.episodes_per_map (the quickstart's: 200)")
     ap.add_argument("--maps", type=int, default=120, help="training maps in the context measurement")
     args = ap.parse_args()
-    try:
-        run(args)
-    except InputError as err:  # bad sizes or data settings: one line, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    exit_on_input_error(run, args)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -187,13 +187,9 @@ def _load() -> str:
 
 
 def main() -> None:
-    from icrl_lightning.checks import InputError
+    from icrl_lightning.checks import exit_on_input_error
 
-    try:
-        run()
-    except InputError as err:  # a bad config value or input file: one line, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    exit_on_input_error(run)
 
 
 def run() -> None:

@@ -14,14 +14,13 @@ cross-entropy of the shortest-path actions under softmax(Q) (``oracle CE``,
 from __future__ import annotations
 
 import argparse
-import sys
 
 import numpy as np
 import torch
 
 from icrl_lightning import diagnostics
 from icrl_lightning.checkpoints import load_run
-from icrl_lightning.checks import InputError
+from icrl_lightning.checks import exit_on_input_error
 from icrl_lightning.envs.frozen_lake import optimal_actions
 from icrl_lightning.qlearning import double_dqn_targets, next_step
 
@@ -52,11 +51,7 @@ def main() -> None:
                     help="heldout: fresh Q-learning runs (the dataset's behaviour settings) on the held-out maps, "
                          "to tell reading the context from recognising a memorised training map")
     args = ap.parse_args()
-    try:
-        run(args)
-    except InputError as err:  # a missing or unreadable checkpoint, bad data settings: one line, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    exit_on_input_error(run, args)
 
 
 def run(args: argparse.Namespace) -> None:

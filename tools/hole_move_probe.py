@@ -20,7 +20,6 @@ context gives a low Q and a low argmax share once the move is "seen".
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import defaultdict
 
 import numpy as np
@@ -29,7 +28,7 @@ import torch
 from icrl_lightning import diagnostics
 from icrl_lightning.agent import InContextAgent
 from icrl_lightning.checkpoints import checkpoint_eval_maps, load_run
-from icrl_lightning.checks import InputError
+from icrl_lightning.checks import exit_on_input_error
 from icrl_lightning.envs.frozen_lake import paper_schedule
 
 
@@ -98,11 +97,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1234, help="evaluation seed (the protocol's default)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    try:
-        run(args)
-    except InputError as err:  # a missing or unreadable checkpoint, bad data settings: one line, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    exit_on_input_error(run, args)
 
 
 def run(args: argparse.Namespace) -> None:
