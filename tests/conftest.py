@@ -21,6 +21,15 @@ from icrl_lightning.serialize import Serializer
 torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one test process per CPU this process may run on (its affinity, not the host's
+    count, which a container can exceed), at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, 8))
+
+
 TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "max_position_embeddings": 256}
 TINY_DATA = {"num_train_maps": 4, "episodes_per_map": 10, "seq_len": 256, "batch_size": 2, "eval_maps": 3}
 
