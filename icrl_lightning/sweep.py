@@ -374,11 +374,12 @@ def report_metrics(report: dict) -> dict[str, float]:
     return out
 
 
-def interval(values: list[float]) -> tuple[float, float]:
-    """(mean, half-width of the 95 % interval of the mean, Student's t; 0 for one value)."""
+def interval(values: list[float]) -> tuple[float, float | None]:
+    """(mean, half-width of the 95 % interval of the mean, Student's t; None for one value: one
+    seed has no interval)."""
     x = np.asarray(values, dtype=float)
     if len(x) < 2:
-        return float(x.mean()), 0.0
+        return float(x.mean()), None
     t = _T975[len(x) - 2] if len(x) - 1 <= len(_T975) else 1.96
     return float(x.mean()), float(t * x.std(ddof=1) / math.sqrt(len(x)))
 
@@ -426,7 +427,10 @@ def markdown_table(summary: dict) -> str:
         cells = [r["setting"], str(r["step"]), r["scenario"], str(len(r["seeds"]))]
         for m in present:
             s = r["metrics"].get(m)
-            cells.append("-" if s is None else f"{s['mean']:.3f} ± {s['ci95']:.3f}")
+            if s is None:
+                cells.append("-")
+            else:  # one seed: the mean alone
+                cells.append(f"{s['mean']:.3f}" + ("" if s["ci95"] is None else f" ± {s['ci95']:.3f}"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -451,7 +455,7 @@ def summary_figure(summary: dict):
                 if not xs:
                     continue
                 ys = [r["metrics"][key]["mean"] for _, r in pts if key in r["metrics"]]
-                es = [r["metrics"][key]["ci95"] for _, r in pts if key in r["metrics"]]
+                es = [r["metrics"][key]["ci95"] or 0.0 for _, r in pts if key in r["metrics"]]  # one seed: no bar
                 label = setting if key == metric else None
                 ax.errorbar(xs, ys, yerr=es, fmt=style, color=colour, capsize=3, label=label, ms=4)
         if metric == "icrl/last10":

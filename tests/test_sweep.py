@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from icrl_lightning.checks import InputError
-from icrl_lightning.sweep import interval, load_sweep, main, plan, report_metrics, summarize
+from icrl_lightning.sweep import interval, load_sweep, main, markdown_table, plan, report_metrics, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "conf/experiment/quickstart.yaml")
@@ -98,7 +98,10 @@ def test_interval_is_students_t():
     mean, half = interval([0.4, 0.5, 0.6])
     assert mean == pytest.approx(0.5)
     assert half == pytest.approx(4.303 * 0.1 / math.sqrt(3))
-    assert interval([0.7]) == (0.7, 0.0)
+    assert interval([0.7]) == (0.7, None)  # one seed has no interval
+    one = {"rows": [{"setting": "a", "step": 1, "scenario": "heldout", "seeds": [0],
+                     "metrics": {"icrl/last10": {"mean": 0.5, "ci95": None}}}]}
+    assert "| a | 1 | heldout | 1 | 0.500 |" in markdown_table(one)
 
 
 def _report(last10: float, no_ctx: float, scenario: str = "standard") -> dict:
