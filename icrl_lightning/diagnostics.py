@@ -51,11 +51,8 @@ def replay_stream(data: ReplayDataModule, by_map: dict[int, list[Episode]], num_
     """A replay stream over ``by_map`` with the data module's set, packing and quality settings."""
     if data.serializer is None:
         raise RuntimeError("replay_stream needs the data module's serializer: load_run hands it over")
-    h = data.hparams
-    weights = {m: quality_weights(eps, h.quality) for m, eps in by_map.items()}
-    return ReplayStream(data.encode(by_map), weights, h.seq_len, data.serializer.pad_id, num_sequences,
-                        (h.set_size_min, h.set_size_max), h.seed, batch_size=h.batch_size, set_order=h.set_order,
-                        fields=fields, history=data.behaviour.history_length)
+    weights = {m: quality_weights(eps, data.hparams.quality) for m, eps in by_map.items()}
+    return data.stream(data.encode(by_map), weights, num_sequences, fields=fields)
 
 
 @dataclass

@@ -230,11 +230,17 @@ class ReplayDataModule(L.LightningDataModule):
 
     def train_stream(self, num_sequences: int, rank: int = 0, world_size: int = 1,
                      skip_batches: int = 0) -> ReplayStream:
+        return self.stream(*self.encoded_maps(), num_sequences, rank, world_size, skip_batches)
+
+    def stream(self, episodes: dict, weights: dict[int, np.ndarray], num_sequences: int, rank: int = 0,
+               world_size: int = 1, skip_batches: int = 0, fields=None) -> ReplayStream:
+        """A replay stream over ``episodes`` (encoded, by map) with this module's set, packing and
+        quality settings; ``fields``: the batch fields (default: those the objective reads)."""
         h = self.hparams
-        tables, weights = self.encoded_maps()
-        return ReplayStream(tables, weights, h.seq_len, self._serializer().pad_id, num_sequences,
+        return ReplayStream(episodes, weights, h.seq_len, self._serializer().pad_id, num_sequences,
                             (h.set_size_min, h.set_size_max), h.seed, rank, world_size, h.batch_size, h.set_order,
-                            skip_batches, fields=self.batch_fields, history=self.behaviour.history_length)
+                            skip_batches, fields=self.batch_fields if fields is None else fields,
+                            history=self.behaviour.history_length)
 
     def train_dataloader(self) -> DataLoader:
         t = self.trainer
