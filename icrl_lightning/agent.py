@@ -30,7 +30,8 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from icrl_lightning.checks import InputError
-from icrl_lightning.envs.frozen_lake import Map, make_env
+from icrl_lightning.envs.family import ProblemFamily, Task
+from icrl_lightning.envs.frozen_lake import FrozenLake
 from icrl_lightning.episodes import Episode
 from icrl_lightning.serialize import Serializer
 
@@ -72,12 +73,13 @@ def _output_cache(out):
     return out["cache"] if "cache" in out else out.past_key_values
 
 
-def draw_action(rng: np.random.Generator, greedy_prob: float, greedy) -> int:
+def draw_action(rng: np.random.Generator, greedy_prob: float, greedy, n_actions: int = 4) -> int:
     """The exploration rule of SPEC: with probability ``greedy_prob`` the greedy action, else a
-    uniform one. Every agent draws in this order, so equal seeds give equal exploration."""
+    uniform one of ``n_actions``. Every agent draws in this order, so equal seeds give equal
+    exploration."""
     if rng.random() < greedy_prob:
         return int(greedy())
-    return int(rng.integers(4))
+    return int(rng.integers(n_actions))
 
 
 class _RaggedCache(Cache):
@@ -217,7 +219,7 @@ class _Context:
 
 
 class InContextAgent:
-    """Plays maps with a causal LM whose action-token logits are Q-values.
+    """Plays tasks (maps) with a causal LM whose action-token logits are Q-values.
 
     Args:
         model: a causal LM (``LlamaForCausalLM`` or peft-wrapped) with ``get_decoder()`` and
@@ -226,10 +228,18 @@ class InContextAgent:
         serializer: the format's token pieces.
         max_context: longest context in tokens (usually the trained sequence length).
         max_episode_steps: episode time limit (to refuse a window smaller than two episodes).
+        env: the problem family whose tasks are played (default Frozen Lake); its actions are the
+            serializer's.
     """
 
-    def __init__(self, model, serializer: Serializer, max_context: int, max_episode_steps: int = 100):
+    def __init__(self, model, serializer: Serializer, max_context: int, max_episode_steps: int = 100,
+                 env: ProblemFamily | None = None):
         self.model, self.s = model, serializer
+        self.env = env or FrozenLake()
+        self.n_actions = len(serializer.actions)
+        if self.n_actions != self.env.n_actions:
+            raise InputError(f"the serializer writes {self.n_actions} actions, the {type(self.env).__name__} family "
+                             f"has {self.env.n_actions}")
         self.max_context, self.max_episode_steps = max_context, max_episode_steps
         longest = self._longest_episode_tokens()
         if max_context < 2 * longest:
@@ -239,13 +249,17 @@ class InContextAgent:
 
     def _longest_episode_tokens(self) -> int:
         s, n = self.s, self.max_episode_steps
-        step = max(len(s.after_action(a, o, 0.0, False, False)) for a in range(4) for o in (0, s.max_tiles - 1))
-        return len(s.begin(s.max_tiles - 1)) + n * step + len(s.reward(1.0)) + len(s.ending(True))
+        step = max(len(s.after_action(a, o, 0.0, False, False)) for a in range(self.n_actions)
+                   for o in (0, s.max_tiles - 1))
+        rewarded = min(n, self.env.rewards_per_episode or n)
+        return (len(s.begin(s.max_tiles - 1)) + n * step + rewarded * max(map(len, map(s.reward, s.reward_values)))
+                + len(s.ending(True)))
 
     def _step_tokens(self) -> int:
         """Tokens of an ordinary step (action, next observation, next action header)."""
         s = self.s
-        return min(len(s.after_action(a, o, 0.0, False, False)) for a in range(4) for o in (0, s.max_tiles - 1))
+        return min(len(s.after_action(a, o, 0.0, False, False)) for a in range(self.n_actions)
+                   for o in (0, s.max_tiles - 1))
 
     # --- model calls ----------------------------------------------------------------------------
     @staticmethod
@@ -257,7 +271,7 @@ class InContextAgent:
         return torch.zeros(hidden.shape, dtype=dtype).masked_fill_(hidden, torch.finfo(dtype).min)
 
     def _decode(self, chunks: list[list[int]], cache: _RaggedCache, head: torch.Tensor) -> torch.Tensor:
-        """Append ``chunks[i]`` to row ``i`` of ``cache``; Q-values ``[rows, 4]`` at each row's last new
+        """Append ``chunks[i]`` to row ``i`` of ``cache``; Q-values ``[rows, actions]`` at each row's last new
         token (rows with an empty chunk get meaningless values)."""
         dev = head.device
         counts = torch.as_tensor([len(c) for c in chunks])
@@ -280,7 +294,7 @@ class InContextAgent:
         the row's first ``starts[j]`` columns as they are (0: the whole context afresh, positions from
         0); their Q-values at each tail's last token. One map at a time: no padding, and the model's
         own causal attention."""
-        q = torch.empty((len(rows), 4))
+        q = torch.empty((len(rows), self.n_actions))
         decoder, dev = self.model.get_decoder(), head.device
         with _last_position_only(decoder):
             for j, (row, ids, start) in enumerate(zip(rows, tails, starts, strict=True)):
@@ -297,11 +311,11 @@ class InContextAgent:
     @torch.inference_mode()
     def play(
         self,
-        maps: list[Map],
+        maps: list[Task],
         schedule: list[float],
         seed: int,
         keep_context: bool = True,
-        switch_to: list[Map] | None = None,
+        switch_to: list[Task] | None = None,
         prefill: list[list[int]] | None = None,
         record_q: bool = False,
         keys: list[int] | None = None,
@@ -329,7 +343,7 @@ class InContextAgent:
         total = n_eps * len(phases)
         rngs = [np.random.default_rng([seed, k]) for k in (range(n_maps) if keys is None else keys)]
         played_on = [list(m) for m in maps]  # the map each row plays now (switches in a non-stationary trial)
-        envs = [make_env(m, self.max_episode_steps) for m in maps]
+        envs = [self.env.make_env(m, self.max_episode_steps) for m in maps]
         ctx = [_Context() for _ in range(n_maps)]
         for c in ctx:
             for episode_ids in prefill or []:
@@ -358,7 +372,7 @@ class InContextAgent:
             k = episode[i]
             if k % n_eps == 0 and k > 0:  # non-stationary switch: a new map, same context
                 envs[i].close()
-                envs[i] = make_env(phases[k // n_eps][i], self.max_episode_steps)
+                envs[i] = self.env.make_env(phases[k // n_eps][i], self.max_episode_steps)
                 played_on[i] = list(phases[k // n_eps][i])
             o, _ = envs[i].reset(seed=int(rngs[i].integers(2**31)))
             ep_return[i] = 0.0
@@ -399,7 +413,7 @@ class InContextAgent:
                     continue
                 chunks.append(c.pending[:step])
                 c.pending = c.pending[step:]
-            q = self._decode(chunks, cache, head) if any(chunks) else torch.zeros((len(slots), 4))
+            q = self._decode(chunks, cache, head) if any(chunks) else torch.zeros((len(slots), self.n_actions))
             if starts:
                 rows = list(starts)
                 q[rows] = self._reencode([ctx[slots[r]].tokens()[starts[r]:] for r in rows], head, cache, rows,
@@ -414,7 +428,7 @@ class InContextAgent:
                 k = episode[i]
                 if record_q:
                     result.q_values[i].append(q[r].numpy().copy())
-                a = draw_action(rngs[i], schedule[k % n_eps], lambda: q[r].argmax())
+                a = draw_action(rngs[i], schedule[k % n_eps], lambda: q[r].argmax(), self.n_actions)
                 o2, rew, term, trunc, _ = envs[i].step(a)
                 done = term or trunc
                 ep_return[i] += rew

@@ -24,7 +24,8 @@ from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from icrl_lightning.checks import InputError, MissingInputFile
-from icrl_lightning.serialize import FORMATS, format_vocabulary
+from icrl_lightning.envs.frozen_lake import ACTIONS
+from icrl_lightning.serialize import FORMATS, REWARD_VALUES, format_vocabulary
 
 ONLINE, TARGET = "default", "delayed"  # peft adapter names of the online and the target network
 ADAPTERS = ("ia3", "lora", "full")
@@ -66,12 +67,14 @@ def llama31_8b_config() -> dict:
     return copy.deepcopy(_LLAMA31_8B_CONFIG)
 
 
-def build_tokenizer(format: str, max_tiles: int = 64) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer holding ``format``'s special tokens and one id per field value."""
+def build_tokenizer(format: str, max_tiles: int = 64, actions: tuple[str, ...] = ACTIONS,
+                    reward_values: tuple[float, ...] = REWARD_VALUES) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer holding ``format``'s special tokens and one id per field value (the
+    problem family's ``actions`` and ``reward_values``; defaults: Frozen Lake's)."""
     if format not in FORMATS:
         raise InputError(f"format={format!r}: choose one of {sorted(FORMATS)}")
     fmt = FORMATS[format]
-    specials, words = format_vocabulary(fmt, max_tiles)
+    specials, words = format_vocabulary(fmt, max_tiles, actions, reward_values)
     vocab = {tok: i for i, tok in enumerate(["<unk>", *specials, *words])}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = WhitespaceSplit()
@@ -108,11 +111,14 @@ class TinyLlama:
 
     adapter = "full"
 
-    def build(self) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+    def build(self, actions: tuple[str, ...] = ACTIONS, reward_values: tuple[float, ...] = REWARD_VALUES,
+              ) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+        """The model and its tokenizer, which writes the problem family's ``actions`` and
+        ``reward_values`` (defaults: Frozen Lake's) as one token each."""
         if self.hidden_size % self.num_heads:
             raise InputError(f"model.backbone.hidden_size={self.hidden_size} must be a multiple of "
                              f"num_heads={self.num_heads}")
-        tokenizer = build_tokenizer(self.format, self.max_tiles)
+        tokenizer = build_tokenizer(self.format, self.max_tiles, actions, reward_values)
         config = LlamaConfig(
             vocab_size=len(tokenizer),
             hidden_size=self.hidden_size,
@@ -284,9 +290,12 @@ class CausalLM:
             enable({"use_reentrant": False})
         return model
 
-    def build(self) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+    def build(self, actions: tuple[str, ...] = ACTIONS, reward_values: tuple[float, ...] = REWARD_VALUES,
+              ) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
         """(model, tokenizer): the base with the online adapter ``default`` (trainable) and the
-        target adapter ``delayed`` (frozen, equal to it), or the bare model for ``adapter=full``."""
+        target adapter ``delayed`` (frozen, equal to it), or the bare model for ``adapter=full``.
+        The tokenizer is the model's own (``actions`` and ``reward_values`` are the same for every
+        pretrained model; the serializer checks that each action word is one token)."""
         self.check()
         config = self.load_config()  # first: a folder without a model fails before anything loads
         tokenizer = self.load_tokenizer()

@@ -9,12 +9,13 @@ from __future__ import annotations
 import numpy as np
 
 from icrl_lightning.checks import check_range
-from icrl_lightning.envs.frozen_lake import Map, make_env
+from icrl_lightning.envs.family import ProblemFamily, Task
+from icrl_lightning.envs.frozen_lake import FrozenLake
 from icrl_lightning.episodes import Episode
 
 
 class TabularQLearner:
-    """Q-learning on a table of ``n_states x 4``; ties between best actions break at random so
+    """Q-learning on a table of ``n_states x n_actions``; ties between best actions break at random so
     that an untrained table walks randomly instead of always going left.
 
     ``q_init`` is every entry's initial value. With 0 (rewards are 0 or 1) a move into a hole keeps
@@ -24,8 +25,8 @@ class TabularQLearner:
     finds a goal systematically (optimistic initial values, Sutton & Barto 2.6)."""
 
     def __init__(self, n_states: int, lr: float = 0.5, gamma: float = 0.9, rng: np.random.Generator | None = None,
-                 q_init: float = 0.0):
-        self.q = np.full((n_states, 4), float(q_init))
+                 q_init: float = 0.0, n_actions: int = 4):
+        self.q = np.full((n_states, n_actions), float(q_init))
         self.lr, self.gamma = lr, gamma
         self.rng = rng if rng is not None else np.random.default_rng()
 
@@ -58,7 +59,7 @@ def play_episode(env, choose, rng: np.random.Generator, learner: TabularQLearner
 
 
 def q_learning_run(
-    rows: Map,
+    rows: Task,
     map_id: int,
     episodes: int,
     seed: int | list[int],
@@ -68,31 +69,33 @@ def q_learning_run(
     max_episode_steps: int = 100,
     q_init: float = 0.0,
     history: int | None = None,
+    env: ProblemFamily | None = None,
 ) -> list[Episode]:
-    """Epsilon-greedy Q-learning on one map (a random action with probability ``epsilon``) for
+    """Epsilon-greedy Q-learning on one task (a random action with probability ``epsilon``) for
     ``episodes`` episodes, every episode kept in the order played: one run, or with ``history``
     consecutive runs of that many episodes, each from a fresh table (the last one cut short when
-    ``episodes`` is not a multiple)."""
+    ``episodes`` is not a multiple). ``env``: the task's family (default Frozen Lake)."""
+    family = env or FrozenLake()
     rng = np.random.default_rng(seed)
-    env = make_env(rows, max_episode_steps)
-    n_states = len(rows) * len(rows[0])
+    game = family.make_env(rows, max_episode_steps)
+    n_states, n_actions = family.n_observations(rows), family.n_actions
     every = history or episodes
 
     def choose(obs: int) -> int:
-        return int(rng.integers(4)) if rng.random() < epsilon else learner.greedy(obs)
+        return int(rng.integers(n_actions)) if rng.random() < epsilon else learner.greedy(obs)
 
     out = []
     for k in range(episodes):
         if k % every == 0:
-            learner = TabularQLearner(n_states, lr=lr, gamma=gamma, rng=rng, q_init=q_init)
-        out.append(play_episode(env, choose, rng, learner, map_id=map_id, map_rows=tuple(rows), learner_episode=k))
-    env.close()
+            learner = TabularQLearner(n_states, lr=lr, gamma=gamma, rng=rng, q_init=q_init, n_actions=n_actions)
+        out.append(play_episode(game, choose, rng, learner, map_id=map_id, map_rows=tuple(rows), learner_episode=k))
+    game.close()
     return out
 
 
 class Behaviour:
-    """What plays the offline data: ``run`` gives one training map's episodes, in the order
-    played; ``settings`` names everything that decides them (it keys the dataset on disk, so a
+    """What plays the offline data: ``run`` gives one training task's episodes on its family
+    ``env``, in the order played; ``settings`` names everything that decides them (it keys the dataset on disk, so a
     changed setting builds a new dataset). Choose one with ``data.behaviour`` (a class path).
     A subclass stores each ``__init__`` argument as an attribute of the same name (checkpoints
     save them). ``history_length``: when the episodes are independent learning histories of that
@@ -103,7 +106,9 @@ class Behaviour:
     def settings(self) -> dict:
         raise NotImplementedError
 
-    def run(self, rows: Map, map_id: int, episodes: int, seed: list[int], max_episode_steps: int) -> list[Episode]:
+    def run(self, env: ProblemFamily, task: Task, map_id: int, episodes: int, seed: list[int]) -> list[Episode]:
+        """``episodes`` episodes on ``task`` (a member of ``env``, with its time limit), drawn from
+        ``default_rng(seed)``; ``map_id`` goes into every record."""
         raise NotImplementedError
 
 
@@ -149,9 +154,10 @@ class QLearning(Behaviour):
             out["behaviour_history"] = self.history
         return out
 
-    def run(self, rows: Map, map_id: int, episodes: int, seed: list[int], max_episode_steps: int) -> list[Episode]:
-        return q_learning_run(rows, map_id, episodes, seed=seed, epsilon=self.epsilon, lr=self.lr, gamma=self.gamma,
-                              max_episode_steps=max_episode_steps, q_init=self.q_init, history=self.history)
+    def run(self, env: ProblemFamily, task: Task, map_id: int, episodes: int, seed: list[int]) -> list[Episode]:
+        return q_learning_run(task, map_id, episodes, seed=seed, epsilon=self.epsilon, lr=self.lr, gamma=self.gamma,
+                              max_episode_steps=env.max_episode_steps, q_init=self.q_init, history=self.history,
+                              env=env)
 
     def __repr__(self) -> str:
         return (f"QLearning(epsilon={self.epsilon}, lr={self.lr}, gamma={self.gamma}, q_init={self.q_init}, "

@@ -4,6 +4,8 @@ configuration value or input file, which ``python -m icrl_lightning`` prints wit
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 import sys
 from collections.abc import Iterable
@@ -83,3 +85,30 @@ def read_json_file(path, what: str):
     except json.JSONDecodeError as err:
         raise InputError(f"{what}: {path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") \
             from None
+
+
+def object_config(obj) -> dict:
+    """A configured object as ``{"class_path", "init_args"}`` (what the CLI writes in a config); its
+    arguments are read back from the attributes of the same names."""
+    cls = type(obj)
+    names = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": {n: getattr(obj, n) for n in names}}
+
+
+def config_object(value, base: type, key: str):
+    """``value`` itself (a jsonargparse lazy default becomes a real instance of its own), or the
+    object a ``{"class_path", "init_args"}`` spec describes (as saved in a checkpoint's data
+    hyper-parameters)."""
+    lazy_cls = getattr(value, "_lazy_class_type", None) if not isinstance(value, dict) else None
+    if lazy_cls is not None:
+        value = lazy_cls(**getattr(value, "_lazy_kwargs", {}))
+    if isinstance(value, dict) and "class_path" in value:
+        module, _, name = value["class_path"].rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError):
+            raise InputError(f"{key}: class {value['class_path']!r} cannot be imported") from None
+        value = cls(**value.get("init_args", {}))
+    if not isinstance(value, base):
+        raise InputError(f"{key}: expected a {base.__name__}, got {type(value).__name__}")
+    return value

@@ -37,8 +37,10 @@ class ICRLCLI(LightningCLI):
                 "validate": {"model", "dataloaders", "datamodule"}}
 
     def add_arguments_to_parser(self, parser) -> None:
-        # The agent's default context window is the length the model was trained on.
+        # The agent's default context window is the length the model was trained on; the model reads
+        # and plays the data's problem family.
         parser.link_arguments("data.seq_len", "model.seq_len")
+        parser.link_arguments("data.env", "model.env")
 
     def _parse_ckpt_path(self) -> None:
         # Lightning reads the checkpoint's hyper-parameters here, first of all: check the file before.
@@ -186,8 +188,24 @@ def main(args: list[str] | None = None) -> ICRLCLI:
             save_config_kwargs={"overwrite": True},
             args=args,
         )
-    except (InputError, ArgumentError) as err:
+    except (InputError, ArgumentError, ValueError) as err:
+        if not isinstance(err, (InputError, ArgumentError)):
+            # jsonargparse wraps what a class raises while it checks a linked value (model.env).
+            err = _input_error(err)
+            if err is None:
+                raise
         message = " ".join(line.strip() for line in str(err).strip().splitlines())
         hint = "" if isinstance(err, InputError) else "  (python -m icrl_lightning fit --help lists every option)"
         print(f"error: {message}{hint}", file=sys.stderr)
         raise SystemExit(2) from err
+
+
+def _input_error(err: BaseException | None) -> InputError | None:
+    """The ``InputError`` that caused ``err`` (through ``__cause__`` / ``__context__``), if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, InputError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

@@ -14,7 +14,9 @@ from torch.func import functional_call
 
 from icrl_lightning.agent import InContextAgent
 from icrl_lightning.backbones import TARGET, CausalLM, TinyLlama, active_adapter, adapter_pairs, is_peft
-from icrl_lightning.checks import InputError, check_choice, check_range
+from icrl_lightning.checks import InputError, check_choice, check_range, config_object, object_config
+from icrl_lightning.envs.family import ProblemFamily
+from icrl_lightning.envs.frozen_lake import FrozenLake
 from icrl_lightning.evaluation.protocol import EvalProtocol
 from icrl_lightning.evaluation.runner import Evaluator
 from icrl_lightning.objective import CQL, TD, Target
@@ -49,9 +51,9 @@ class ICRLModule(L.LightningModule):
         backbone: a ``TinyLlama`` trained from scratch (used when ``pretrained`` is not set).
         pretrained: a Hugging Face causal LM (local folder, GGUF file or hub id) with IA3 / LoRA
             adapters or full fine-tuning; replaces ``backbone`` when set.
-        q_head: ``tokens`` (paper): Q = the LM logits of the four action words at the action
-            position; ``linear``: a trainable ``hidden -> 4`` layer (online + target), initialised
-            from those four output-embedding rows (SPEC's alternative readout).
+        q_head: ``tokens`` (paper): Q = the LM logits of the action words (Frozen Lake's four) at
+            the action position; ``linear``: a trainable ``hidden -> actions`` layer (online +
+            target), initialised from those output-embedding rows (SPEC's alternative readout).
         lr: AdamW learning rate after warm-up (constant afterwards).
         weight_decay: AdamW weight decay.
         warmup_steps: linear learning-rate warm-up, in optimizer steps.
@@ -61,6 +63,8 @@ class ICRLModule(L.LightningModule):
         seq_len: trained sequence length (linked from ``data.seq_len``); the default context window
             of the in-context agent.
         evaluation: the in-context evaluation protocol run by ``validate`` and at the end of ``fit``.
+        env: the problem family (linked from ``data.env``): its action words are the Q readout, its
+            tasks are what the evaluation plays.
     """
 
     def __init__(
@@ -76,8 +80,10 @@ class ICRLModule(L.LightningModule):
         cql: CQL | None = None,
         seq_len: int = 1024,
         evaluation: EvalProtocol | None = None,
+        env: ProblemFamily | None = None,
     ):
         super().__init__()
+        self.env = FrozenLake() if env is None else config_object(env, ProblemFamily, "model.env")
         check_range("model.lr", lr, 0, None, lo_open=True)
         check_range("model.weight_decay", weight_decay, 0, None)
         check_range("model.warmup_steps", warmup_steps, 0, None)
@@ -93,12 +99,17 @@ class ICRLModule(L.LightningModule):
         # The evaluation protocol is not a property of the trained weights: leaving it out of the
         # checkpoint's hyper-parameters lets `validate --ckpt_path ... --model.evaluation.*` change
         # it (LightningCLI applies checkpoint hyper-parameters over the command line).
-        self.save_hyperparameters(ignore=["evaluation"])
+        self.save_hyperparameters(ignore=["evaluation", "env"])
+        self.hparams["env"] = object_config(self.env)
         self.backbone_spec = CausalLM(**pretrained) if pretrained else TinyLlama(**(backbone or {}))
         self.protocol = evaluation or EvalProtocol()
         self.protocol.check()
-        self.model, self.tokenizer = self.backbone_spec.build()
-        self.serializer = Serializer(self.tokenizer, self.backbone_spec.format, self.backbone_spec.max_tiles)
+        if self.protocol.scenario == "stitching" and not isinstance(self.env, FrozenLake):
+            raise InputError(f"model.evaluation.scenario=stitching plays a Frozen Lake map; data.env is "
+                             f"{type(self.env).__name__}")
+        self.model, self.tokenizer = self.backbone_spec.build(self.env.actions, self.env.reward_values)
+        self.serializer = Serializer(self.tokenizer, self.backbone_spec.format, self.backbone_spec.max_tiles,
+                                     self.env.actions, self.env.reward_values)
         self._check_vocabulary()
         self.register_buffer("action_ids", torch.as_tensor(self.serializer.action_token_ids), persistent=False)
         self._peft = is_peft(self.model)
@@ -113,7 +124,7 @@ class ICRLModule(L.LightningModule):
                 self.register_buffer(f"target_{k}", p.detach().clone())
         if q_head == "linear":
             rows = self.model.get_output_embeddings().weight.detach()[self.action_ids].float()
-            self.q_head = torch.nn.Linear(rows.shape[1], 4, bias=False, device=rows.device)
+            self.q_head = torch.nn.Linear(rows.shape[1], len(rows), bias=False, device=rows.device)
             with torch.no_grad():
                 self.q_head.weight.copy_(rows)
             self.register_buffer("q_head_target", rows.clone())
@@ -124,7 +135,7 @@ class ICRLModule(L.LightningModule):
                              if isinstance(v, torch.nn.Parameter) and not v.requires_grad and id(v) not in targets}
         self._step_clock: float | None = None
         self._eval_outputs: list[dict] = []
-        self.evaluator = Evaluator(self.protocol)
+        self.evaluator = Evaluator(self.protocol, self.env)
         self.eval_report: dict | None = None
 
     def _check_vocabulary(self) -> None:
@@ -148,7 +159,7 @@ class ICRLModule(L.LightningModule):
         if limit and window > limit:
             raise InputError(f"evaluation max_context={window} tokens (0 = data.seq_len) exceeds the model's "
                              f"max_position_embeddings={limit}")
-        return InContextAgent(self.acting_network(), self.serializer, window, p.max_episode_steps)
+        return InContextAgent(self.acting_network(), self.serializer, window, p.max_episode_steps, self.env)
 
     def acting_network(self):
         """What the in-context agent plays with: ``get_decoder()`` is the online network and
@@ -186,7 +197,8 @@ class ICRLModule(L.LightningModule):
             return functional_call(decoder, params, (), kwargs, strict=False).last_hidden_state
 
     def _head_rows(self, target: bool) -> torch.Tensor:
-        """``[4, d]``: the rows whose products with a hidden state are Q(., left/down/right/up)."""
+        """``[actions, d]``: the rows whose products with a hidden state are Q(., action) (Frozen
+        Lake: left/down/right/up)."""
         if self.hparams.q_head == "linear":
             return self.q_head_target if target else self.q_head.weight
         weight = self.model.get_output_embeddings().weight
@@ -195,7 +207,7 @@ class ICRLModule(L.LightningModule):
         return weight[self.action_ids]
 
     def q_values(self, input_ids: torch.Tensor, q_mask: torch.Tensor, target: bool = False) -> torch.Tensor:
-        """Q(context, .) at every action position of the batch, ``[N, 4]`` float32, row-major order;
+        """Q(context, .) at every action position of the batch, ``[N, actions]`` float32, row-major order;
         ``target=True`` reads the target network."""
         hidden = self._hidden(input_ids, target)[q_mask]
         return action_q_values(hidden, self._head_rows(target).to(hidden.dtype)).float()

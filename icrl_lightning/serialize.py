@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from icrl_lightning.envs.frozen_lake import ACTIONS
+from icrl_lightning.envs.frozen_lake import ACTIONS, FrozenLake
 from icrl_lightning.episodes import Episode
 
 
@@ -97,21 +97,23 @@ COMPACT = Format(
 COMPACT_OUTCOME = replace(COMPACT, name="compact_outcome", failure_start="<ep->", failure_observation="x{}")
 FORMATS = {f.name: f for f in (LLAMA3, CHATML, COMPACT, COMPACT_OUTCOME)}
 
-REWARD_VALUES = (1.0,)  # the rewards Frozen Lake can give that are not zero
+REWARD_VALUES = FrozenLake.reward_values  # the rewards Frozen Lake can give that are not zero
 
 
 def reward_text(reward: float) -> str:
     return str(round(float(reward), 2))
 
 
-def format_vocabulary(fmt: Format, max_tiles: int = 64) -> tuple[list[str], list[str]]:
+def format_vocabulary(fmt: Format, max_tiles: int = 64, actions: tuple[str, ...] = ACTIONS,
+                      reward_values: tuple[float, ...] = REWARD_VALUES) -> tuple[list[str], list[str]]:
     """(special tokens, words) a tokenizer made in code needs to write ``fmt`` with one token per
-    field; tiles ``0 .. max_tiles-1``."""
+    field; tiles ``0 .. max_tiles-1``, the family's ``actions`` and nonzero ``reward_values``
+    (defaults: Frozen Lake's)."""
     specials = [fmt.pad, fmt.episode_start, fmt.episode_end, fmt.failure_start]
-    words = [fmt.observation.format(i) for i in range(max_tiles)] + list(ACTIONS)
+    words = [fmt.observation.format(i) for i in range(max_tiles)] + list(actions)
     if fmt.failure_observation:
         words += [fmt.failure_observation.format(i) for i in range(max_tiles)]
-    words += [fmt.reward.format(reward_text(r)) for r in REWARD_VALUES] + [fmt.truncation]
+    words += [fmt.reward.format(reward_text(r)) for r in reward_values] + [fmt.truncation]
     if fmt.role_prefix:
         head, _, tail = fmt.role_prefix.partition("{role}")
         specials += [head, tail, fmt.role_suffix]
@@ -123,16 +125,20 @@ def format_vocabulary(fmt: Format, max_tiles: int = 64) -> tuple[list[str], list
 
 
 class Serializer:
-    """Token ids of the pieces of ``fmt`` for one tokenizer. Holds only small id tables, so it
-    pickles cheaply into DataLoader workers."""
+    """Token ids of the pieces of ``fmt`` for one tokenizer and one problem family's vocabulary:
+    observations ``0 .. max_tiles-1``, the action words ``actions`` (action ``a`` is
+    ``actions[a]``) and the nonzero ``reward_values`` (defaults: Frozen Lake's). Holds only small
+    id tables, so it pickles cheaply into DataLoader workers."""
 
-    def __init__(self, tokenizer, fmt: Format | str, max_tiles: int = 64):
+    def __init__(self, tokenizer, fmt: Format | str, max_tiles: int = 64, actions: tuple[str, ...] = ACTIONS,
+                 reward_values: tuple[float, ...] = REWARD_VALUES):
         self.fmt = FORMATS[fmt] if isinstance(fmt, str) else fmt
         self.max_tiles = max_tiles
+        self.actions, self.reward_values = tuple(actions), tuple(reward_values)
         self._tokenizer = tokenizer
         self._cache: dict[str, tuple[int, ...]] = {}
         self.pad_id = self._pad_id()
-        self.action_token_ids = np.array([self._single(a, f"action word {a!r}") for a in ACTIONS])
+        self.action_token_ids = np.array([self._single(a, f"action word {a!r}") for a in self.actions])
         self.action_header = self.piece(self.fmt.header("action"))
         self.warm_up()
         self._failed_ids = self._failure_table()
@@ -175,12 +181,12 @@ class Serializer:
         return ids[0]
 
     def warm_up(self) -> Serializer:
-        """Tokenize every piece a Frozen Lake episode can need (tiles below ``max_tiles``)."""
+        """Tokenize every piece an episode can need (tiles below ``max_tiles``)."""
         for i in range(self.max_tiles):
             self.observation(i)
-        for a in range(4):
+        for a in range(len(self.actions)):
             self.action(a)
-        for r in REWARD_VALUES:
+        for r in self.reward_values:
             self.reward(r)
         self.ending(truncated=True)
         self.ending(truncated=False)
@@ -232,7 +238,7 @@ class Serializer:
 
     def action(self, action: int) -> tuple[int, ...]:
         # The header was appended already (it ends the previous piece): value + suffix only.
-        return self.piece(ACTIONS[action] + self.fmt.role_suffix)
+        return self.piece(self.actions[action] + self.fmt.role_suffix)
 
     def ending(self, truncated: bool) -> tuple[int, ...]:
         ids = self._role("edit", self.fmt.truncation) if truncated else ()

@@ -9,7 +9,7 @@ import pytest
 
 from icrl_lightning.behaviour import Behaviour, QLearning, TabularQLearner, play_episode, q_learning_run
 from icrl_lightning.checks import InputError
-from icrl_lightning.envs import make_env
+from icrl_lightning.envs import FrozenLake, make_env
 from icrl_lightning.episodes import Episode
 
 # Holes beside the start and along the way: a learner that does not learn from a hole falls in again.
@@ -58,12 +58,12 @@ def test_qlearning_behaviour_is_the_q_learning_run(q_init):
     """``QLearning.run`` plays exactly ``q_learning_run`` with its settings (the dataset's episodes)."""
     b = QLearning(epsilon=0.2, lr=0.7, gamma=0.8, q_init=q_init)
     assert isinstance(b, Behaviour)
-    got = b.run(MAP, 3, 30, seed=[0, 3, 3], max_episode_steps=20)
+    got = b.run(FrozenLake(max_episode_steps=20), MAP, 3, 30, seed=[0, 3, 3])
     want = q_learning_run(MAP, 3, 30, seed=[0, 3, 3], epsilon=0.2, lr=0.7, gamma=0.8, max_episode_steps=20,
                           q_init=q_init)
     assert got == want
     # Defaults: epsilon 0.1, lr 0.5, gamma 0.9, q_init 0 (the original data).
-    assert QLearning().run(MAP, 0, 30, seed=3, max_episode_steps=100) == q_learning_run(MAP, 0, 30, seed=3)
+    assert QLearning().run(FrozenLake(), MAP, 0, 30, seed=3) == q_learning_run(MAP, 0, 30, seed=3)
 
 
 def test_qlearning_settings_key_the_dataset():
@@ -119,7 +119,7 @@ def test_history_restarts_the_learner_every_history_episodes():
 
     rows = ("SFFF", "FHFH", "FFFH", "HFFG")
     one = q_learning_run(rows, 0, 12, seed=3, q_init=1.0)
-    hist = QLearning(q_init=1.0, history=6).run(rows, 0, 12, [3], 100)
+    hist = QLearning(q_init=1.0, history=6).run(FrozenLake(), rows, 0, 12, [3])
     assert QLearning(history=6).history_length == 6 and QLearning().history_length is None
     # The first history is the one run's first six episodes; the second starts from a fresh table,
     # so it explores again (an optimistic learner's first episode tries untried moves).
@@ -137,7 +137,7 @@ def test_noisy_demonstrations_anneal_from_random_to_the_shortest_path():
     assert b.noise(0) == 1.0 and b.noise(9) == 0.0 and b.noise(5) == pytest.approx(1 - 5 / 8.1)
     assert NoisyDemonstrations(history=10, max_perf=0.7).noise(9) == pytest.approx(0.3)
     rows = ("SFFF", "FHFH", "FFFH", "HFFG")
-    eps = b.run(rows, 2, 20, [1], 100)
+    eps = b.run(FrozenLake(), rows, 2, 20, [1])
     assert len(eps) == 20 and all(e.map_id == 2 and e.map_rows == rows for e in eps)
     shortest = int(goal_distances(rows)[0, 0])
     for last in (eps[9], eps[19]):  # the end of each history follows a shortest path

@@ -3,8 +3,6 @@ multi-episode sets, and serves the evaluation maps."""
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import logging
 from pathlib import Path
 
@@ -15,10 +13,11 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset
 
 from icrl_lightning.behaviour import Behaviour, QLearning
-from icrl_lightning.checks import InputError, check_choice, check_range
+from icrl_lightning.checks import InputError, check_choice, check_range, config_object, object_config
 from icrl_lightning.data import dataset
 from icrl_lightning.data.stream import SET_ORDERS, EpisodeTable, ReplayLoader, ReplayStream
-from icrl_lightning.envs.frozen_lake import RESERVED_EVAL_MAPS, FrozenLake, Map, load_map_file
+from icrl_lightning.envs.family import ProblemFamily, Task
+from icrl_lightning.envs.frozen_lake import RESERVED_EVAL_MAPS, FrozenLake
 from icrl_lightning.episodes import Episode, quality_weights
 from icrl_lightning.serialize import EncodedEpisode, Serializer
 
@@ -28,9 +27,9 @@ EVAL_SPLITS = ("heldout", "ood")
 
 
 class MapList(Dataset):
-    """Evaluation maps; a batch is a list of ``(index, rows)``."""
+    """Evaluation tasks (maps); a batch is a list of ``(index, task)``."""
 
-    def __init__(self, maps: list[Map]):
+    def __init__(self, maps: list[Task]):
         self.maps = maps
 
     def __len__(self) -> int:
@@ -45,7 +44,8 @@ def _as_list(batch):
 
 
 class ReplayDataModule(L.LightningDataModule):
-    """Offline Frozen Lake replay data and the evaluation maps.
+    """Offline replay data of a problem family (Frozen Lake by default) and its evaluation tasks
+    ("maps" in the option names, after the paper's game).
 
     Args:
         data_dir: where episode datasets live (``episodes/<settings hash>/``, one folder per
@@ -53,9 +53,10 @@ class ReplayDataModule(L.LightningDataModule):
         seed: seeds the training maps, the behaviour runs and the replay stream.
         split_seed: seeds the held-out and out-of-distribution maps (kept apart from ``seed`` so that
             runs at different seeds are evaluated on the same maps; training maps never include them).
-        env: the map family and its episode time limit.
+        env: the problem family and its episode time limit: ``FrozenLake`` (default) or ``DarkRoom``
+            (``icrl_lightning.envs``), or a ``ProblemFamily`` of your own (a class path).
         behaviour: the learner that plays the offline data (``QLearning``: tabular Q-learning).
-        num_train_maps: training maps (SPEC: 250).
+        num_train_maps: training tasks (maps; SPEC: 250).
         episodes_per_map: episodes of the behaviour run on each training map; all are kept.
         set_size_min: fewest episodes of one map in a set (SPEC: 20).
         set_size_max: most episodes of one map in a set (SPEC: 40).
@@ -70,9 +71,11 @@ class ReplayDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         build_workers: processes that build a missing dataset (its bytes do not depend on it);
             ``null`` = every CPU this process may use.
-        eval_split: ``heldout`` (same sizes as training) or ``ood`` (6..7 x 6..7).
-        eval_maps: how many maps of the split to evaluate on (200 of each split are reserved).
-        eval_map_file: a JSON list of maps (lists of row strings) to evaluate on instead.
+        eval_split: ``heldout`` (same distribution as training) or ``ood`` (Frozen Lake: 6..7 x 6..7
+            maps; Dark Room: a larger room).
+        eval_maps: how many tasks of the split to evaluate on (Frozen Lake reserves 200 maps of each
+            split; Dark Room holds out ``size**2 - train_goals`` goals).
+        eval_map_file: Frozen Lake: a JSON list of maps (lists of row strings) to evaluate on instead.
 
     Every argument is checked here; the map file and ``seq_len`` against the longest possible
     episode are checked once the model's serializer is handed over (``set_serializer``), before
@@ -87,7 +90,7 @@ class ReplayDataModule(L.LightningDataModule):
         data_dir: str = "data",
         seed: int = 0,
         split_seed: int = 0,
-        env: FrozenLake = lazy_instance(FrozenLake),  # noqa: B008 - jsonargparse's lazy default
+        env: ProblemFamily = lazy_instance(FrozenLake),  # noqa: B008 - jsonargparse's lazy default
         behaviour: Behaviour = lazy_instance(QLearning),  # noqa: B008
         num_train_maps: int = 250,
         episodes_per_map: int = 200,
@@ -104,12 +107,12 @@ class ReplayDataModule(L.LightningDataModule):
         eval_map_file: str | None = None,
     ):
         super().__init__()
-        self.env = _instance(env, FrozenLake, "data.env")
-        self.behaviour = _instance(behaviour, Behaviour, "data.behaviour")
+        self.env = config_object(env, ProblemFamily, "data.env")
+        self.behaviour = config_object(behaviour, Behaviour, "data.behaviour")
         # Plain values only (class path + arguments), so a checkpoint loads with weights_only=True.
         self.save_hyperparameters(ignore=["env", "behaviour"])
-        self.hparams["env"] = _spec(self.env)
-        self.hparams["behaviour"] = _spec(self.behaviour)
+        self.hparams["env"] = object_config(self.env)
+        self.hparams["behaviour"] = object_config(self.behaviour)
         check_range("data.seed", seed, 0, None, why="numpy seeds are non-negative")
         check_range("data.split_seed", split_seed, 0, None, why="numpy seeds are non-negative")
         check_range("data.num_train_maps", num_train_maps, 1, None)
@@ -130,22 +133,26 @@ class ReplayDataModule(L.LightningDataModule):
             raise InputError(f"data.data_dir={data_dir!r} is a file: give a folder (datasets are built under it)")
         self.serializer: Serializer | None = None
         self.batch_fields: frozenset[str] = frozenset()
-        self._file_maps: list[Map] | None = load_map_file(eval_map_file) if eval_map_file else None
-        self.eval_maps: list[Map] = []
+        self._file_maps: list[Task] | None = self.env.load_task_file(eval_map_file) if eval_map_file else None
+        self.eval_maps: list[Task] = []
 
     def set_serializer(self, serializer: Serializer, batch_fields=frozenset()) -> ReplayDataModule:
         """Hand over the model's serializer (and the extra batch fields its objective reads);
         checks what depends on it (tile counts, ``seq_len`` against the longest episode)."""
         self.serializer, self.batch_fields = serializer, frozenset(batch_fields)
         h = self.hparams
-        sizes = {"data.env.max_size": self.env.largest_tiles("train")}
+        sizes = {"data.env.max_size" if isinstance(self.env, FrozenLake) else "data.env":
+                 self.env.largest_observations("train")}
         if self._file_maps:
-            sizes["data.eval_map_file"] = max(len(m) * len(m[0]) for m in self._file_maps)
+            sizes["data.eval_map_file"] = max(self.env.n_observations(m) for m in self._file_maps)
         elif h.eval_split == "ood":
-            sizes["data.eval_split=ood"] = self.env.largest_tiles("ood")
+            sizes["data.eval_split=ood"] = self.env.largest_observations("ood")
         key, biggest = max(sizes.items(), key=lambda kv: kv[1])
+        if serializer.actions != tuple(self.env.actions):
+            raise InputError(f"data.env: the {type(self.env).__name__} family's actions {list(self.env.actions)} are "
+                             f"not the model's {list(serializer.actions)} (model.env is linked to data.env)")
         if biggest > serializer.max_tiles:
-            raise InputError(f"{key}: maps of {biggest} tiles, but the model's tokenizer writes at most "
+            raise InputError(f"{key}: tasks of {biggest} tiles, but the model's tokenizer writes at most "
                              f"{serializer.max_tiles} tiles: raise model.backbone.max_tiles to {biggest}")
         need = self.longest_episode_tokens()
         check_range("data.seq_len", h.seq_len, need, None,
@@ -174,10 +181,10 @@ class ReplayDataModule(L.LightningDataModule):
     def dataset_dir(self) -> Path:
         return dataset.dataset_folder(self.hparams.data_dir, self.generation_settings())
 
-    def behaviour_run(self, rows: Map, map_id: int, seed: list[int]) -> list[Episode]:
-        """The behaviour learner's episodes on one map with this module's settings (the dataset's;
-        the diagnostics also run it on held-out maps, with their own seeds)."""
-        return self.behaviour.run(rows, map_id, self.hparams.episodes_per_map, seed, self.env.max_episode_steps)
+    def behaviour_run(self, rows: Task, map_id: int, seed: list[int]) -> list[Episode]:
+        """The behaviour learner's episodes on one task with this module's settings (the dataset's;
+        the diagnostics also run it on held-out tasks, with their own seeds)."""
+        return self.behaviour.run(self.env, rows, map_id, self.hparams.episodes_per_map, seed)
 
     def encoded_maps(self) -> tuple[dict[int, EpisodeTable], dict[int, np.ndarray]]:
         """The dataset's episodes encoded, as one ``EpisodeTable`` per map, and their quality
@@ -199,7 +206,7 @@ class ReplayDataModule(L.LightningDataModule):
             return
         h = self.hparams
         splits = self.env.splits(h.seed, h.num_train_maps, h.split_seed)
-        play = _Play(self.behaviour, h.episodes_per_map, h.seed, self.env.max_episode_steps)
+        play = _Play(self.behaviour, self.env, h.episodes_per_map, h.seed)
         dataset.build(self.dataset_dir, self.generation_settings(), splits.train, play,
                       workers=h.build_workers or dataset.default_workers())
 
@@ -208,21 +215,34 @@ class ReplayDataModule(L.LightningDataModule):
 
     def longest_episode_tokens(self) -> int:
         """Tokens of the longest episode the data can hold: ``max_episode_steps`` steps on the
-        largest training map (a reward or a truncation marker at the end, whichever is longer)."""
+        largest training task, the family's most rewards (a reward or a truncation marker at the
+        end, whichever is longer)."""
         s = self._serializer()
-        n, tile = self.env.max_episode_steps, min(self.env.largest_tiles("train"), s.max_tiles) - 1
-        return max(len(s.encode(Episode([tile] * (n + 1), [0] * n, [0.0] * (n - 1) + [r], not trunc, trunc)))
-                   for r in (0.0, 1.0) for trunc in (False, True))
+        n, tile = self.env.max_episode_steps, min(self.env.largest_observations("train"), s.max_tiles) - 1
+        rewarded = min(n, self.env.rewards_per_episode or n)
+        longest = 0
+        for r in (0.0, *s.reward_values):
+            for trunc in (False, True):
+                rewards = [0.0] * n if r == 0.0 else [0.0] * (n - rewarded) + [r] * rewarded
+                longest = max(longest, len(s.encode(Episode([tile] * (n + 1), [0] * n, rewards, not trunc, trunc))))
+        return longest
 
     # --- streams --------------------------------------------------------------------------------
-    def heldout_maps(self, split: str = "heldout") -> list[Map]:
-        """The reserved evaluation maps of ``split`` (``heldout`` or ``ood``), never trained on."""
+    def heldout_maps(self, split: str = "heldout") -> list[Task]:
+        """The reserved evaluation tasks of ``split`` (``heldout`` or ``ood``), never trained on."""
         splits = self.env.splits(self.hparams.split_seed, 0)
         return splits.heldout if split == "heldout" else splits.ood
 
     def setup(self, stage: str) -> None:
         h = self.hparams
-        self.eval_maps = self._file_maps or self.heldout_maps(h.eval_split)[: h.eval_maps]
+        if self._file_maps:
+            self.eval_maps = self._file_maps
+            return
+        tasks = self.heldout_maps(h.eval_split)
+        if len(tasks) < h.eval_maps:
+            raise InputError(f"data.eval_maps={h.eval_maps}: the {type(self.env).__name__} family has only "
+                             f"{len(tasks)} {h.eval_split} tasks")
+        self.eval_maps = tasks[: h.eval_maps]
 
     def encode(self, by_map: dict[int, list[Episode]]) -> dict[int, list[EncodedEpisode]]:
         s = self._serializer()
@@ -270,38 +290,11 @@ class ReplayDataModule(L.LightningDataModule):
 
 
 class _Play:
-    """``play(rows, map_id)``: the behaviour's episodes on one training map, seeded by the map's id
-    (a plain object, so that dataset builds in worker processes can take it)."""
+    """``play(task, map_id)``: the behaviour's episodes on one training task, seeded by its id (a
+    plain object, so that dataset builds in worker processes can take it)."""
 
-    def __init__(self, behaviour: Behaviour, episodes: int, seed: int, max_episode_steps: int):
-        self.behaviour, self.episodes, self.seed, self.max_episode_steps = behaviour, episodes, seed, max_episode_steps
+    def __init__(self, behaviour: Behaviour, env: ProblemFamily, episodes: int, seed: int):
+        self.behaviour, self.env, self.episodes, self.seed = behaviour, env, episodes, seed
 
-    def __call__(self, rows: Map, map_id: int) -> list[Episode]:
-        return self.behaviour.run(rows, map_id, self.episodes, [self.seed, 3, map_id], self.max_episode_steps)
-
-
-def _spec(obj) -> dict:
-    """A configured object as ``{"class_path", "init_args"}`` (what the CLI writes in a config); its
-    arguments are read back from the attributes of the same names."""
-    cls = type(obj)
-    names = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": {n: getattr(obj, n) for n in names}}
-
-
-def _instance(value, base: type, key: str):
-    """``value`` itself (a jsonargparse lazy default becomes a real instance of its own), or the
-    object a ``{"class_path", "init_args"}`` spec describes (as saved in a checkpoint's data
-    hyper-parameters)."""
-    lazy_cls = getattr(value, "_lazy_class_type", None) if not isinstance(value, dict) else None
-    if lazy_cls is not None:
-        value = lazy_cls(**getattr(value, "_lazy_kwargs", {}))
-    if isinstance(value, dict) and "class_path" in value:
-        module, _, name = value["class_path"].rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError, ValueError):
-            raise InputError(f"{key}: class {value['class_path']!r} cannot be imported") from None
-        value = cls(**value.get("init_args", {}))
-    if not isinstance(value, base):
-        raise InputError(f"{key}: expected a {base.__name__}, got {type(value).__name__}")
-    return value
+    def __call__(self, task: Task, map_id: int) -> list[Episode]:
+        return self.behaviour.run(self.env, task, map_id, self.episodes, [self.seed, 3, map_id])

@@ -1,5 +1,7 @@
-"""Problem families. Frozen Lake is the paper's."""
+"""Problem families (``family.ProblemFamily``): Frozen Lake (the paper's) and Dark Room."""
 
+from icrl_lightning.envs.dark_room import DarkRoom
+from icrl_lightning.envs.family import ProblemFamily, Task, TaskSplits
 from icrl_lightning.envs.frozen_lake import (
     ACTIONS,
     FrozenLake,
@@ -17,8 +19,12 @@ from icrl_lightning.envs.frozen_lake import (
 
 __all__ = [
     "ACTIONS",
+    "DarkRoom",
     "FrozenLake",
     "MapSplits",
+    "ProblemFamily",
+    "Task",
+    "TaskSplits",
     "generate_map",
     "generate_maps",
     "load_map_file",

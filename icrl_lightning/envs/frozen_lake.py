@@ -8,20 +8,20 @@ when every start reaches a goal in at least ``min_hops`` moves.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 
 from icrl_lightning.checks import InputError, check_range, read_json_file
+from icrl_lightning.envs.family import ProblemFamily, Task, TaskSplits
 
 # gymnasium's action indices: 0 left, 1 down, 2 right, 3 up.
 ACTIONS = ("left", "down", "right", "up")
 _MOVES = ((0, -1), (1, 0), (0, 1), (-1, 0))
 TILES = frozenset("SFHG")
 
-Map = tuple[str, ...]
+Map = Task
 
 
 def paper_schedule() -> list[float]:
@@ -150,13 +150,7 @@ def generate_maps(n: int, seed: int | list[int], exclude: frozenset[Map] = froze
     return maps
 
 
-@dataclass(frozen=True)
-class MapSplits:
-    """Training, held-out (same sizes) and out-of-distribution maps, disjoint by construction."""
-
-    train: list[Map]
-    heldout: list[Map]
-    ood: list[Map]
+MapSplits = TaskSplits  # training, held-out (same sizes) and out-of-distribution maps
 
 
 # Evaluation maps are reserved first, so that asking for more training maps never changes them.
@@ -247,7 +241,7 @@ def load_stitching_file(path: str | Path, what: str = "model.evaluation.stitchin
     return rows, paths
 
 
-class FrozenLake:
+class FrozenLake(ProblemFamily):
     """The Frozen Lake map family (SPEC "Environment"): maps of ``min_size..max_size`` tiles a
     side, each tile a start (p 0.1), else a goal (p 0.1), else a hole (``p_hole``); valid when every
     start reaches a goal in at least ``min_hops`` moves; gymnasium's ``FrozenLake-v1``, not slippery.
@@ -259,6 +253,9 @@ class FrozenLake:
         min_hops: shortest start-to-goal distance a valid map must have.
         max_episode_steps: time limit of every episode (SPEC: 100).
     """
+
+    actions = ACTIONS
+    reward_values = (1.0,)
 
     def __init__(self, min_size: int = 3, max_size: int = 5, p_hole: float = 0.2, min_hops: int = 4,
                  max_episode_steps: int = 100):
@@ -281,13 +278,21 @@ class FrozenLake:
         return make_splits(seed, n_train, split_seed, min_size=self.min_size, max_size=self.max_size,
                            p_hole=self.p_hole, min_hops=self.min_hops)
 
-    def make_env(self, rows: Map) -> gym.Env:
-        return make_env(rows, self.max_episode_steps)
+    def make_env(self, rows: Map, max_episode_steps: int | None = None) -> gym.Env:
+        return make_env(rows, max_episode_steps or self.max_episode_steps)
 
-    def largest_tiles(self, split: str) -> int:
+    def n_observations(self, rows: Map) -> int:
+        return len(rows) * len(rows[0])
+
+    def largest_observations(self, split: str) -> int:
         """Tiles of the largest map of ``split`` (``train``/``heldout``, or ``ood``)."""
         side = OOD_MAX_SIZE if split == "ood" else self.max_size
         return side * side
 
-    def __repr__(self) -> str:
-        return f"FrozenLake({', '.join(f'{k}={v!r}' for k, v in self.settings().items())})"
+    largest_tiles = largest_observations
+
+    def optimal_actions(self, rows: Map) -> np.ndarray:
+        return optimal_actions(rows)
+
+    def load_task_file(self, path: str, what: str = "data.eval_map_file") -> list[Map]:
+        return load_map_file(path, what)

@@ -9,7 +9,8 @@ import numpy as np
 from icrl_lightning.agent import draw_action
 from icrl_lightning.behaviour import TabularQLearner
 from icrl_lightning.checks import InputError, check_choice, check_range
-from icrl_lightning.envs.frozen_lake import Map, load_stitching_file, make_env, paper_schedule, shortest_path_actions
+from icrl_lightning.envs.family import ProblemFamily, Task
+from icrl_lightning.envs.frozen_lake import FrozenLake, load_stitching_file, paper_schedule
 from icrl_lightning.episodes import Episode
 
 SCENARIOS = ("standard", "nonstationary", "stitching")
@@ -88,23 +89,26 @@ Q_LEARNERS = ("q_learning", "q_optimistic")
 
 def run_baseline(
     name: str,
-    maps: list[Map],
+    maps: list[Task],
     schedule: list[float],
     seed: int,
     max_episode_steps: int = 100,
-    switch_to: list[Map] | None = None,
+    switch_to: list[Task] | None = None,
     context: list[Episode] | None = None,
     context_sweeps: int = 100,
     keys: list[int] | None = None,
+    env: ProblemFamily | None = None,
 ) -> np.ndarray:
-    """Returns ``[maps, episodes]`` of a baseline on the same maps, schedule and draws as the agent.
+    """Returns ``[maps, episodes]`` of a baseline on the same tasks (maps), schedule and draws as
+    the agent; ``env`` is their problem family (default Frozen Lake).
 
     * ``random``: every action uniform.
     * ``q_learning``: a tabular Q-learner from scratch, greedy with the schedule's probability.
     * ``q_optimistic``: the same with every table entry starting at 1.0 (the largest return):
       untried moves look best, so it explores systematically and does not walk into the same
       hole again. A far stronger tabular yardstick on these small maps.
-    * ``oracle``: a shortest-path action (BFS on the true map) when greedy: the upper bound.
+    * ``oracle``: the family's optimal action (Frozen Lake: a shortest-path move by BFS on the
+      true map) when greedy: the upper bound.
 
     ``switch_to`` (non-stationary): after ``len(schedule)`` episodes map ``i`` becomes
     ``switch_to[i]`` and the schedule restarts; the Q-learner keeps its table (it is not told
@@ -117,13 +121,16 @@ def run_baseline(
         raise ValueError(f"baseline {name!r}: choose from {BASELINES}")
     if switch_to is not None and len(switch_to) != len(maps):
         raise ValueError(f"switch_to has {len(switch_to)} maps for {len(maps)} maps")
+    family = env or FrozenLake()
+    n_actions = family.n_actions
     phases = [maps] if switch_to is None else [maps, switch_to]
     n_eps = len(schedule)
     out = np.zeros((len(maps), n_eps * len(phases)))
     for i in range(len(maps)):
         rng = np.random.default_rng([seed, i if keys is None else keys[i]])
-        n_states = max(len(p[i]) * len(p[i][0]) for p in phases)
-        learner = TabularQLearner(n_states, rng=rng, q_init=1.0 if name == "q_optimistic" else 0.0)
+        n_states = max(family.n_observations(p[i]) for p in phases)
+        learner = TabularQLearner(n_states, rng=rng, q_init=1.0 if name == "q_optimistic" else 0.0,
+                                  n_actions=n_actions)
         if name in Q_LEARNERS:
             for _ in range(context_sweeps if context else 0):
                 for e in context:
@@ -132,23 +139,23 @@ def run_baseline(
                         learner.update(e.observations[t], a, e.rewards[t], e.observations[t + 1],
                                        last and e.terminated)
         for phase, phase_maps in enumerate(phases):
-            rows = phase_maps[i]
-            env = make_env(rows, max_episode_steps)
-            best = shortest_path_actions(rows)
+            task = phase_maps[i]
+            game = family.make_env(task, max_episode_steps)
+            best = family.oracle_actions(task)
             for k, p in enumerate(schedule):
-                obs, _ = env.reset(seed=int(rng.integers(2**31)))
+                obs, _ = game.reset(seed=int(rng.integers(2**31)))
                 done, total = False, 0.0
                 while not done:
                     if name == "random":
-                        a = draw_action(rng, 0.0, None)
+                        a = draw_action(rng, 0.0, None, n_actions)
                     elif name == "oracle":
-                        a = draw_action(rng, p, lambda: max(best[obs], 0))
+                        a = draw_action(rng, p, lambda: best[obs], n_actions)
                     else:
-                        a = draw_action(rng, p, lambda: learner.greedy(obs))
-                    nxt, r, term, trunc, _ = env.step(a)
+                        a = draw_action(rng, p, lambda: learner.greedy(obs), n_actions)
+                    nxt, r, term, trunc, _ = game.step(a)
                     if name in Q_LEARNERS:
                         learner.update(int(obs), a, float(r), int(nxt), term)
                     obs, total, done = nxt, total + r, term or trunc
                 out[i, phase * n_eps + k] = total
-            env.close()
+            game.close()
     return out

@@ -9,21 +9,23 @@ from dataclasses import asdict
 import numpy as np
 
 from icrl_lightning.agent import InContextAgent
+from icrl_lightning.envs.family import ProblemFamily
 from icrl_lightning.evaluation.protocol import BASELINES, EvalProtocol, run_baseline
 from icrl_lightning.evaluation.report import repeated_failures, summarize, summarize_phases
 from icrl_lightning.evaluation.scenarios import context_tokens, make_plan
 
 
 class Evaluator:
-    """Plays the protocol's agents on maps and turns their returns into a report.
+    """Plays the protocol's agents on the tasks (maps) of ``env`` (default Frozen Lake) and turns
+    their returns into a report.
 
     Every agent plays the same plan (maps, schedule, map switch, seeds and exploration draws).
     Baseline returns depend only on the plan, seed and step limit, so they are cached across the
     periodic evaluations of one ``fit``.
     """
 
-    def __init__(self, protocol: EvalProtocol):
-        self.protocol = protocol
+    def __init__(self, protocol: EvalProtocol, env: ProblemFamily | None = None):
+        self.protocol, self.env = protocol, env
         self._baseline_cache: dict = {}
 
     def run(self, agent: InContextAgent, batch: list[tuple[int, tuple[str, ...]]]) -> dict:
@@ -54,7 +56,7 @@ class Evaluator:
                 if key not in self._baseline_cache:
                     self._baseline_cache[key] = run_baseline(name, plan.maps, plan.schedule, p.seed,
                                                              p.max_episode_steps, plan.switch_to, plan.context,
-                                                             keys=plan.index)
+                                                             keys=plan.index, env=self.env)
                 out[name] = self._baseline_cache[key]
             timings["baselines_s"] = time.perf_counter() - started
         out["plan"] = plan

@@ -6,7 +6,7 @@ import numpy as np
 
 from icrl_lightning.behaviour import Behaviour, play_episode
 from icrl_lightning.checks import check_range
-from icrl_lightning.envs.frozen_lake import Map, make_env, optimal_actions
+from icrl_lightning.envs.family import ProblemFamily, Task
 from icrl_lightning.episodes import Episode
 
 
@@ -39,19 +39,20 @@ class NoisyDemonstrations(Behaviour):
         """Probability of a random action in episode ``j`` of a history."""
         return max(1.0 - self.max_perf, 1.0 - j / (0.9 * (self.history - 1)))
 
-    def run(self, rows: Map, map_id: int, episodes: int, seed: list[int], max_episode_steps: int) -> list[Episode]:
+    def run(self, env: ProblemFamily, task: Task, map_id: int, episodes: int, seed: list[int]) -> list[Episode]:
         rng = np.random.default_rng(seed)
-        env = make_env(rows, max_episode_steps)
-        best = optimal_actions(rows)  # [tiles, 4]: the actions that start a shortest path
+        game = env.make_env(task)
+        best = env.optimal_actions(task)  # [observations, actions]: the actions an optimal policy takes
+        n_actions = env.n_actions
 
         def choose(obs: int) -> int:
             if rng.random() < eps or not best[obs].any():
-                return int(rng.integers(4))
+                return int(rng.integers(n_actions))
             return int(rng.choice(np.flatnonzero(best[obs])))
 
         out = []
         for k in range(episodes):
             eps = self.noise(k % self.history)
-            out.append(play_episode(env, choose, rng, map_id=map_id, map_rows=tuple(rows), learner_episode=k))
-        env.close()
+            out.append(play_episode(game, choose, rng, map_id=map_id, map_rows=tuple(task), learner_episode=k))
+        game.close()
         return out
