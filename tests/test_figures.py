@@ -88,6 +88,6 @@ def test_comparison_figure(reports, tmp_path):
     rep = reports["standard"]
     fig = comparison_figure({"high": rep, "low": rep})
     labels = [line.get_label() for line in fig.axes[0].get_lines()]
-    assert labels[:2] == ["high", "low"] and "BFS oracle" in labels
+    assert labels[:2] == ["high", "low"] and "oracle" in labels
     fig.savefig(tmp_path / "c.png")
     _png(tmp_path / "c.png")

@@ -1,5 +1,7 @@
-"""Problem families (``family.ProblemFamily``): Frozen Lake (the paper's) and Dark Room."""
+"""Problem families (``family.ProblemFamily``): Frozen Lake (the paper's), Dark Room and Bernoulli
+bandits."""
 
+from icrl_lightning.envs.bandit import BernoulliBandit
 from icrl_lightning.envs.dark_room import DarkRoom
 from icrl_lightning.envs.family import ProblemFamily, Task, TaskSplits
 from icrl_lightning.envs.frozen_lake import (
@@ -19,6 +21,7 @@ from icrl_lightning.envs.frozen_lake import (
 
 __all__ = [
     "ACTIONS",
+    "BernoulliBandit",
     "DarkRoom",
     "FrozenLake",
     "MapSplits",

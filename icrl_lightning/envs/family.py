@@ -23,6 +23,12 @@ from icrl_lightning.checks import InputError
 Task = tuple[str, ...]
 
 
+def paper_schedule() -> list[float]:
+    """The evaluation protocol's greedy probability per episode (SPEC): 0.0, 0.1, ..., 0.9 for two
+    episodes each, then 1.0 for 10."""
+    return [round(p / 10, 1) for p in range(10) for _ in range(2)] + [1.0] * 10
+
+
 @dataclass(frozen=True)
 class TaskSplits:
     """Training, held-out (same distribution) and out-of-distribution tasks, disjoint by construction."""
@@ -46,12 +52,16 @@ class ProblemFamily:
     and implements ``settings``, ``splits``, ``make_env``, ``n_observations``,
     ``largest_observations`` and ``optimal_actions``. The evaluation's baselines (uniform random,
     tabular Q-learning from zero and optimistic values, the oracle) and the default behaviour
-    learner (tabular Q-learning) are built from these alone."""
+    learner (tabular Q-learning) are built from these alone. A family may add its own baselines
+    (``baselines`` names them, ``baseline_learner`` builds each), its own default evaluation
+    schedule (``schedule``) and the best expected return of a task (``best_expected_return``: the
+    report then shows each agent's cumulative regret)."""
 
     actions: tuple[str, ...] = ()
     reward_values: tuple[float, ...] = (1.0,)
     max_episode_steps: int = 100
     rewards_per_episode: int | None = 1
+    baselines: tuple[str, ...] = ()
 
     @property
     def n_actions(self) -> int:
@@ -88,6 +98,20 @@ class ProblemFamily:
         """Per observation, the oracle's action: the first optimal one (0 where none is)."""
         best = self.optimal_actions(task)
         return np.where(best.any(axis=1), best.argmax(axis=1), 0)
+
+    def schedule(self) -> list[float]:
+        """The evaluation's default greedy probability per episode of a trial (SPEC's protocol)."""
+        return paper_schedule()
+
+    def best_expected_return(self, task: Task) -> float | None:
+        """The expected return of an optimal episode on ``task`` when the report should show regret
+        against it (bandits); ``None`` (default): no regret."""
+        return None
+
+    def baseline_learner(self, name: str, task: Task, rng: np.random.Generator):
+        """The learner of the family's own baseline ``name`` (one of ``baselines``): an object with
+        ``greedy(obs) -> action`` and ``update(obs, action, reward, next_obs, terminated)``."""
+        raise ValueError(f"baseline {name!r}: the {type(self).__name__} family has none of its own")
 
     def load_task_file(self, path: str, what: str = "data.eval_map_file") -> list[Task]:
         """The user's own evaluation tasks from a file (a family without a file format refuses)."""

@@ -14,7 +14,12 @@ import gymnasium as gym
 import numpy as np
 
 from icrl_lightning.checks import InputError, check_range, read_json_file
-from icrl_lightning.envs.family import ProblemFamily, Task, TaskSplits
+from icrl_lightning.envs.family import (
+    ProblemFamily,
+    Task,
+    TaskSplits,
+    paper_schedule,  # noqa: F401 - imported from here before families
+)
 
 # gymnasium's action indices: 0 left, 1 down, 2 right, 3 up.
 ACTIONS = ("left", "down", "right", "up")
@@ -22,12 +27,6 @@ _MOVES = ((0, -1), (1, 0), (0, 1), (-1, 0))
 TILES = frozenset("SFHG")
 
 Map = Task
-
-
-def paper_schedule() -> list[float]:
-    """The evaluation protocol's greedy probability per episode (SPEC): 0.0, 0.1, ..., 0.9 for two
-    episodes each, then 1.0 for 10."""
-    return [round(p / 10, 1) for p in range(10) for _ in range(2)] + [1.0] * 10
 
 
 def validate_map(rows: Map | list[str], where: str = "map") -> Map:

@@ -20,7 +20,10 @@ STYLE = {  # agent -> (label, colour, line style)
     "random": ("uniform random", "0.45", "--"),
     "q_learning": ("tabular Q-learning", "tab:green", "-."),
     "q_optimistic": ("tabular Q-learning, optimistic start", "tab:olive", "-."),
-    "oracle": ("BFS oracle", "black", ":"),
+    "oracle": ("oracle", "black", ":"),
+    "ucb1": ("UCB1", "tab:purple", "--"),
+    "thompson": ("Thompson sampling", "tab:brown", "--"),
+    "greedy": ("greedy (empirical mean)", "tab:pink", "-."),
 }
 TILE_COLOURS = {"S": "#9ecae1", "F": "#f7fbff", "H": "#252525", "G": "#74c476"}
 
@@ -49,15 +52,20 @@ def _curve(ax, x, summary: dict, label: str, colour: str, style: str, band: bool
 def curve_figure(report: dict, title: str | None = None) -> Figure:
     """Left: mean return per episode index (bands: 95 % interval over maps for the model's two
     agents; the baselines as lines). Right: share of maps that have reached the goal at least
-    once by each episode (the episodes-to-first-success distribution, cumulative)."""
+    once by each episode (the episodes-to-first-success distribution, cumulative), or, when the
+    report has regret (bandits), each agent's cumulative regret per pull."""
     fig = new_figure(11.5, 4.2)
     ax, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.6, 1]})
     n = report["n_episodes"]
     x = np.arange(n)
+    regret = all("cumulative_regret" in s for s in report["agents"].values())
     _shade_greedy(ax, report["schedule"])
     for name, s in report["agents"].items():
         label, colour, style = STYLE.get(name, (name, None, "-"))
         _curve(ax, x, s, label, colour, style, band=name in ("icrl", "no_context"))
+        if regret:
+            ax2.plot(x, s["cumulative_regret"], color=colour, ls=style, label=label)
+            continue
         hist = np.asarray(s["first_success_histogram"], dtype=float)
         ax2.step(x, np.cumsum(hist) / max(report["n_maps"], 1), where="post", color=colour, ls=style, label=label)
     if report.get("phases", 1) > 1:
@@ -66,13 +74,18 @@ def curve_figure(report: dict, title: str | None = None) -> Figure:
                 a.axvline(p * report["phase_length"] - 0.5, color="tab:red", lw=1.2, ls="--")
         ax.text(report["phase_length"] - 0.3, 1.02, "map switch", color="tab:red", fontsize=8, va="bottom")
     unit = "trials" if report.get("scenario") == "stitching" else "maps"
-    ax.set(xlabel="episode", ylabel=f"mean return over {report['n_maps']} {unit}", ylim=(-0.02, 1.08),
+    top = max([1.0] + [max(s["mean_return"], default=0.0) for s in report["agents"].values()])
+    ax.set(xlabel="episode", ylabel=f"mean return over {report['n_maps']} {unit}", ylim=(-0.02 * top, 1.08 * top),
            xlim=(-0.5, n - 0.5))
     ax.set_title(title or f"{report.get('scenario', 'standard')} (greedy episodes shaded)", fontsize=10)
     ax.legend(fontsize=7, loc="upper left")
-    ax2.set(xlabel="episode", ylabel=f"share of {unit} with a success so far", ylim=(-0.02, 1.05),
-            xlim=(-0.5, n - 0.5))
-    ax2.set_title("episodes to first success (cumulative)", fontsize=10)
+    if regret:
+        ax2.set(xlabel="pull (episode)", ylabel="cumulative regret (best mean - reward)", xlim=(-0.5, n - 0.5))
+        ax2.set_title("cumulative regret, mean over tasks", fontsize=10)
+    else:
+        ax2.set(xlabel="episode", ylabel=f"share of {unit} with a success so far", ylim=(-0.02, 1.05),
+                xlim=(-0.5, n - 0.5))
+        ax2.set_title("episodes to first success (cumulative)", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -189,5 +202,7 @@ def save(fig: Figure, path: Path) -> Path:
 def write_figures(report: dict, directory: Path, prefix: str = "") -> list[Path]:
     """``curves.png`` and ``trajectories.png`` (with an optional file-name prefix) in ``directory``."""
     directory = Path(directory)
-    return [save(curve_figure(report), directory / f"{prefix}curves.png"),
-            save(trajectory_figure(report), directory / f"{prefix}trajectories.png")]
+    out = [save(curve_figure(report), directory / f"{prefix}curves.png")]
+    if all(set("".join(m)) <= set(TILE_COLOURS) for m in report["maps"]):  # grid tasks only (not bandits)
+        out.append(save(trajectory_figure(report), directory / f"{prefix}trajectories.png"))
+    return out

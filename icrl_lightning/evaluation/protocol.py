@@ -9,8 +9,8 @@ import numpy as np
 from icrl_lightning.agent import draw_action
 from icrl_lightning.behaviour import TabularQLearner
 from icrl_lightning.checks import InputError, check_choice, check_range
-from icrl_lightning.envs.family import ProblemFamily, Task
-from icrl_lightning.envs.frozen_lake import FrozenLake, load_stitching_file, paper_schedule
+from icrl_lightning.envs.family import ProblemFamily, Task, paper_schedule
+from icrl_lightning.envs.frozen_lake import FrozenLake, load_stitching_file
 from icrl_lightning.episodes import Episode
 
 SCENARIOS = ("standard", "nonstationary", "stitching")
@@ -29,15 +29,18 @@ class EvalProtocol:
             ``stitching``: ``stitching_trials`` trials on ``stitching_map``, each starting from a
             context prefilled with the ``stitching_context`` episodes; the data module's maps
             are not played.
-        schedule: greedy-action probability of each episode of a trial; empty = the paper's
-            (0.0 .. 0.9 two episodes each, then 1.0 for ten: 30 episodes); for ``stitching``
-            empty = one fully greedy episode.
+        schedule: greedy-action probability of each episode of a trial; empty = the problem
+            family's (Frozen Lake and Dark Room: the paper's, 0.0 .. 0.9 two episodes each, then
+            1.0 for ten: 30 episodes; bandits: 100 greedy pulls); for ``stitching`` empty = one
+            fully greedy episode.
         seed: seeds environment resets and exploration draws (the same for every agent).
         max_episode_steps: episode time limit (SPEC: 100).
         max_context: context window of the agent in tokens; 0 = the trained ``seq_len``. A longer
             context drops its oldest whole episodes.
         no_context: also evaluate the same model starting every episode from an empty context.
-        baselines: also run uniform random, tabular Q-learning from scratch and the BFS oracle.
+        baselines: also run uniform random, tabular Q-learning from scratch (zero and optimistic
+            values), the oracle and the problem family's own baselines (bandits: UCB1, Thompson
+            sampling, greedy).
         last_k: the headline metric is the mean return of the last ``last_k`` episodes.
         stitching_file: the ``stitching`` scenario's map and context, a JSON file
             ``{"map": [rows], "context": [[tile, ...], ...]}`` (tile paths, ``row * ncols + col``;
@@ -71,12 +74,13 @@ class EvalProtocol:
             load_stitching_file(self.stitching_file)
         self.greedy_probs()
 
-    def greedy_probs(self) -> list[float]:
-        """The schedule of one phase (a non-stationary trial plays it twice)."""
+    def greedy_probs(self, default: list[float] | None = None) -> list[float]:
+        """The schedule of one phase (a non-stationary trial plays it twice); ``default``: the
+        problem family's (``ProblemFamily.schedule``; the paper's when not given)."""
         if self.schedule:
             probs = list(self.schedule)
         else:
-            probs = [1.0] if self.scenario == "stitching" else paper_schedule()
+            probs = [1.0] if self.scenario == "stitching" else list(default or paper_schedule())
         bad = [p for p in probs if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0]
         if bad:
             raise InputError(f"model.evaluation.schedule: probabilities must lie in [0, 1], got {bad}")
@@ -107,6 +111,8 @@ def run_baseline(
     * ``q_optimistic``: the same with every table entry starting at 1.0 (the largest return):
       untried moves look best, so it explores systematically and does not walk into the same
       hole again. A far stronger tabular yardstick on these small maps.
+    * the family's own (``ProblemFamily.baselines``, e.g. the bandits' ``ucb1``): its learner's
+      choice when greedy, learning from every step; a fresh learner on each phase's task.
     * ``oracle``: the family's optimal action (Frozen Lake: a shortest-path move by BFS on the
       true map) when greedy: the upper bound.
 
@@ -117,11 +123,11 @@ def run_baseline(
     them in context); the other baselines ignore them. ``keys``: map ``i`` draws from
     ``default_rng([seed, keys[i]])`` instead of ``[seed, i]`` (as ``InContextAgent.play``).
     """
-    if name not in BASELINES:
-        raise ValueError(f"baseline {name!r}: choose from {BASELINES}")
+    family = env or FrozenLake()
+    if name not in BASELINES + family.baselines:
+        raise ValueError(f"baseline {name!r}: choose from {BASELINES + family.baselines}")
     if switch_to is not None and len(switch_to) != len(maps):
         raise ValueError(f"switch_to has {len(switch_to)} maps for {len(maps)} maps")
-    family = env or FrozenLake()
     n_actions = family.n_actions
     phases = [maps] if switch_to is None else [maps, switch_to]
     n_eps = len(schedule)
@@ -140,6 +146,8 @@ def run_baseline(
                                        last and e.terminated)
         for phase, phase_maps in enumerate(phases):
             task = phase_maps[i]
+            if name in family.baselines:
+                learner = family.baseline_learner(name, task, rng)
             game = family.make_env(task, max_episode_steps)
             best = family.oracle_actions(task)
             for k, p in enumerate(schedule):
@@ -153,7 +161,7 @@ def run_baseline(
                     else:
                         a = draw_action(rng, p, lambda: learner.greedy(obs), n_actions)
                     nxt, r, term, trunc, _ = game.step(a)
-                    if name in Q_LEARNERS:
+                    if name in Q_LEARNERS or name in family.baselines:
                         learner.update(int(obs), a, float(r), int(nxt), term)
                     obs, total, done = nxt, total + r, term or trunc
                 out[i, phase * n_eps + k] = total

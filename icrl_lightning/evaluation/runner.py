@@ -10,6 +10,7 @@ import numpy as np
 
 from icrl_lightning.agent import InContextAgent
 from icrl_lightning.envs.family import ProblemFamily
+from icrl_lightning.envs.frozen_lake import FrozenLake
 from icrl_lightning.evaluation.protocol import BASELINES, EvalProtocol, run_baseline
 from icrl_lightning.evaluation.report import repeated_failures, summarize, summarize_phases
 from icrl_lightning.evaluation.scenarios import context_tokens, make_plan
@@ -31,7 +32,7 @@ class Evaluator:
     def run(self, agent: InContextAgent, batch: list[tuple[int, tuple[str, ...]]]) -> dict:
         """Returns of every agent on this batch of ``(index, rows)`` maps."""
         p = self.protocol
-        plan = make_plan(p, batch)
+        plan = make_plan(p, batch, self._family().schedule())
         prefill = context_tokens(agent.s, plan.context) if plan.context else None
         timings: dict = {}
         started = time.perf_counter()
@@ -50,7 +51,7 @@ class Evaluator:
             timings["no_context_s"] = time.perf_counter() - started
         if p.baselines:
             started = time.perf_counter()
-            for name in BASELINES:
+            for name in self.baseline_names:
                 key = (name, tuple(plan.maps), tuple(plan.index), tuple(plan.switch_to or ()), repr(plan.context),
                        tuple(plan.schedule), p.seed, p.max_episode_steps)
                 if key not in self._baseline_cache:
@@ -62,6 +63,14 @@ class Evaluator:
         out["plan"] = plan
         return out
 
+    def _family(self) -> ProblemFamily:
+        return self.env or FrozenLake()
+
+    @property
+    def baseline_names(self) -> tuple[str, ...]:
+        """The protocol's baselines and the problem family's own."""
+        return BASELINES + self._family().baselines
+
     def finish(self, outputs: list[dict], global_step: int) -> tuple[dict[str, float], dict]:
         """(metrics to log, report) over the outputs of ``run`` from every rank."""
         index = np.concatenate([o["index"] for o in outputs])
@@ -71,7 +80,7 @@ class Evaluator:
         plan = outputs[0]["plan"]
         phase_schedule = plan.schedule
         schedule = phase_schedule * plan.phases
-        agents = [a for a in ("icrl", "no_context", *BASELINES) if a in outputs[0]]
+        agents = [a for a in ("icrl", "no_context", *self.baseline_names) if a in outputs[0]]
         returns = {a: np.concatenate([o[a] for o in outputs])[order] for a in agents}
         k = p.last_k
         summaries = {}
@@ -79,11 +88,21 @@ class Evaluator:
             summaries[a] = summarize(r, schedule, k)
             if plan.phases > 1:
                 summaries[a]["phases"] = summarize_phases(r, phase_schedule, plan.phases, k)
+        maps_played = [m for o in outputs for m in o["maps"]]
+        best = [self._family().best_expected_return(maps_played[i]) for i in order]
+        if all(b is not None for b in best):
+            # Regret per pull: the best arm's mean minus the reward (common random numbers: every
+            # agent's reward draws come from the same seeds), summed over a trial, mean over tasks.
+            for a, r in returns.items():
+                regret = np.cumsum(np.asarray(best)[:, None] - r, axis=1).mean(axis=0)
+                summaries[a]["cumulative_regret"] = regret.round(4).tolist()
+                summaries[a]["regret"] = float(regret[-1])
         icrl = summaries["icrl"]
         metrics = {f"val_curve/return_ep{e:02d}": v for e, v in enumerate(icrl["mean_return"])}
         metrics.update({f"val/{a}_last{k}": s[f"last{k}"] for a, s in summaries.items()})
         metrics.update({f"val/{a}_goal_found_before_greedy": s["goal_found_before_greedy"]
                         for a, s in summaries.items()})
+        metrics.update({f"val/{a}_regret": s["regret"] for a, s in summaries.items() if "regret" in s})
         if plan.phases > 1:
             metrics.update({f"val/{a}_map_a_last{k}": s["phases"][0][f"last{k}"] for a, s in summaries.items()})
         if "no_context" in summaries:

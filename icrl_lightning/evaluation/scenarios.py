@@ -45,9 +45,11 @@ def context_tokens(serializer: Serializer, episodes: list[Episode]) -> list[list
     return [serializer.encode(e).ids.tolist() for e in episodes]
 
 
-def make_plan(protocol: EvalProtocol, batch: list[tuple[int, Map]]) -> Plan:
-    """The plan of ``protocol.scenario`` for a batch of ``(index, rows)`` evaluation maps."""
-    schedule = protocol.greedy_probs()
+def make_plan(protocol: EvalProtocol, batch: list[tuple[int, Map]],
+              default_schedule: list[float] | None = None) -> Plan:
+    """The plan of ``protocol.scenario`` for a batch of ``(index, rows)`` evaluation maps;
+    ``default_schedule``: the problem family's (the paper's when not given)."""
+    schedule = protocol.greedy_probs(default_schedule)
     index = [int(i) for i, _ in batch]
     maps = [tuple(m) for _, m in batch]
     if protocol.scenario == "standard":

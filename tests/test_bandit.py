@@ -1,0 +1,115 @@
+"""The Bernoulli bandit family: splits, the environment, the oracle, the baselines' regret, the
+serialization of a pull, and a fit + validate through the CLI with regret in the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+from icrl_lightning.backbones import build_tokenizer
+from icrl_lightning.checks import InputError
+from icrl_lightning.cli import main
+from icrl_lightning.envs import BernoulliBandit, ProblemFamily
+from icrl_lightning.envs.bandit import ENV_ID, arm_means
+from icrl_lightning.episodes import Episode
+from icrl_lightning.evaluation import run_baseline
+from icrl_lightning.serialize import Serializer
+
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "conf/experiment/bandit_quickstart.yaml"
+
+
+def test_splits_are_disjoint_and_deterministic():
+    fam = BernoulliBandit()
+    s = fam.splits(seed=0, n_train=300)
+    assert isinstance(fam, ProblemFamily) and fam.actions == ("A", "B", "C", "D", "E")
+    assert len(s.train) == 300 and len(s.heldout) == 200 and len(s.ood) == 200
+    assert not set(s.train) & (set(s.heldout) | set(s.ood)) and not set(s.heldout) & set(s.ood)
+    assert all(len(t) == 5 for t in s.train + s.heldout + s.ood)
+    assert all(0.4 <= m <= 0.6 for t in s.ood for m in arm_means(t))
+    assert fam.splits(seed=0, n_train=300) == s
+    assert fam.splits(seed=3, n_train=10, split_seed=0).heldout == s.heldout
+    with pytest.raises(InputError, match="arm means"):
+        arm_means(("0.5", "x"))
+
+
+def test_a_pull_is_one_bernoulli_episode():
+    task = ("0.100", "0.900")
+    env = gym.make(ENV_ID, task=task)
+    rewards = []
+    for k in range(2000):
+        obs, _ = env.reset(seed=k)
+        obs2, r, terminated, truncated, _ = env.step(1)
+        assert obs == obs2 == 0 and terminated and not truncated
+        rewards.append(r)
+    assert set(rewards) == {0.0, 1.0} and abs(np.mean(rewards) - 0.9) < 0.03
+
+
+def test_oracle_pulls_the_best_arm():
+    fam = BernoulliBandit(arms=3)
+    task = ("0.200", "0.700", "0.400")
+    assert fam.oracle_actions(task).tolist() == [1] and fam.best_expected_return(task) == 0.7
+    out = run_baseline("oracle", [task] * 20, [1.0] * 200, seed=0, env=fam)
+    assert abs(out.mean() - 0.7) < 0.02
+
+
+def test_bandit_baselines_behave_as_their_theory_says():
+    fam = BernoulliBandit()
+    task = ("0.300", "0.500", "0.450", "0.700", "0.650")
+    best = 0.7
+    n = 1000
+
+    def regret(name: str) -> np.ndarray:
+        returns = run_baseline(name, [task] * 30, [1.0] * n, seed=2, env=fam)
+        return np.cumsum(best - returns, axis=1).mean(axis=0)
+
+    thompson, ucb, rnd = regret("thompson"), regret("ucb1"), regret("random")
+    # Thompson sampling's regret grows sublinearly: the second half of the run adds far less than
+    # the first; random pulls lose about (0.7 - mean of the means) = 0.18 per pull, linearly.
+    assert thompson[-1] - thompson[n // 2] < 0.5 * thompson[n // 2]
+    assert abs(rnd[-1] / n - (best - 0.52)) < 0.03
+    assert thompson[-1] < 0.3 * rnd[-1] and ucb[-1] < 0.6 * rnd[-1]
+    greedy = regret("greedy")
+    assert greedy[-1] < rnd[-1]
+    with pytest.raises(ValueError, match="choose from"):
+        run_baseline("lin_ucb", [task], [1.0], seed=0, env=fam)
+
+
+def test_serialization_of_a_known_pull():
+    fam = BernoulliBandit()
+    tok = build_tokenizer("compact", max_tiles=1, actions=fam.actions)
+    s = Serializer(tok, "compact", 1, fam.actions)
+    won, lost = s.encode(Episode([0, 0], [2], [1.0], True)), s.encode(Episode([0, 0], [4], [0.0], True))
+    assert tok.convert_ids_to_tokens(won.ids.tolist()) == ["<ep>", "o0", "C", "o0", "r1.0", "</ep>"]
+    assert tok.convert_ids_to_tokens(lost.ids.tolist()) == ["<ep>", "o0", "E", "o0", "</ep>"]
+    assert won.q_pos.tolist() == [1] and won.actions.tolist() == [2]
+
+
+def test_fit_then_validate_through_the_cli(tmp_path):
+    args = ["-c", str(CONFIG), "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
+            "--trainer.max_steps", "3", "--trainer.default_root_dir", str(tmp_path / "root"),
+            "--data.num_train_maps", "6", "--data.episodes_per_map", "40", "--data.behaviour.history", "20",
+            "--data.set_size_min", "20", "--data.set_size_max", "20", "--data.seq_len", "256",
+            "--data.batch_size", "2", "--data.eval_maps", "3", "--data.data_dir", str(tmp_path / "data"),
+            "--model.backbone.hidden_size", "32", "--model.backbone.num_layers", "1",
+            "--model.backbone.num_heads", "2", "--model.backbone.intermediate_size", "64"]
+    fit = main(["fit", *args])
+    assert isinstance(fit.model.env, BernoulliBandit) and fit.model.action_ids.numel() == 5
+    (report_path,) = (tmp_path / "logs").rglob("report.json")
+    report = json.loads(report_path.read_text())
+    assert report["n_episodes"] == 100 and report["schedule"] == [1.0] * 100
+    agents = {"icrl", "no_context", "random", "q_learning", "q_optimistic", "oracle", "ucb1", "thompson", "greedy"}
+    assert set(report["agents"]) == agents
+    for name, s in report["agents"].items():
+        assert len(s["cumulative_regret"]) == 100, name
+    assert report["agents"]["oracle"]["regret"] < report["agents"]["random"]["regret"]
+    assert (report_path.parent / "curves.png").is_file() and not (report_path.parent / "trajectories.png").exists()
+    ckpt = next((tmp_path / "logs").rglob("last.ckpt"))
+    val = main(["validate", *args, "--data.eval_split", "ood", "--ckpt_path", str(ckpt)])
+    assert all(0.4 <= m <= 0.6 for t in val.datamodule.eval_maps for m in arm_means(t))
