@@ -201,11 +201,11 @@ def main(args: list[str] | None = None) -> ICRLCLI:
 
 
 def _input_error(err: BaseException | None) -> InputError | None:
-    """The ``InputError`` that caused ``err`` (through ``__cause__`` / ``__context__``), if any."""
+    """The ``InputError`` that ``err`` was raised from (its ``__cause__`` chain), if any."""
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, InputError):
             return err
         seen.add(id(err))
-        err = err.__cause__ or err.__context__
+        err = err.__cause__
     return None

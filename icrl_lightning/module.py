@@ -104,6 +104,7 @@ class ICRLModule(L.LightningModule):
         self.backbone_spec = CausalLM(**pretrained) if pretrained else TinyLlama(**(backbone or {}))
         self.protocol = evaluation or EvalProtocol()
         self.protocol.check()
+        self.protocol = self.protocol.for_family(self.env)
         if self.protocol.scenario == "stitching" and not isinstance(self.env, FrozenLake):
             raise InputError(f"model.evaluation.scenario=stitching plays a Frozen Lake map; data.env is "
                              f"{type(self.env).__name__}")

@@ -358,6 +358,12 @@ def report_metrics(report: dict) -> dict[str, float]:
     out: dict[str, float] = {}
     for agent, s in agents.items():
         out[f"{agent}/last{k}"] = s[f"last{k}"]
+        if s.get("regret") is not None:  # bandits: cumulative regret over the trial
+            out[f"{agent}/regret"] = s["regret"]
+        if agent in ("icrl", "no_context") and s.get("per_map"):
+            # Issue 19's measure: the mean return of a trial's last quarter of episodes.
+            per_map = np.asarray(s["per_map"], dtype=float)
+            out[f"{agent}/last_quarter"] = float(per_map[:, -max(1, per_map.shape[1] // 4):].mean())
     icrl = agents["icrl"]
     for key in ("first_episodes", "goal_found_before_greedy", "greedy_return_if_found", "greedy_after_failure",
                 "greedy_after_success", "greedy_repeats_failure", "never_succeeded"):
@@ -415,7 +421,8 @@ def _by_setting(jobs: list[Job]) -> dict[str, list[Job]]:
 
 
 TABLE_METRICS = ("icrl/last10", "no_context/last10", "icrl/context_ratio", "icrl/greedy_return_if_found",
-                 "icrl/greedy_after_failure", "icrl/successes", "icrl/map_B_last10", "q_learning/last10")
+                 "icrl/greedy_after_failure", "icrl/successes", "icrl/map_B_last10", "q_learning/last10",
+                 "icrl/regret", "no_context/regret", "greedy/regret", "ucb1/regret", "thompson/regret")
 
 
 def markdown_table(summary: dict) -> str:

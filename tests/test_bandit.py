@@ -51,6 +51,15 @@ def test_a_pull_is_one_bernoulli_episode():
     assert set(rewards) == {0.0, 1.0} and abs(np.mean(rewards) - 0.9) < 0.03
 
 
+def test_behaviour_pulls_are_terminated_not_truncated():
+    """As the agent writes them (a pull ends the episode; no time-limit marker in training data)."""
+    from icrl_lightning.behaviour import QLearning
+
+    fam = BernoulliBandit()
+    eps = QLearning(q_init=1.0, history=10).run(fam, fam.splits(0, 1).train[0], 0, 20, [0])
+    assert all(e.terminated and not e.truncated and len(e.actions) == 1 for e in eps)
+
+
 def test_oracle_pulls_the_best_arm():
     fam = BernoulliBandit(arms=3)
     task = ("0.200", "0.700", "0.400")

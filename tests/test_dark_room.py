@@ -144,7 +144,7 @@ def test_fit_then_validate_through_the_cli(tmp_path):
     assert set(report["agents"]) == {"icrl", "no_context", "random", "q_learning", "q_optimistic", "oracle"}
     ckpt = next((tmp_path / "logs").rglob("last.ckpt"))
     loaded = ICRLModule.load_from_checkpoint(str(ckpt), weights_only=True)
-    assert isinstance(loaded.env, DarkRoom) and loaded.env.max_episode_steps == 20
+    assert isinstance(loaded.env, DarkRoom) and loaded.env.max_episode_steps == 20 == loaded.protocol.max_episode_steps
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, fit.model.state_dict()[k]), k
     val = main(["validate", *_tiny(tmp_path), "--data.eval_split", "ood", "--ckpt_path", str(ckpt)])
@@ -164,6 +164,14 @@ def test_bad_dark_room_settings_fail_in_one_line(tmp_path, capsys):
             main(["validate", *_tiny(tmp_path), *extra])
         err = capsys.readouterr().err
         assert message in err, (extra, err)
+
+
+def test_choosing_the_class_on_the_command_line_keeps_its_own_defaults(print_config):
+    """jsonargparse carries init arguments of the same name over when the class changes; Dark Room
+    names its horizon apart from Frozen Lake's ``max_episode_steps``, so it keeps its 20."""
+    cfg = print_config(["fit", "-c", str(REPO / "conf/experiment/quickstart.yaml"),
+                        "--data.env=icrl_lightning.envs.DarkRoom", "--print_config"])
+    assert cfg["data"]["env"]["init_args"] == {"size": 9, "train_goals": 65, "ood_size": 11, "horizon": 20}
 
 
 def test_frozen_lake_is_a_problem_family():

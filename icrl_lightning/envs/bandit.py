@@ -159,7 +159,8 @@ class BernoulliBandit(ProblemFamily):
         return TaskSplits(train=train, heldout=heldout, ood=ood)
 
     def make_env(self, task: Task, max_episode_steps: int | None = None) -> gym.Env:
-        return gym.make(ENV_ID, task=tuple(task), max_episode_steps=1)
+        # No time limit wrapper: a pull ends the episode by itself (terminated, never truncated).
+        return gym.make(ENV_ID, task=tuple(task))
 
     def n_observations(self, task: Task) -> int:
         return 1

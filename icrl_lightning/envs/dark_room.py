@@ -84,25 +84,30 @@ class DarkRoom(ProblemFamily):
             are the held-out tasks (AD-eps: 65 of 81, so 16 held out).
         ood_size: side of the out-of-distribution room (every one of its goal cells is an OOD task;
             tile ids run up to ``ood_size ** 2 - 1``, so ``model.backbone.max_tiles`` must cover them).
-        max_episode_steps: the horizon (AD-eps: 20); episodes never end earlier.
+        horizon: every episode's length (AD-eps: 20); episodes never end earlier. (Named apart
+            from Frozen Lake's ``max_episode_steps``, so that choosing this class on the command
+            line does not carry Frozen Lake's value over.)
     """
 
     actions = ACTIONS
     reward_values = (1.0,)
     rewards_per_episode = None  # every step on the goal is rewarded
 
-    def __init__(self, size: int = 9, train_goals: int = 65, ood_size: int = 11, max_episode_steps: int = 20):
+    def __init__(self, size: int = 9, train_goals: int = 65, ood_size: int = 11, horizon: int = 20):
         check_range("data.env.size", size, 2, None, why="a room is at least 2 x 2 cells")
         check_range("data.env.train_goals", train_goals, 1, size * size - 1,
                     why=f"the {size} x {size} room has {size * size} goal cells and at least one is held out")
         check_range("data.env.ood_size", ood_size, size + 1, None, why="larger than data.env.size")
-        check_range("data.env.max_episode_steps", max_episode_steps, 1, None)
-        self.size, self.train_goals, self.ood_size = size, train_goals, ood_size
-        self.max_episode_steps = max_episode_steps
+        check_range("data.env.horizon", horizon, 1, None)
+        self.size, self.train_goals, self.ood_size, self.horizon = size, train_goals, ood_size, horizon
+
+    @property
+    def max_episode_steps(self) -> int:
+        return self.horizon
 
     def settings(self) -> dict:
         return {"family": "dark_room", "size": self.size, "train_goals": self.train_goals,
-                "ood_size": self.ood_size, "max_episode_steps": self.max_episode_steps}
+                "ood_size": self.ood_size, "horizon": self.horizon}
 
     def splits(self, seed: int, n_train: int, split_seed: int | None = None) -> TaskSplits:
         """The room's goal cells permuted by ``split_seed`` (default ``seed``): the first

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +35,8 @@ class EvalProtocol:
             1.0 for ten: 30 episodes; bandits: 100 greedy pulls); for ``stitching`` empty = one
             fully greedy episode.
         seed: seeds environment resets and exploration draws (the same for every agent).
-        max_episode_steps: episode time limit (SPEC: 100).
+        max_episode_steps: episode time limit; 0 (default) = the problem family's (Frozen Lake:
+            SPEC's 100; Dark Room: its horizon; bandits: one pull).
         max_context: context window of the agent in tokens; 0 = the trained ``seq_len``. A longer
             context drops its oldest whole episodes.
         no_context: also evaluate the same model starting every episode from an empty context.
@@ -53,7 +55,7 @@ class EvalProtocol:
     scenario: str = "standard"
     schedule: list[float] | None = None
     seed: int = 1234
-    max_episode_steps: int = 100
+    max_episode_steps: int = 0
     max_context: int = 0
     no_context: bool = True
     baselines: bool = True
@@ -66,13 +68,20 @@ class EvalProtocol:
         check_range("model.evaluation.stitching_trials", self.stitching_trials, 1, None)
         check_range("model.evaluation.last_k", self.last_k, 1, None)
         check_range("model.evaluation.max_context", self.max_context, 0, None)
-        check_range("model.evaluation.max_episode_steps", self.max_episode_steps, 1, None)
+        check_range("model.evaluation.max_episode_steps", self.max_episode_steps, 0, None,
+                    why="0 = the problem family's time limit")
         if self.scenario == "stitching":
             if not self.stitching_file:
                 raise InputError("model.evaluation.scenario=stitching needs model.evaluation.stitching_file "
                                  "(data/stitching.json holds the paper's map and context)")
             load_stitching_file(self.stitching_file)
         self.greedy_probs()
+
+    def for_family(self, env: ProblemFamily) -> EvalProtocol:
+        """This protocol with ``max_episode_steps`` 0 resolved to ``env``'s time limit."""
+        if self.max_episode_steps:
+            return self
+        return dataclasses.replace(self, max_episode_steps=env.max_episode_steps)
 
     def greedy_probs(self, default: list[float] | None = None) -> list[float]:
         """The schedule of one phase (a non-stationary trial plays it twice); ``default``: the

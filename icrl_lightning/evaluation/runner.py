@@ -26,7 +26,7 @@ class Evaluator:
     """
 
     def __init__(self, protocol: EvalProtocol, env: ProblemFamily | None = None):
-        self.protocol, self.env = protocol, env
+        self.protocol, self.env = protocol.for_family(env or FrozenLake()), env
         self._baseline_cache: dict = {}
 
     def run(self, agent: InContextAgent, batch: list[tuple[int, tuple[str, ...]]]) -> dict:
@@ -88,13 +88,18 @@ class Evaluator:
             summaries[a] = summarize(r, schedule, k)
             if plan.phases > 1:
                 summaries[a]["phases"] = summarize_phases(r, phase_schedule, plan.phases, k)
-        maps_played = [m for o in outputs for m in o["maps"]]
-        best = [self._family().best_expected_return(maps_played[i]) for i in order]
-        if all(b is not None for b in best):
-            # Regret per pull: the best arm's mean minus the reward (common random numbers: every
-            # agent's reward draws come from the same seeds), summed over a trial, mean over tasks.
+        family = self._family()
+        phase_maps = [[m for o in outputs for m in o["maps"]]]
+        if plan.phases > 1:
+            phase_maps.append([m for o in outputs for m in o["switch_to"]])
+        best = [[family.best_expected_return(maps[i]) for i in order] for maps in phase_maps]
+        if all(b is not None for phase in best for b in phase):
+            # Regret per pull: the best arm's mean (of the task played in that phase) minus the
+            # reward, summed over a trial, mean over tasks (common random numbers: every agent's
+            # reward draws come from the same seeds).
+            optimum = np.repeat(np.asarray(best).T, len(phase_schedule), axis=1)
             for a, r in returns.items():
-                regret = np.cumsum(np.asarray(best)[:, None] - r, axis=1).mean(axis=0)
+                regret = np.cumsum(optimum - r, axis=1).mean(axis=0)
                 summaries[a]["cumulative_regret"] = regret.round(4).tolist()
                 summaries[a]["regret"] = float(regret[-1])
         icrl = summaries["icrl"]
