@@ -40,7 +40,7 @@ def test_protocol_schedule():
     bad = EvalProtocol(schedule=[0.5, 1.5])  # constructing is fine: check() refuses it
     with pytest.raises(InputError, match="model.evaluation.schedule"):
         bad.check()
-    for key, value in (("last_k", 0), ("max_context", -1), ("max_episode_steps", 0)):
+    for key, value in (("last_k", 0), ("max_context", -1), ("max_episode_steps", -1)):
         with pytest.raises(InputError, match=f"model.evaluation.{key}"):
             EvalProtocol(**{key: value}).check()
 

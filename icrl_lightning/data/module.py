@@ -152,7 +152,8 @@ class ReplayDataModule(L.LightningDataModule):
             raise InputError(f"data.env: the {type(self.env).__name__} family's actions {list(self.env.actions)} are "
                              f"not the model's {list(serializer.actions)} (model.env is linked to data.env)")
         if biggest > serializer.max_tiles:
-            raise InputError(f"{key}: tasks of {biggest} tiles, but the model's tokenizer writes at most "
+            noun = "maps" if isinstance(self.env, FrozenLake) else "tasks"
+            raise InputError(f"{key}: {noun} of {biggest} tiles, but the model's tokenizer writes at most "
                              f"{serializer.max_tiles} tiles: raise model.backbone.max_tiles to {biggest}")
         need = self.longest_episode_tokens()
         check_range("data.seq_len", h.seq_len, need, None,
