@@ -122,3 +122,12 @@ def test_fit_then_validate_through_the_cli(tmp_path):
     ckpt = next((tmp_path / "logs").rglob("last.ckpt"))
     val = main(["validate", *args, "--data.eval_split", "ood", "--ckpt_path", str(ckpt)])
     assert all(0.4 <= m <= 0.6 for t in val.datamodule.eval_maps for m in arm_means(t))
+    # Non-stationary: task B after 100 pulls; the regret of the second phase is against B's best arm.
+    ns = main(["validate", *args, "--model.evaluation.scenario", "nonstationary", "--ckpt_path", str(ckpt)])
+    rep = ns.model.eval_report
+    assert rep["n_episodes"] == 200 and len(rep["agents"]["oracle"]["cumulative_regret"]) == 200
+    maps, switch = rep["maps"], rep["switch_to"]
+    best = np.array([[max(map(float, a)), max(map(float, b))] for a, b in zip(maps, switch, strict=True)])
+    oracle = np.asarray(rep["agents"]["oracle"]["per_map"])
+    want = np.cumsum(np.repeat(best, 100, axis=1) - oracle, axis=1).mean(axis=0)
+    assert np.allclose(rep["agents"]["oracle"]["cumulative_regret"], want.round(4), atol=1e-4)
