@@ -375,8 +375,8 @@ def report_metrics(report: dict) -> dict[str, float]:
     for agent, s in agents.items():
         for p, phase in enumerate(s.get("phases") or []):
             out[f"{agent}/map_{'AB'[p]}_last{k}"] = phase[f"last{k}"]
-    if "no_context" in agents:
-        out["icrl/context_ratio"] = icrl[f"last{k}"] / max(agents["no_context"][f"last{k}"], 1e-9)
+    if "no_context" in agents and agents["no_context"][f"last{k}"] > 0:  # undefined when it never scores
+        out["icrl/context_ratio"] = icrl[f"last{k}"] / agents["no_context"][f"last{k}"]
     return out
 
 
