@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 import warnings
@@ -47,6 +48,7 @@ class ICRLCLI(LightningCLI):
         ckpt = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
         if ckpt and ckpt != "last":
             check_checkpoint(ckpt)
+            check_family(ckpt, self.config[self.config.subcommand].get("data", {}).get("env"))
         super()._parse_ckpt_path()
 
     def instantiate_classes(self) -> None:
@@ -108,6 +110,29 @@ def check_checkpoint(path: str, what: str = "--ckpt_path") -> None:
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise InputError(f"{what}: {path} is not a checkpoint written by icrl_lightning's fit "
                          "(no state_dict / hyper_parameters)")
+
+
+def _class_of(path: str):
+    module, _, name = str(path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return path
+
+
+def check_family(ckpt: str, env) -> None:
+    """Raise ``InputError`` when the checkpoint was trained on another problem family than the
+    configuration's ``data.env`` (a checkpoint of before families is Frozen Lake's)."""
+    saved = torch.load(str(ckpt), map_location="cpu", weights_only=True, mmap=True)
+    trained = (saved.get("hyper_parameters") or {}).get("env") or {}
+    trained_path = trained.get("class_path", "icrl_lightning.envs.frozen_lake.FrozenLake")
+    given = getattr(env, "class_path", None) or (env.get("class_path") if isinstance(env, dict) else None)
+    if given is None:
+        return
+    if _class_of(trained_path) is not _class_of(given):
+        raise InputError(f"--ckpt_path: {ckpt} was trained on {trained_path.rpartition('.')[2]} "
+                         f"(model.env), but data.env is {given.rpartition('.')[2]}: give the configuration "
+                         "it was trained with (-c ...)")
 
 
 def last_checkpoint(trainer: L.Trainer) -> Path | None:

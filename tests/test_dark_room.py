@@ -132,7 +132,7 @@ def _tiny(tmp: Path) -> list[str]:
             "--model.backbone.num_heads", "2", "--model.backbone.intermediate_size", "64"]
 
 
-def test_fit_then_validate_through_the_cli(tmp_path):
+def test_fit_then_validate_through_the_cli(tmp_path, capsys):
     fit = main(["fit", *_tiny(tmp_path)])
     assert isinstance(fit.model.env, DarkRoom) and isinstance(fit.datamodule.env, DarkRoom)
     assert fit.model.action_ids.numel() == 5
@@ -149,6 +149,12 @@ def test_fit_then_validate_through_the_cli(tmp_path):
         assert torch.equal(v, fit.model.state_dict()[k]), k
     val = main(["validate", *_tiny(tmp_path), "--data.eval_split", "ood", "--ckpt_path", str(ckpt)])
     assert all(len(m) == 11 for m in val.datamodule.eval_maps)
+    # Validated with Frozen Lake's configuration: one line naming both families.
+    frozen = [str(REPO / "conf/experiment/quickstart.yaml") if a == str(CONFIG) else a for a in _tiny(tmp_path)]
+    with pytest.raises(SystemExit):
+        main(["validate", *frozen, "--ckpt_path", str(ckpt)])
+    err = capsys.readouterr().err
+    assert "was trained on DarkRoom (model.env), but data.env is FrozenLake" in err, err
 
 
 def test_bad_dark_room_settings_fail_in_one_line(tmp_path, capsys):
