@@ -248,12 +248,7 @@ class InContextAgent:
                              f"raise it to at least {2 * longest}")
 
     def _longest_episode_tokens(self) -> int:
-        s, n = self.s, self.max_episode_steps
-        step = max(len(s.after_action(a, o, 0.0, False, False)) for a in range(self.n_actions)
-                   for o in (0, s.max_tiles - 1))
-        rewarded = min(n, self.env.rewards_per_episode or n)
-        return (len(s.begin(s.max_tiles - 1)) + n * step + rewarded * max(map(len, map(s.reward, s.reward_values)))
-                + len(s.ending(True)))
+        return self.s.longest_episode_tokens(self.max_episode_steps, self.s.max_tiles, self.env.rewards_per_episode)
 
     def _step_tokens(self) -> int:
         """Tokens of an ordinary step (action, next observation, next action header)."""

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from icrl_lightning.cli import check_checkpoint
 from icrl_lightning.data import ReplayDataModule
 from icrl_lightning.envs.frozen_lake import Map
@@ -25,8 +23,7 @@ def load_module(ckpt_path: str | Path, map_location: str = "cpu", what: str = "c
 
 def data_settings(ckpt_path: str | Path, what: str = "checkpoint") -> dict:
     """The checkpoint's ``ReplayDataModule`` arguments."""
-    check_checkpoint(str(ckpt_path), what)
-    saved = torch.load(str(ckpt_path), map_location="cpu", weights_only=True, mmap=True)
+    saved = check_checkpoint(str(ckpt_path), what)
     return {k: v for k, v in saved.get("datamodule_hyper_parameters", {}).items() if not k.startswith("_")}
 
 

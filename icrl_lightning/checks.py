@@ -95,6 +95,15 @@ def object_config(obj) -> dict:
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": {n: getattr(obj, n) for n in names}}
 
 
+def import_class(path: str, key: str) -> type:
+    """The class named by a dotted ``path`` (``InputError`` naming ``key`` when it cannot be imported)."""
+    module, _, name = str(path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise InputError(f"{key}: class {path!r} cannot be imported") from None
+
+
 def config_object(value, base: type, key: str):
     """``value`` itself (a jsonargparse lazy default becomes a real instance of its own), or the
     object a ``{"class_path", "init_args"}`` spec describes (as saved in a checkpoint's data
@@ -103,12 +112,7 @@ def config_object(value, base: type, key: str):
     if lazy_cls is not None:
         value = lazy_cls(**getattr(value, "_lazy_kwargs", {}))
     if isinstance(value, dict) and "class_path" in value:
-        module, _, name = value["class_path"].rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError, ValueError):
-            raise InputError(f"{key}: class {value['class_path']!r} cannot be imported") from None
-        value = cls(**value.get("init_args", {}))
+        value = import_class(value["class_path"], key)(**value.get("init_args", {}))
     if not isinstance(value, base):
         raise InputError(f"{key}: expected a {base.__name__}, got {type(value).__name__}")
     return value

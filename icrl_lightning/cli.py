@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 import warnings
@@ -15,7 +14,7 @@ from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from icrl_lightning.checks import InputError, MissingInputFile, read_input_file
+from icrl_lightning.checks import InputError, MissingInputFile, import_class, read_input_file
 from icrl_lightning.data import ReplayDataModule
 from icrl_lightning.module import ICRLModule
 
@@ -47,8 +46,8 @@ class ICRLCLI(LightningCLI):
         # Lightning reads the checkpoint's hyper-parameters here, first of all: check the file before.
         ckpt = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
         if ckpt and ckpt != "last":
-            check_checkpoint(ckpt)
-            check_family(ckpt, self.config[self.config.subcommand].get("data", {}).get("env"))
+            saved = check_checkpoint(ckpt)
+            check_family(ckpt, saved, self.config[self.config.subcommand].get("data", {}).get("env"))
         super()._parse_ckpt_path()
 
     def instantiate_classes(self) -> None:
@@ -81,10 +80,10 @@ class ICRLCLI(LightningCLI):
                   "its report says so", file=sys.stderr)
 
 
-def check_checkpoint(path: str, what: str = "--ckpt_path") -> None:
+def check_checkpoint(path: str, what: str = "--ckpt_path") -> dict:
     """Raise ``InputError`` in one line naming ``what`` unless ``path`` is a readable Lightning
     checkpoint of plain tensors and values (it is loaded with ``weights_only=True``: no pickled
-    objects)."""
+    objects); returns it as loaded (memory-mapped)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise MissingInputFile(f"{what}: {path} does not exist")
@@ -110,26 +109,19 @@ def check_checkpoint(path: str, what: str = "--ckpt_path") -> None:
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise InputError(f"{what}: {path} is not a checkpoint written by icrl_lightning's fit "
                          "(no state_dict / hyper_parameters)")
+    return ckpt
 
 
-def _class_of(path: str):
-    module, _, name = str(path).rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return path
-
-
-def check_family(ckpt: str, env) -> None:
-    """Raise ``InputError`` when the checkpoint was trained on another problem family than the
-    configuration's ``data.env`` (a checkpoint of before families is Frozen Lake's)."""
-    saved = torch.load(str(ckpt), map_location="cpu", weights_only=True, mmap=True)
+def check_family(ckpt: str, saved: dict, env) -> None:
+    """Raise ``InputError`` when the checkpoint (``saved``: as ``check_checkpoint`` read it) was
+    trained on another problem family than the configuration's ``data.env`` (a checkpoint of
+    before families is Frozen Lake's)."""
     trained = (saved.get("hyper_parameters") or {}).get("env") or {}
     trained_path = trained.get("class_path", "icrl_lightning.envs.frozen_lake.FrozenLake")
     given = getattr(env, "class_path", None) or (env.get("class_path") if isinstance(env, dict) else None)
     if given is None:
         return
-    if _class_of(trained_path) is not _class_of(given):
+    if import_class(trained_path, "--ckpt_path model.env") is not import_class(given, "data.env"):
         raise InputError(f"--ckpt_path: {ckpt} was trained on {trained_path.rpartition('.')[2]} "
                          f"(model.env), but data.env is {given.rpartition('.')[2]}: give the configuration "
                          "it was trained with (-c ...)")

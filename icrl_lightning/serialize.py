@@ -244,6 +244,21 @@ class Serializer:
         ids = self._role("edit", self.fmt.truncation) if truncated else ()
         return ids + self.piece(self.fmt.episode_end)
 
+    def longest_episode_tokens(self, steps: int, max_obs: int, rewards_per_episode: int | None = 1) -> int:
+        """Tokens of the longest episode of ``steps`` steps on observations below ``max_obs``
+        (and ``max_tiles``): every step on the largest observation, the family's most nonzero
+        rewards (``None``: one per step) at its end, and a termination or a truncation marker,
+        whichever is longer."""
+        tile = min(max_obs, self.max_tiles) - 1
+        rewarded = min(steps, rewards_per_episode or steps)
+        longest = 0
+        for r in (0.0, *self.reward_values):
+            rewards = [0.0] * steps if r == 0.0 else [0.0] * (steps - rewarded) + [r] * rewarded
+            for trunc in (False, True):
+                episode = Episode([tile] * (steps + 1), [0] * steps, rewards, not trunc, trunc)
+                longest = max(longest, len(self.encode(episode)))
+        return longest
+
     # --- the two pieces ---------------------------------------------------------------------
     def begin(self, obs0: int) -> list[int]:
         return [*self.piece(self.fmt.episode_start), *self.observation(obs0), *self.action_header]

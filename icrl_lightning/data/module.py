@@ -53,8 +53,9 @@ class ReplayDataModule(L.LightningDataModule):
         seed: seeds the training maps, the behaviour runs and the replay stream.
         split_seed: seeds the held-out and out-of-distribution maps (kept apart from ``seed`` so that
             runs at different seeds are evaluated on the same maps; training maps never include them).
-        env: the problem family and its episode time limit: ``FrozenLake`` (default) or ``DarkRoom``
-            (``icrl_lightning.envs``), or a ``ProblemFamily`` of your own (a class path).
+        env: the problem family and its episode time limit: ``FrozenLake`` (default), ``DarkRoom`` or
+            ``BernoulliBandit`` (``icrl_lightning.envs``), or a ``ProblemFamily`` of your own (a class
+            path).
         behaviour: the learner that plays the offline data (``QLearning``: tabular Q-learning).
         num_train_maps: training tasks (maps; SPEC: 250).
         episodes_per_map: episodes of the behaviour run on each training map; all are kept.
@@ -218,15 +219,9 @@ class ReplayDataModule(L.LightningDataModule):
         """Tokens of the longest episode the data can hold: ``max_episode_steps`` steps on the
         largest training task, the family's most rewards (a reward or a truncation marker at the
         end, whichever is longer)."""
-        s = self._serializer()
-        n, tile = self.env.max_episode_steps, min(self.env.largest_observations("train"), s.max_tiles) - 1
-        rewarded = min(n, self.env.rewards_per_episode or n)
-        longest = 0
-        for r in (0.0, *s.reward_values):
-            for trunc in (False, True):
-                rewards = [0.0] * n if r == 0.0 else [0.0] * (n - rewarded) + [r] * rewarded
-                longest = max(longest, len(s.encode(Episode([tile] * (n + 1), [0] * n, rewards, not trunc, trunc))))
-        return longest
+        env = self.env
+        return self._serializer().longest_episode_tokens(env.max_episode_steps, env.largest_observations("train"),
+                                                         env.rewards_per_episode)
 
     # --- streams --------------------------------------------------------------------------------
     def heldout_maps(self, split: str = "heldout") -> list[Task]:

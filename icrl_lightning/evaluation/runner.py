@@ -26,13 +26,14 @@ class Evaluator:
     """
 
     def __init__(self, protocol: EvalProtocol, env: ProblemFamily | None = None):
-        self.protocol, self.env = protocol.for_family(env or FrozenLake()), env
+        self.env = env or FrozenLake()
+        self.protocol = protocol.for_family(self.env)
         self._baseline_cache: dict = {}
 
     def run(self, agent: InContextAgent, batch: list[tuple[int, tuple[str, ...]]]) -> dict:
         """Returns of every agent on this batch of ``(index, rows)`` maps."""
         p = self.protocol
-        plan = make_plan(p, batch, self._family().schedule())
+        plan = make_plan(p, batch, self.env.schedule())
         prefill = context_tokens(agent.s, plan.context) if plan.context else None
         timings: dict = {}
         started = time.perf_counter()
@@ -63,13 +64,10 @@ class Evaluator:
         out["plan"] = plan
         return out
 
-    def _family(self) -> ProblemFamily:
-        return self.env or FrozenLake()
-
     @property
     def baseline_names(self) -> tuple[str, ...]:
         """The protocol's baselines and the problem family's own."""
-        return BASELINES + self._family().baselines
+        return BASELINES + self.env.baselines
 
     def finish(self, outputs: list[dict], global_step: int) -> tuple[dict[str, float], dict]:
         """(metrics to log, report) over the outputs of ``run`` from every rank."""
@@ -88,11 +86,10 @@ class Evaluator:
             summaries[a] = summarize(r, schedule, k)
             if plan.phases > 1:
                 summaries[a]["phases"] = summarize_phases(r, phase_schedule, plan.phases, k)
-        family = self._family()
         phase_maps = [[m for o in outputs for m in o["maps"]]]
         if plan.phases > 1:
             phase_maps.append([m for o in outputs for m in o["switch_to"]])
-        best = [[family.best_expected_return(maps[i]) for i in order] for maps in phase_maps]
+        best = [[self.env.best_expected_return(maps[i]) for i in order] for maps in phase_maps]
         if all(b is not None for phase in best for b in phase):
             # Regret per pull: the best arm's mean (of the task played in that phase) minus the
             # reward, summed over a trial, mean over tasks (common random numbers: every agent's
