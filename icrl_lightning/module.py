@@ -26,6 +26,7 @@ from icrl_lightning.qlearning import (
     conservative_penalty,
     double_dqn_targets,
     next_step,
+    optimal_action_loss,
     polyak_,
     position_weights,
     successful_episode,
@@ -33,6 +34,7 @@ from icrl_lightning.qlearning import (
 from icrl_lightning.serialize import Serializer
 
 Q_HEADS = ("tokens", "linear")
+OBJECTIVES = ("dqn", "dpt")
 
 
 class ICRLModule(L.LightningModule):
@@ -57,6 +59,14 @@ class ICRLModule(L.LightningModule):
         lr: AdamW learning rate after warm-up (constant afterwards).
         weight_decay: AdamW weight decay.
         warmup_steps: linear learning-rate warm-up, in optimizer steps.
+        objective: ``dqn`` (paper): double DQN with ``td``, ``target`` and ``cql``. ``dpt``: the
+            Decision-Pretrained Transformer's supervised objective (Lee et al. 2023) instead, the
+            published in-context baseline of the bandit literature: at every action position the
+            cross-entropy of softmax over the Q readout against the actions optimal for the task
+            (the family's ``optimal_actions``, known to the data generator), no TD loss and no
+            target forward; the agent's argmax then picks the action most probably optimal given
+            the context. DPT trains on random interaction contexts (``data.behaviour.epsilon``
+            1). ``td`` and ``target`` are unused, ``cql`` must be null.
         td: the double-DQN loss: ``gamma``, ``reward_scale``, ``loss``, ``conflict_weight``.
         target: the Polyak target network: ``alpha``.
         cql: the conservative penalty (``weight``, ``episodes``); ``null`` (default, paper) = none.
@@ -75,6 +85,7 @@ class ICRLModule(L.LightningModule):
         lr: float = 5e-4,
         weight_decay: float = 0.01,
         warmup_steps: int = 10,
+        objective: str = "dqn",
         td: TD = TD(),  # noqa: B008 - dataclass defaults: copied below, never shared
         target: Target = Target(),  # noqa: B008
         cql: CQL | None = None,
@@ -89,10 +100,13 @@ class ICRLModule(L.LightningModule):
         check_range("model.warmup_steps", warmup_steps, 0, None)
         check_range("model.seq_len", seq_len, 1, None)
         check_choice("model.q_head", q_head, Q_HEADS)
+        check_choice("model.objective", objective, OBJECTIVES)
         self.td, self.target, self.cql = _group(td, TD), _group(target, Target), _group(cql, CQL, optional=True)
         for group in (self.td, self.target, self.cql):
             if group is not None:
                 group.check()
+        if objective == "dpt" and self.cql is not None:
+            raise InputError("model.cql: the dpt objective has no TD loss to add a penalty to; set model.cql: null")
         # Specs are kept as plain dicts in the hyper-parameters (as LightningCLI writes them), so a
         # checkpoint loads with torch.load(weights_only=True); load_from_checkpoint passes them back.
         backbone, pretrained, td, target, cql = map(_as_dict, (backbone, pretrained, td, target, cql))
@@ -217,6 +231,8 @@ class ICRLModule(L.LightningModule):
     @property
     def batch_fields(self) -> frozenset[str]:
         """The extra batch fields (``data.stream.BATCH_FIELDS``) this objective reads."""
+        if self.hparams.objective == "dpt":
+            return frozenset({"optimal"})
         fields = {"conflict"} if self.td.conflict_weight != 1 else set()
         if self.td.cross_gamma:
             fields.add("cross")
@@ -225,6 +241,14 @@ class ICRLModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         td, cql, q_mask = self.td, self.cql, batch["q_mask"]
         q = self.q_values(batch["input_ids"], q_mask)
+        bs = batch["input_ids"].shape[0]
+        if self.hparams.objective == "dpt":
+            loss, hit = optimal_action_loss(q, batch["optimal"][q_mask])
+            self._check_finite(loss, "DPT")
+            self._log_step(batch)
+            self.log("train/dpt_loss", loss, prog_bar=True, batch_size=bs)
+            self.log("train/dpt_accuracy", hit, batch_size=bs)
+            return loss
         with torch.no_grad():
             q_target = self.q_values(batch["input_ids"], q_mask, target=True)
         action, reward, done = batch["action"][q_mask], batch["reward"][q_mask], batch["done"][q_mask]
@@ -240,23 +264,29 @@ class ICRLModule(L.LightningModule):
             where = successful_episode(reward, done) if cql.episodes == "successful" else None
             penalty = conservative_penalty(q, action, where, weight)
             loss = td_loss + cql.weight * penalty
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite TD loss ({loss.item()}) at global step {self.global_step}; "
-                                     "the last checkpoint is untouched")
-        now = time.perf_counter()
-        if self._step_clock is not None:
-            self.log("train/tokens_per_s", batch["input_ids"].numel() / (now - self._step_clock), on_step=True)
-        self._step_clock = now
-        bs = batch["input_ids"].shape[0]
+        self._check_finite(loss, "TD")
+        self._log_step(batch)
         self.log("train/td_loss", td_loss, prog_bar=True, batch_size=bs)
         if cql is not None:
             self.log("train/cql_penalty", penalty.detach(), batch_size=bs)
         self.log("train/q_mean", q_taken.detach().mean(), batch_size=bs)
         self.log("train/target_mean", y.mean(), batch_size=bs)
-        self.log("train/packing", batch["n_tokens"].sum() / batch["input_ids"].numel(), batch_size=bs)
         if "conflict" in batch:
             self.log("train/conflict_share", batch["conflict"][q_mask].float().mean(), batch_size=bs)
         return loss
+
+    def _check_finite(self, loss: torch.Tensor, what: str) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite {what} loss ({loss.item()}) at global step {self.global_step}; "
+                                     "the last checkpoint is untouched")
+
+    def _log_step(self, batch: dict) -> None:
+        now = time.perf_counter()
+        if self._step_clock is not None:
+            self.log("train/tokens_per_s", batch["input_ids"].numel() / (now - self._step_clock), on_step=True)
+        self._step_clock = now
+        self.log("train/packing", batch["n_tokens"].sum() / batch["input_ids"].numel(),
+                 batch_size=batch["input_ids"].shape[0])
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)

@@ -92,6 +92,21 @@ def conservative_penalty(q: torch.Tensor, action: torch.Tensor, where: torch.Ten
     return gap.mean()
 
 
+def optimal_action_loss(q: torch.Tensor, optimal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPT's supervised loss (Lee et al. 2023) on the Q readout as logits: per row, ``-log`` of the
+    softmax probability of the optimal actions (``optimal``: bool ``[N, actions]``; several optimal
+    actions share it), averaged over the rows that have one. Also returns the share of those rows
+    whose argmax is optimal."""
+    has = optimal.any(dim=-1)
+    if not bool(has.any()):
+        zero = q.sum() * 0
+        return zero, zero.detach()
+    q, optimal = q[has], optimal[has]
+    loss = torch.logsumexp(q, dim=-1) - torch.logsumexp(q.masked_fill(~optimal, float("-inf")), dim=-1)
+    hit = optimal.gather(1, q.argmax(dim=-1, keepdim=True)).float().mean()
+    return loss.mean(), hit
+
+
 def successful_episode(reward: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
     """Per action (rows in sequence order, ``done`` closing each episode): whether its episode
     ends with a nonzero reward, i.e. reached a goal in Frozen Lake."""

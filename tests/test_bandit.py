@@ -13,6 +13,7 @@ import pytest
 from icrl_lightning.backbones import build_tokenizer
 from icrl_lightning.checks import InputError
 from icrl_lightning.cli import main
+from icrl_lightning.data.stream import ReplayStream
 from icrl_lightning.envs import BernoulliBandit, ProblemFamily
 from icrl_lightning.envs.bandit import ENV_ID, arm_means
 from icrl_lightning.episodes import Episode
@@ -131,3 +132,53 @@ def test_fit_then_validate_through_the_cli(tmp_path):
     oracle = np.asarray(rep["agents"]["oracle"]["per_map"])
     want = np.cumsum(np.repeat(best, 100, axis=1) - oracle, axis=1).mean(axis=0)
     assert np.allclose(rep["agents"]["oracle"]["cumulative_regret"], want.round(4), atol=1e-4)
+
+
+def _random_pulls(serializer, map_id: int, n: int, rng) -> list:
+    return [serializer.encode(Episode([0, 0], [int(rng.integers(5))], [float(rng.random() < 0.5)], True,
+                                      map_id=map_id)) for _ in range(n)]
+
+
+def test_dpt_stream_marks_the_best_arm_and_keeps_one_task_per_sequence():
+    fam = BernoulliBandit()
+    tasks = [("0.100", "0.900", "0.200", "0.300", "0.400"), ("0.800", "0.100", "0.200", "0.300", "0.400")]
+    tok = build_tokenizer("compact", max_tiles=1, actions=fam.actions)
+    s = Serializer(tok, "compact", 1, fam.actions)
+    rng = np.random.default_rng(0)
+    episodes = {m: _random_pulls(s, m, 30, rng) for m in range(2)}
+    weights = {m: np.ones(30) for m in range(2)}
+    optimal = {m: fam.optimal_actions(t) for m, t in enumerate(tasks)}
+    stream = ReplayStream(episodes, weights, 64, s.pad_id, 12, (8, 8), fields={"optimal"},
+                          optimal_actions=optimal, set_per_sequence=True)
+    best_arms = set()
+    for batch in stream:
+        rows = batch["optimal"][batch["q_mask"]]
+        assert len(rows) == 8  # one set of 8 pulls (at most 48 tokens), the rest padding
+        assert (rows.sum(dim=1) == 1).all() and (rows == rows[0]).all()  # one task: its best arm
+        assert not batch["optimal"][~batch["q_mask"]].any()
+        best_arms.add(int(rows[0].int().argmax()))
+    assert best_arms == {0, 1}
+    packed = ReplayStream(episodes, weights, 64, s.pad_id, 12, (8, 8), fields={"optimal"}, optimal_actions=optimal)
+    assert any(int(b["q_mask"].sum()) > 8 for b in packed)  # sets follow one another in a sequence
+    with pytest.raises(ValueError, match="optimal_actions table of every map"):
+        ReplayStream(episodes, weights, 64, s.pad_id, 2, fields={"optimal"}, optimal_actions={0: optimal[0]})
+
+
+def test_dpt_objective_fits_through_the_cli(tmp_path, capsys):
+    args = ["-c", str(CONFIG), "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
+            "--trainer.max_steps", "3", "--trainer.log_every_n_steps", "1",
+            "--trainer.default_root_dir", str(tmp_path / "root"), "--model.objective", "dpt",
+            "--data.num_train_maps", "6", "--data.episodes_per_map", "20", "--data.behaviour.epsilon", "1.0",
+            "--data.behaviour.history", "null", "--data.set_order", "random", "--data.set_per_sequence", "true",
+            "--data.set_size_min", "20", "--data.set_size_max", "20", "--data.seq_len", "128",
+            "--data.batch_size", "2", "--data.eval_maps", "2", "--data.data_dir", str(tmp_path / "data"),
+            "--model.backbone.hidden_size", "32", "--model.backbone.num_layers", "1",
+            "--model.backbone.num_heads", "2", "--model.backbone.intermediate_size", "64"]
+    fit = main(["fit", *args])
+    assert fit.model.batch_fields == {"optimal"}
+    logged = fit.trainer.logged_metrics
+    assert "train/dpt_loss" in logged and "train/td_loss" not in logged
+    assert 0 <= float(logged["train/dpt_accuracy"]) <= 1
+    with pytest.raises(SystemExit):
+        main(["fit", *args, "--model.cql.weight", "1.0"])
+    assert "model.cql: the dpt objective has no TD loss" in capsys.readouterr().err

@@ -575,7 +575,7 @@ def test_conflicts_mark_where_the_nearest_visit_failed_and_disagrees_with_the_ne
 
 
 def test_training_batches_mark_conflicts_on_action_positions_only(tiny_data_dir, compact, make_stream):
-    assert BATCH_FIELDS == ("conflict", "cross")
+    assert BATCH_FIELDS == ("conflict", "cross", "optimal")
     stream = make_stream(tiny_data_dir, compact, num_sequences=16, batch_fields={"conflict"})
     assert stream.fields == {"conflict"}
     items = list(stream)
@@ -613,8 +613,8 @@ def test_packed_conflicts_are_the_chunks_conflicts(tiny_data_dir, compact, make_
 
 def test_unknown_batch_field_is_an_error(compact, synthetic):
     episodes, weights, _ = synthetic(compact, n_maps=2, n_eps=5)
-    with pytest.raises(ValueError, match=r"unknown batch fields \['optimal'\]"):
-        ReplayStream(episodes, weights, seq_len=64, pad_id=compact.pad_id, num_sequences=2, fields={"optimal"})
+    with pytest.raises(ValueError, match=r"unknown batch fields \['best'\]"):
+        ReplayStream(episodes, weights, seq_len=64, pad_id=compact.pad_id, num_sequences=2, fields={"best"})
     with pytest.raises(ValueError, match=r"unknown batch fields \['truncated'\]"):
         ReplayStream(episodes, weights, seq_len=64, pad_id=compact.pad_id, num_sequences=2,
                      fields={"conflict", "truncated"})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from icrl_lightning.qlearning import (
     conservative_penalty,
     double_dqn_targets,
     next_step,
+    optimal_action_loss,
     polyak_,
     position_weights,
     successful_episode,
@@ -186,3 +189,20 @@ def test_cross_episode_bootstrap_hand_computed():
     y = double_dqn_targets(reward, done, q_next, q_next, 0.9, 30.0, cross, 0.5)
     assert y.tolist() == pytest.approx([1.8, 30.0 + 0.5 * 3.0, 3.6, 0.0])
     assert double_dqn_targets(reward, done, q_next, q_next, 0.9, 30.0, cross, 0.0).tolist() == plain.tolist()
+
+
+def test_optimal_action_loss_is_the_cross_entropy_of_the_optimal_set():
+    q = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [5.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0]])
+    optimal = torch.tensor([[True, False, False, False], [True, True, False, False],
+                            [False, True, False, False], [False, False, False, False]])
+    loss, hit = optimal_action_loss(q, optimal)
+    # log 4 (one of four), log 2 (two of four), 5 + log(1 + 3 e^-5) (the wrong one is high); the
+    # last row has no optimal action and does not count.
+    want = (math.log(4) + math.log(2) + 5 + math.log(1 + 3 * math.exp(-5))) / 3
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    assert hit.item() == pytest.approx(2 / 3)  # argmax 0 is optimal in rows 0 and 1, not in row 2
+    q.requires_grad_(True)
+    optimal_action_loss(q, optimal)[0].backward()
+    assert q.grad[3].abs().sum() == 0 and q.grad[2, 1] < 0 < q.grad[2, 0]
+    none, _ = optimal_action_loss(q, torch.zeros_like(optimal))
+    assert none.item() == 0

@@ -67,6 +67,10 @@ class ReplayDataModule(L.LightningDataModule):
             ``learning`` (a window of consecutive episodes of the run, in the order played, as
             Algorithm Distillation trains; one whole history when the behaviour plays histories,
             e.g. ``data.behaviour.history``).
+        set_per_sequence: every training sequence is one set from its first episode on (what does
+            not fit is dropped, the rest is padding) instead of sets packed one after another. For
+            families whose tokens do not show a task switch (bandits: every pull looks alike), so
+            that no context mixes two tasks and every context starts as an evaluation trial does.
         seq_len: tokens per training sequence.
         batch_size: sequences per device batch.
         num_workers: DataLoader worker processes.
@@ -99,6 +103,7 @@ class ReplayDataModule(L.LightningDataModule):
         set_size_max: int = 40,
         quality: str = "medium",
         set_order: str = "random",
+        set_per_sequence: bool = False,
         seq_len: int = 1024,
         batch_size: int = 8,
         num_workers: int = 0,
@@ -248,15 +253,24 @@ class ReplayDataModule(L.LightningDataModule):
                      skip_batches: int = 0) -> ReplayStream:
         return self.stream(*self.encoded_maps(), num_sequences, rank, world_size, skip_batches)
 
+    def optimal_actions(self) -> dict[int, np.ndarray]:
+        """Training map id -> the family's ``optimal_actions`` of that task (the batch field
+        ``optimal``, read by ``model.objective: dpt``)."""
+        h = self.hparams
+        train = self.env.splits(h.seed, h.num_train_maps, h.split_seed).train
+        return {m: self.env.optimal_actions(task) for m, task in enumerate(train)}
+
     def stream(self, episodes: dict, weights: dict[int, np.ndarray], num_sequences: int, rank: int = 0,
                world_size: int = 1, skip_batches: int = 0, fields=None) -> ReplayStream:
         """A replay stream over ``episodes`` (encoded, by map) with this module's set, packing and
         quality settings; ``fields``: the batch fields (default: those the objective reads)."""
         h = self.hparams
+        fields = self.batch_fields if fields is None else fields
         return ReplayStream(episodes, weights, h.seq_len, self._serializer().pad_id, num_sequences,
                             (h.set_size_min, h.set_size_max), h.seed, rank, world_size, h.batch_size, h.set_order,
-                            skip_batches, fields=self.batch_fields if fields is None else fields,
-                            history=self.behaviour.history_length)
+                            skip_batches, fields=fields, history=self.behaviour.history_length,
+                            optimal_actions=self.optimal_actions() if "optimal" in fields else None,
+                            set_per_sequence=h.set_per_sequence)
 
     def train_dataloader(self) -> DataLoader:
         t = self.trainer
@@ -280,7 +294,7 @@ class ReplayDataModule(L.LightningDataModule):
         """What decides which batch comes at which step."""
         h, t = self.hparams, self.trainer
         keys = ("seed", "seq_len", "batch_size", "num_workers", "set_size_min", "set_size_max", "quality",
-                "set_order")
+                "set_order", "set_per_sequence")
         return {"dataset": self.dataset_dir.name, **{k: h[k] for k in keys}, "world_size": t.world_size,
                 "accumulate_grad_batches": t.accumulate_grad_batches}
 

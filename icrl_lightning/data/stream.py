@@ -16,7 +16,7 @@ from icrl_lightning.serialize import EncodedEpisode
 log = logging.getLogger(__name__)
 
 SET_ORDERS = ("random", "learning")  # data.set_order
-BATCH_FIELDS = ("conflict", "cross")  # batch fields computed only when the objective asks for them
+BATCH_FIELDS = ("conflict", "cross", "optimal")  # batch fields computed only when the objective asks for them
 
 
 class EpisodeTable:
@@ -74,8 +74,13 @@ class ReplayStream(IterableDataset):
     ``fields``: extra batch fields (``BATCH_FIELDS``) to compute; ``conflict`` marks the action
     positions of ``context.conflicts``; ``cross`` marks an episode's last action when the next
     episode of the sequence is of the same map (where ``model.td.cross_gamma`` bootstraps across
-    the episode end). ``history``: the maps' episodes are learning histories of
-    that many episodes; a ``learning`` set is then one whole history (``set_size`` unused).
+    the episode end); ``optimal`` (``[seq_len, actions]`` bool) marks at each action position the
+    actions an optimal policy takes from that step's observation, read from ``optimal_actions``
+    (map id -> the family's ``optimal_actions`` table of that task). ``history``: the maps'
+    episodes are learning histories of that many episodes; a ``learning`` set is then one whole
+    history (``set_size`` unused). ``set_per_sequence``: every sequence is one set from its first
+    episode on (what does not fit is dropped, the rest is padding), so that no context holds two
+    tasks and every context starts where an evaluation trial starts.
     """
 
     def __init__(
@@ -94,6 +99,8 @@ class ReplayStream(IterableDataset):
         skip_batches: int = 0,
         fields: frozenset[str] | set[str] = frozenset(),
         history: int | None = None,
+        optimal_actions: dict[int, np.ndarray] | None = None,
+        set_per_sequence: bool = False,
     ):
         if set_order not in SET_ORDERS:
             raise InputError(f"data.set_order={set_order!r}: choose one of {', '.join(map(repr, SET_ORDERS))}")
@@ -108,8 +115,12 @@ class ReplayStream(IterableDataset):
         self.seq_len, self.pad_id, self.num_sequences = seq_len, pad_id, num_sequences
         self.set_size, self.seed, self.rank, self.world_size = set_size, seed, rank, world_size
         self.batch_size, self.set_order, self.skip_batches = batch_size, set_order, skip_batches
+        if "optimal" in fields and (optimal_actions is None or set(episodes) - set(optimal_actions)):
+            raise ValueError("the optimal batch field needs the optimal_actions table of every map")
         self.fields = frozenset(fields)
         self.history = history
+        self.optimal_actions = optimal_actions
+        self.set_per_sequence = set_per_sequence
 
     def __len__(self) -> int:
         return self.num_sequences
@@ -164,6 +175,8 @@ class ReplayStream(IterableDataset):
             room = self.seq_len
             while True:
                 if not pending:
+                    if chunk and self.set_per_sequence:
+                        break
                     pending = list(next(sets))
                 fits = next((i for i, e in enumerate(pending if reorder else pending[:1]) if len(e) <= room), None)
                 if fits is None:
@@ -171,6 +184,8 @@ class ReplayStream(IterableDataset):
                 e = pending.pop(fits)
                 chunk.append(e)
                 room -= len(e)
+            if self.set_per_sequence:
+                pending = []  # the next sequence starts a new set; what did not fit is dropped
             yield chunk
 
     def __iter__(self):
@@ -194,6 +209,9 @@ class ReplayStream(IterableDataset):
         done = np.zeros(n, dtype=bool)
         conflict = np.zeros(n, dtype=bool) if "conflict" in self.fields else None
         cross = np.zeros(n, dtype=bool) if "cross" in self.fields else None
+        optimal = None
+        if "optimal" in self.fields:
+            optimal = np.zeros((n, next(iter(self.optimal_actions.values())).shape[1]), dtype=bool)
         flags = conflicts(chunk) if conflict is not None else [None] * len(chunk)
         at = 0
         for j, (e, flag) in enumerate(zip(chunk, flags, strict=True)):
@@ -204,6 +222,8 @@ class ReplayStream(IterableDataset):
                 done[pos[-1]] = True  # the last action of an episode does not bootstrap within it
                 if conflict is not None:
                     conflict[pos] = flag
+                if optimal is not None:
+                    optimal[pos] = self.optimal_actions[e.map_id][e.tiles]
                 if cross is not None and j + 1 < len(chunk) and chunk[j + 1].map_id == e.map_id >= 0 \
                         and len(chunk[j + 1].q_pos):
                     cross[pos[-1]] = True
@@ -215,6 +235,8 @@ class ReplayStream(IterableDataset):
             batch["conflict"] = torch.from_numpy(conflict)
         if cross is not None:
             batch["cross"] = torch.from_numpy(cross)
+        if optimal is not None:
+            batch["optimal"] = torch.from_numpy(optimal)
         return batch
 
 

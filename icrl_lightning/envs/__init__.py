@@ -1,5 +1,5 @@
-"""Problem families (``family.ProblemFamily``): Frozen Lake (the paper's), Dark Room and Bernoulli
-bandits."""
+"""Problem families (``family.ProblemFamily``): Frozen Lake (the paper's), Dark Room, Dark
+Key-to-Door and Bernoulli bandits."""
 
 from icrl_lightning.envs.bandit import BernoulliBandit
 from icrl_lightning.envs.dark_room import DarkRoom
@@ -18,10 +18,12 @@ from icrl_lightning.envs.frozen_lake import (
     shortest_path_actions,
     validate_map,
 )
+from icrl_lightning.envs.key_to_door import DarkKeyToDoor
 
 __all__ = [
     "ACTIONS",
     "BernoulliBandit",
+    "DarkKeyToDoor",
     "DarkRoom",
     "FrozenLake",
     "MapSplits",
