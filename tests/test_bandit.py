@@ -101,14 +101,19 @@ def test_serialization_of_a_known_pull():
     assert won.q_pos.tolist() == [1] and won.actions.tolist() == [2]
 
 
-def test_fit_then_validate_through_the_cli(tmp_path):
-    args = ["-c", str(CONFIG), "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
-            "--trainer.max_steps", "3", "--trainer.default_root_dir", str(tmp_path / "root"),
-            "--data.num_train_maps", "6", "--data.episodes_per_map", "40", "--data.behaviour.history", "20",
-            "--data.set_size_min", "20", "--data.set_size_max", "20", "--data.seq_len", "256",
-            "--data.batch_size", "2", "--data.eval_maps", "3", "--data.data_dir", str(tmp_path / "data"),
+def _tiny(tmp: Path, *extra: str) -> list[str]:
+    """The quickstart config at a tiny size, then ``extra`` overrides."""
+    return ["-c", str(CONFIG), "--trainer.logger.init_args.save_dir", str(tmp / "logs"),
+            "--trainer.max_steps", "3", "--trainer.default_root_dir", str(tmp / "root"),
+            "--data.num_train_maps", "6", "--data.set_size_min", "20", "--data.set_size_max", "20",
+            "--data.batch_size", "2", "--data.data_dir", str(tmp / "data"),
             "--model.backbone.hidden_size", "32", "--model.backbone.num_layers", "1",
-            "--model.backbone.num_heads", "2", "--model.backbone.intermediate_size", "64"]
+            "--model.backbone.num_heads", "2", "--model.backbone.intermediate_size", "64", *extra]
+
+
+def test_fit_then_validate_through_the_cli(tmp_path):
+    args = _tiny(tmp_path, "--data.episodes_per_map", "40", "--data.behaviour.history", "20",
+                 "--data.seq_len", "256", "--data.eval_maps", "3")
     fit = main(["fit", *args])
     assert isinstance(fit.model.env, BernoulliBandit) and fit.model.action_ids.numel() == 5
     (report_path,) = (tmp_path / "logs").rglob("report.json")
@@ -165,15 +170,10 @@ def test_dpt_stream_marks_the_best_arm_and_keeps_one_task_per_sequence():
 
 
 def test_dpt_objective_fits_through_the_cli(tmp_path, capsys):
-    args = ["-c", str(CONFIG), "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
-            "--trainer.max_steps", "3", "--trainer.log_every_n_steps", "1",
-            "--trainer.default_root_dir", str(tmp_path / "root"), "--model.objective", "dpt",
-            "--data.num_train_maps", "6", "--data.episodes_per_map", "20", "--data.behaviour.epsilon", "1.0",
-            "--data.behaviour.history", "null", "--data.set_order", "random", "--data.set_per_sequence", "true",
-            "--data.set_size_min", "20", "--data.set_size_max", "20", "--data.seq_len", "128",
-            "--data.batch_size", "2", "--data.eval_maps", "2", "--data.data_dir", str(tmp_path / "data"),
-            "--model.backbone.hidden_size", "32", "--model.backbone.num_layers", "1",
-            "--model.backbone.num_heads", "2", "--model.backbone.intermediate_size", "64"]
+    args = _tiny(tmp_path, "--trainer.log_every_n_steps", "1", "--model.objective", "dpt",
+                 "--data.episodes_per_map", "20", "--data.behaviour.epsilon", "1.0", "--data.behaviour.history", "null",
+                 "--data.set_order", "random", "--data.set_per_sequence", "true", "--data.seq_len", "128",
+                 "--data.eval_maps", "2")
     fit = main(["fit", *args])
     assert fit.model.batch_fields == {"optimal"}
     logged = fit.trainer.logged_metrics
