@@ -63,8 +63,8 @@ class ICRLModule(L.LightningModule):
             Decision-Pretrained Transformer's supervised objective (Lee et al. 2023) instead, the
             published in-context baseline of the bandit literature: at every action position the
             cross-entropy of softmax over the Q readout against the actions optimal for the task
-            (the family's ``optimal_actions``, known to the data generator), no TD loss and no
-            target forward; the agent's argmax then picks the action most probably optimal given
+            (the family's ``optimal_actions``, known to the data generator), no TD loss; the
+            target network is neither read nor updated; the agent's argmax then picks the action most probably optimal given
             the context. DPT trains on random interaction contexts (``data.behaviour.epsilon``
             1). ``td`` and ``target`` are unused, ``cql`` must be null.
         td: the double-DQN loss: ``gamma``, ``reward_scale``, ``loss``, ``conflict_weight``.
@@ -290,6 +290,8 @@ class ICRLModule(L.LightningModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
+        if self.hparams.objective == "dpt":
+            return  # no target network to follow: the DPT loss never reads it
         polyak_(self.target_params(), [p for _, p in self._online], self.target.alpha)
 
     def configure_optimizers(self):

@@ -120,6 +120,7 @@ class ReplayStream(IterableDataset):
         self.fields = frozenset(fields)
         self.history = history
         self.optimal_actions = optimal_actions
+        self._n_actions = next(iter(optimal_actions.values())).shape[1] if "optimal" in fields else 0
         self.set_per_sequence = set_per_sequence
 
     def __len__(self) -> int:
@@ -209,9 +210,7 @@ class ReplayStream(IterableDataset):
         done = np.zeros(n, dtype=bool)
         conflict = np.zeros(n, dtype=bool) if "conflict" in self.fields else None
         cross = np.zeros(n, dtype=bool) if "cross" in self.fields else None
-        optimal = None
-        if "optimal" in self.fields:
-            optimal = np.zeros((n, next(iter(self.optimal_actions.values())).shape[1]), dtype=bool)
+        optimal = np.zeros((n, self._n_actions), dtype=bool) if "optimal" in self.fields else None
         flags = conflicts(chunk) if conflict is not None else [None] * len(chunk)
         at = 0
         for j, (e, flag) in enumerate(zip(chunk, flags, strict=True)):

@@ -28,6 +28,23 @@ _MOVES = ((0, -1), (1, 0), (0, 1), (-1, 0), (0, 0))
 ENV_ID = "icrl_lightning/DarkRoom-v0"
 
 
+def move(pos: tuple[int, int], action: int, size: int) -> tuple[int, int]:
+    """The cell ``action`` leads to from ``pos`` in a ``size`` x ``size`` room (walls clip)."""
+    dr, dc = _MOVES[int(action)]
+    return min(max(pos[0] + dr, 0), size - 1), min(max(pos[1] + dc, 0), size - 1)
+
+
+def mark_toward(best: np.ndarray, r: int, c: int, target: tuple[int, int]) -> None:
+    """Mark in ``best`` (one observation's row of actions) the moves from ``(r, c)`` that shorten
+    the (Manhattan) way to ``target``, or ``stay`` on it."""
+    tr, tc = target
+    if (r, c) == (tr, tc):
+        best[4] = True
+        return
+    best[0], best[2] = c > tc, c < tc
+    best[1], best[3] = r < tr, r > tr
+
+
 def room_task(size: int, goal: int) -> Task:
     """The task of the ``size`` x ``size`` room with its goal at cell ``goal`` (``row * size + col``)."""
     return tuple("".join("G" if r * size + c == goal else "F" for c in range(size)) for r in range(size))
@@ -64,10 +81,7 @@ class DarkRoomEnv(gym.Env):
         return self.pos[0] * self.size + self.pos[1], {}
 
     def step(self, action: int):
-        dr, dc = _MOVES[int(action)]
-        r = min(max(self.pos[0] + dr, 0), self.size - 1)
-        c = min(max(self.pos[1] + dc, 0), self.size - 1)
-        self.pos = (r, c)
+        self.pos = r, c = move(self.pos, action, self.size)
         reward = 1.0 if self.pos == self.goal else 0.0
         return r * self.size + c, reward, False, False, {}
 
@@ -142,10 +156,5 @@ class DarkRoom(ProblemFamily):
         best = np.zeros((size * size, len(ACTIONS)), dtype=bool)
         for r in range(size):
             for c in range(size):
-                row = best[r * size + c]
-                if (r, c) == (gr, gc):
-                    row[4] = True
-                    continue
-                row[0], row[2] = c > gc, c < gc
-                row[1], row[3] = r < gr, r > gr
+                mark_toward(best[r * size + c], r, c, (gr, gc))
         return best

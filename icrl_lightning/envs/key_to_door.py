@@ -24,7 +24,7 @@ import numpy as np
 from gymnasium import spaces
 
 from icrl_lightning.checks import InputError, check_range
-from icrl_lightning.envs.dark_room import _MOVES, ACTIONS
+from icrl_lightning.envs.dark_room import ACTIONS, mark_toward, move
 from icrl_lightning.envs.family import ProblemFamily, Task, TaskSplits
 
 ENV_ID = "icrl_lightning/DarkKeyToDoor-v0"
@@ -72,8 +72,7 @@ class DarkKeyToDoorEnv(gym.Env):
         return self._obs(), {}
 
     def step(self, action: int):
-        dr, dc = _MOVES[int(action)]
-        self.pos = (min(max(self.pos[0] + dr, 0), self.size - 1), min(max(self.pos[1] + dc, 0), self.size - 1))
+        self.pos = move(self.pos, action, self.size)
         reward = 0.0
         if self.pos == self.key and not self.has_key:
             self.has_key, reward = True, 1.0
@@ -83,17 +82,6 @@ class DarkKeyToDoorEnv(gym.Env):
 
 
 gym.register(id=ENV_ID, entry_point=DarkKeyToDoorEnv, disable_env_checker=True)
-
-
-def _toward(best: np.ndarray, r: int, c: int, target: tuple[int, int]) -> None:
-    """Mark in ``best`` (one row of actions) the moves from ``(r, c)`` that shorten the way to
-    ``target``, or ``stay`` on it."""
-    tr, tc = target
-    if (r, c) == (tr, tc):
-        best[4] = True
-        return
-    best[0], best[2] = c > tc, c < tc
-    best[1], best[3] = r < tr, r > tr
 
 
 class DarkKeyToDoor(ProblemFamily):
@@ -169,6 +157,6 @@ class DarkKeyToDoor(ProblemFamily):
         best = np.zeros((2 * size * size, len(ACTIONS)), dtype=bool)
         for r in range(size):
             for c in range(size):
-                _toward(best[r * size + c], r, c, key)
-                _toward(best[size * size + r * size + c], r, c, door)
+                mark_toward(best[r * size + c], r, c, key)
+                mark_toward(best[size * size + r * size + c], r, c, door)
         return best
