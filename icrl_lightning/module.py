@@ -64,9 +64,9 @@ class ICRLModule(L.LightningModule):
             published in-context baseline of the bandit literature: at every action position the
             cross-entropy of softmax over the Q readout against the actions optimal for the task
             (the family's ``optimal_actions``, known to the data generator), no TD loss; the
-            target network is neither read nor updated; the agent's argmax then picks the action most probably optimal given
-            the context. DPT trains on random interaction contexts (``data.behaviour.epsilon``
-            1). ``td`` and ``target`` are unused, ``cql`` must be null.
+            target network is neither read nor updated; the agent's argmax then picks the action
+            most probably optimal given the context. DPT trains on random interaction contexts
+            (``data.behaviour.epsilon`` 1). ``td`` and ``target`` are unused, ``cql`` must be null.
         td: the double-DQN loss: ``gamma``, ``reward_scale``, ``loss``, ``conflict_weight``.
         target: the Polyak target network: ``alpha``.
         cql: the conservative penalty (``weight``, ``episodes``); ``null`` (default, paper) = none.
