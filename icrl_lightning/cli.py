@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningCLI
 from icrl_lightning.checks import InputError, MissingInputFile, import_class, read_input_file
 from icrl_lightning.data import ReplayDataModule
 from icrl_lightning.module import ICRLModule
+from icrl_lightning.objective import REMOVED, without_removed
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +44,27 @@ class ICRLCLI(LightningCLI):
         parser.link_arguments("data.env", "model.env")
 
     def _parse_ckpt_path(self) -> None:
-        # Lightning reads the checkpoint's hyper-parameters here, first of all: check the file before.
-        ckpt = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
-        if ckpt and ckpt != "last":
-            saved = check_checkpoint(ckpt)
-            check_family(ckpt, saved, self.config[self.config.subcommand].get("data", {}).get("env"))
-        super()._parse_ckpt_path()
+        # Lightning's own step (its code, on the checked file): the checkpoint's hyper-parameters
+        # become the model's config, first of all; less the options removed since it was saved.
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if not ckpt or ckpt == "last":
+            return
+        saved = check_checkpoint(ckpt)
+        check_family(ckpt, saved, self.config[sub].get("data", {}).get("env"))
+        hparams = {k: v for k, v in (saved.get("hyper_parameters") or {}).items() if k != "_instantiator"}
+        for group in REMOVED:
+            if isinstance(hparams.get(group), dict):
+                hparams[group] = without_removed(group, hparams[group])
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        try:
+            self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+            raise
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()

@@ -19,7 +19,7 @@ from icrl_lightning.envs.family import ProblemFamily
 from icrl_lightning.envs.frozen_lake import FrozenLake
 from icrl_lightning.evaluation.protocol import EvalProtocol
 from icrl_lightning.evaluation.runner import Evaluator
-from icrl_lightning.objective import CQL, TD, Target
+from icrl_lightning.objective import CQL, REMOVED, TD, Target, without_removed
 from icrl_lightning.qlearning import (
     action_q_values,
     bellman_loss,
@@ -233,10 +233,7 @@ class ICRLModule(L.LightningModule):
         """The extra batch fields (``data.stream.BATCH_FIELDS``) this objective reads."""
         if self.hparams.objective == "dpt":
             return frozenset({"optimal"})
-        fields = {"conflict"} if self.td.conflict_weight != 1 else set()
-        if self.td.cross_gamma:
-            fields.add("cross")
-        return frozenset(fields)
+        return frozenset({"conflict"} if self.td.conflict_weight != 1 else ())
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         td, cql, q_mask = self.td, self.cql, batch["q_mask"]
@@ -254,9 +251,7 @@ class ICRLModule(L.LightningModule):
         action, reward, done = batch["action"][q_mask], batch["reward"][q_mask], batch["done"][q_mask]
         q_taken = q.gather(1, action[:, None]).squeeze(1)
         # y = scale * r + gamma * Q_target(next, argmax_a Q_online(next, a)), no bootstrap past an episode end
-        cross = batch["cross"][q_mask] if td.cross_gamma else None
-        y = double_dqn_targets(reward, done, next_step(q.detach()), next_step(q_target), td.gamma, td.reward_scale,
-                               cross, td.cross_gamma)
+        y = double_dqn_targets(reward, done, next_step(q.detach()), next_step(q_target), td.gamma, td.reward_scale)
         weight = position_weights(batch["conflict"][q_mask], td.conflict_weight) if td.conflict_weight != 1 else None
         td_loss = bellman_loss(q_taken, y, td.loss, q_mask.nonzero()[:, 0], weight)
         loss = td_loss
@@ -302,6 +297,19 @@ class ICRLModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # --- checkpoints: only what was trained ----------------------------------------------------------
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """Lightning's, for checkpoints of older versions too: a settings group that saved an option
+        removed since is handed over without it (``objective.without_removed``: an error if the run
+        used it)."""
+        if isinstance(checkpoint_path, (str, Path)):
+            saved = torch.load(str(checkpoint_path), map_location="cpu", weights_only=True, mmap=True)
+            hparams = saved.get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {}
+            for group in REMOVED:
+                if group not in kwargs and isinstance(hparams.get(group), dict):
+                    kwargs[group] = without_removed(group, hparams[group])
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("state_dict", {})
         for key in self._frozen_keys:

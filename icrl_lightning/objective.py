@@ -6,10 +6,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from icrl_lightning.checks import check_choice, check_range
+from icrl_lightning.checks import InputError, check_choice, check_range
 
 LOSSES = ("mse", "normalized")
 CQL_EPISODES = ("all", "successful")
+
+# Options removed after they did not help (docs/results.md says what was measured), each with the
+# value that meant "off": older checkpoints save them in their hyper-parameters.
+REMOVED = {"td": {"cross_gamma": 0.0}}
+
+
+def without_removed(group: str, saved: dict) -> dict:
+    """A checkpoint's saved settings ``group`` (``td``, ...) less the options removed since: one at
+    its "off" value is dropped (the run is what this version trains); one that was used is an
+    ``InputError`` naming it, since this version cannot reproduce that objective."""
+    kept = dict(saved)
+    for key, off in REMOVED.get(group, {}).items():
+        if key in kept and kept.pop(key) != off:
+            raise InputError(f"model.{group}.{key}={saved[key]!r}: this checkpoint was trained with an option "
+                             f"removed since (it did not help, see docs/results.md); evaluate it with the "
+                             f"version that trained it")
+    return kept
 
 
 @dataclass
@@ -27,26 +44,18 @@ class TD:
             batch. 1 (paper) weighs every position alike. There "copy the nearest visit" and "follow
             the success" disagree; such positions are rare in packed sequences, so a small model
             learns the simpler copy first unless they weigh more.
-        cross_gamma: discount of a value across episodes (not in the paper; the paper's own proposal
-            of a cross-episode reward, as AMAGO and ICEE do at the trial level): an episode's last
-            action bootstraps into the first action of the next episode of the same map in the
-            sequence, so what an episode reveals for the episodes after it carries value. 0
-            (default, paper): no bootstrap across an episode end. Meaningful when the next episode
-            in the sequence is the next one played (``data.set_order: learning``).
     """
 
     gamma: float = 0.9
     reward_scale: float = 30.0
     loss: str = "mse"
     conflict_weight: float = 1.0
-    cross_gamma: float = 0.0
 
     def check(self) -> None:
         check_range("model.td.gamma", self.gamma, 0, 1, hi_open=True)
         check_range("model.td.reward_scale", self.reward_scale, 0, None, lo_open=True)
         check_choice("model.td.loss", self.loss, LOSSES)
         check_range("model.td.conflict_weight", self.conflict_weight, 0, None)
-        check_range("model.td.cross_gamma", self.cross_gamma, 0, 1, hi_open=True)
 
 
 @dataclass

@@ -20,22 +20,15 @@ def double_dqn_targets(
     q_target_next: torch.Tensor,
     gamma: float,
     reward_scale: float,
-    cross: torch.Tensor | None = None,
-    cross_gamma: float = 0.0,
 ) -> torch.Tensor:
     """y_t = scale * r_t + gamma * (1 - done_t) * Q_target(t+1, argmax_a Q_online(t+1, a)).
 
     ``q_*_next[i]`` are the Q-values at the action that follows action ``i`` (any value where
     ``done[i]``, whose bootstrap is masked: no bootstrap across episode ends). The argmax runs
-    over the four actions only. ``cross`` (bool per action) marks episode ends whose next action
-    is the next episode of the same map: there the bootstrap continues with ``cross_gamma``
-    instead of stopping (a value across episodes)."""
+    over the four actions only."""
     best = q_online_next.argmax(dim=-1, keepdim=True)
     bootstrap = q_target_next.gather(-1, best).squeeze(-1)
-    discount = gamma * (~done).to(bootstrap.dtype)
-    if cross is not None and cross_gamma:
-        discount = discount + cross_gamma * (done & cross).to(bootstrap.dtype)
-    return reward_scale * reward + discount * bootstrap
+    return reward_scale * reward + gamma * (~done).to(bootstrap.dtype) * bootstrap
 
 
 def next_step(values: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,11 @@ import pytest
 import torch
 import yaml
 
+from icrl_lightning.checkpoints import load_module
+from icrl_lightning.checks import InputError
 from icrl_lightning.cli import main
 from icrl_lightning.module import ICRLModule
+from icrl_lightning.objective import TD
 
 # In-process runs pass args while pytest owns sys.argv; LightningCLI warns about that.
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
@@ -298,6 +301,29 @@ def test_scenario_overlay_validates(tiny_checkpoints, overlay, tmp_path):
         assert report["agents"]["oracle"]["mean_return"][2] == 1.0 == report["agents"]["oracle"]["mean_return"][5]
 
 
+@pytest.mark.parametrize("cross_gamma", [0.0, 0.5])
+def test_validate_a_checkpoint_that_saved_a_removed_option(tiny_checkpoints, tmp_path, capsys, cross_gamma):
+    # Checkpoints of older versions save model.td.cross_gamma (removed, docs/results.md); off, they
+    # evaluate as they are; on, the command says so in one line.
+    ckpt = torch.load(tiny_checkpoints["ckpt"]["high"], map_location="cpu", weights_only=True)
+    ckpt["hyper_parameters"]["td"] = {"gamma": 0.9, "reward_scale": 30.0, "loss": "mse", "conflict_weight": 1.0,
+                                      "cross_gamma": cross_gamma}
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    args = ["validate", *_tiny_args(tmp_path), "--data.data_dir", str(tiny_checkpoints["data"]), *SHORT,
+            "--ckpt_path", str(tmp_path / "old.ckpt")]
+    if cross_gamma:
+        with pytest.raises(SystemExit):
+            main(args)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: model.td.cross_gamma=0.5: ") and "removed" in err[0]
+        with pytest.raises(InputError, match=r"model\.td\.cross_gamma=0\.5: "):
+            load_module(tmp_path / "old.ckpt")  # the tools' loader (Lightning's instantiator path)
+        return
+    cli = main(args)
+    assert cli.model.td == TD() and list((tmp_path / "logs").rglob("report.json"))
+    assert load_module(tmp_path / "old.ckpt").td == TD()
+
+
 def test_periodic_evaluation_logs_curve_figure(tiny_checkpoints, tmp_path):
     """``--trainer.val_check_interval N`` evaluates every N training batches; each evaluation logs the
     curve scalars and the curve figure to TensorBoard."""
@@ -314,7 +340,6 @@ def test_periodic_evaluation_logs_curve_figure(tiny_checkpoints, tmp_path):
 
 
 def test_compare_checkpoints_into_one_figure(tiny_checkpoints, tmp_path):
-    from icrl_lightning.checks import InputError
     from icrl_lightning.compare import combine
     from icrl_lightning.compare import main as compare
 

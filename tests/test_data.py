@@ -575,7 +575,7 @@ def test_conflicts_mark_where_the_nearest_visit_failed_and_disagrees_with_the_ne
 
 
 def test_training_batches_mark_conflicts_on_action_positions_only(tiny_data_dir, compact, make_stream):
-    assert BATCH_FIELDS == ("conflict", "cross", "optimal")
+    assert BATCH_FIELDS == ("conflict", "optimal")
     stream = make_stream(tiny_data_dir, compact, num_sequences=16, batch_fields={"conflict"})
     assert stream.fields == {"conflict"}
     items = list(stream)
@@ -661,14 +661,3 @@ def test_learning_sets_are_whole_histories(compact, synthetic, decode_stream):
         assert len(s) == 4 and idx[0] % 4 == 0 and idx == list(range(idx[0], idx[0] + 4)), idx
 
 
-def test_cross_marks_episode_ends_followed_by_the_same_map(compact, synthetic):
-    episodes, weights, _ = synthetic(compact, n_maps=2, n_eps=6)
-    chunk = [episodes[0][0], episodes[0][1], episodes[1][0], episodes[1][1]]
-    stream = ReplayStream(episodes, weights, seq_len=256, pad_id=compact.pad_id, num_sequences=1, fields={"cross"})
-    batch = stream.pack(chunk)
-    ends = torch.nonzero(batch["done"]).flatten().tolist()
-    assert len(ends) == 4
-    assert batch["cross"][ends].tolist() == [True, False, True, False]  # map 0 -> 0, 0 -> 1, 1 -> 1, last
-    assert int(batch["cross"].sum()) == 2
-    assert "cross" not in ReplayStream(episodes, weights, seq_len=256, pad_id=compact.pad_id,
-                                       num_sequences=1).pack(chunk)

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from icrl_lightning.behaviour import QLearning
+from icrl_lightning.checks import InputError
 from icrl_lightning.envs.frozen_lake import FrozenLake
 from icrl_lightning.evaluation import EvalProtocol
 from icrl_lightning.module import ICRLModule
-from icrl_lightning.objective import CQL, TD, Target
+from icrl_lightning.objective import CQL, TD, Target, without_removed
 
 # training_step is also called directly, outside a Trainer, where self.log only warns.
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
@@ -305,21 +306,25 @@ def test_batch_fields_ask_for_conflict_only_when_weighted(tiny_data_dir, make_mo
         assert batch["conflict"].dtype == torch.bool and not (batch["conflict"] & ~batch["q_mask"]).any()
 
 
-def test_cross_gamma_asks_for_cross_and_bootstraps_across_episode_ends(tiny_data_dir, make_module, make_batch):
-    module = make_module(td=TD(cross_gamma=0.5))
-    assert module.batch_fields == frozenset({"cross"})
-    batch = make_batch(module, tiny_data_dir, n=2)
-    assert (batch["cross"] <= batch["done"]).all() and batch["cross"].any()
-    plain = make_module(td=TD())
-    plain.load_state_dict(module.state_dict())
-    with torch.no_grad():
-        crossed = module.training_step(batch, 0)
-        base = plain.training_step({k: v for k, v in batch.items() if k != "cross"}, 0)
-    assert not torch.isclose(crossed, base)  # the episode ends that bootstrap change the TD loss
+@pytest.mark.parametrize("saved", [0.0, 0.5])
+def test_checkpoints_with_a_removed_option_load_when_it_was_off(tmp_path, make_module, saved):
+    # model.td.cross_gamma was removed (docs/results.md); checkpoints of older versions save it.
+    module = make_module()
+    hp = dict(module.hparams) | {"td": {"gamma": 0.9, "reward_scale": 30.0, "loss": "mse", "conflict_weight": 1.0,
+                                        "cross_gamma": saved}}
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hp,
+                "pytorch-lightning_version": L.__version__}, tmp_path / "old.ckpt")
+    protocol = EvalProtocol(max_episode_steps=30)
+    if saved:
+        with pytest.raises(InputError, match=r"model\.td\.cross_gamma=0\.5: .*removed"):
+            ICRLModule.load_from_checkpoint(tmp_path / "old.ckpt", weights_only=True, evaluation=protocol)
+        return
+    loaded = ICRLModule.load_from_checkpoint(tmp_path / "old.ckpt", weights_only=True, evaluation=protocol)
+    assert loaded.td == TD()
+    assert without_removed("td", {"gamma": 0.8}) == {"gamma": 0.8}
 
 
 @pytest.mark.parametrize(("kwargs", "key"), [
-    ({"td": TD(cross_gamma=1.0)}, r"model\.td\.cross_gamma"),
     ({"cql": CQL(weight=0)}, r"model\.cql\.weight"),
     ({"cql": {"weight": 0.0}}, r"model\.cql\.weight"),
     ({"cql": CQL(weight=-1.0)}, r"model\.cql\.weight"),
@@ -439,7 +444,7 @@ def test_checkpoint_holds_the_objective_as_plain_dicts(tmp_path, tiny_data_dir, 
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     hp = torch.load(tmp_path / "m.ckpt", map_location="cpu", weights_only=True)["hyper_parameters"]
     assert type(hp["td"]) is dict and hp["td"] == {"gamma": 0.8, "reward_scale": 20.0, "loss": "normalized",
-                                                    "conflict_weight": 4.0, "cross_gamma": 0.0}
+                                                    "conflict_weight": 4.0}
     assert type(hp["target"]) is dict and hp["target"] == {"alpha": 0.05}
     assert type(hp["cql"]) is dict and hp["cql"] == {"weight": 3.0, "episodes": "successful"}
     loaded = ICRLModule.load_from_checkpoint(tmp_path / "m.ckpt", weights_only=True,
@@ -456,8 +461,7 @@ def test_checkpoint_holds_the_objective_as_plain_dicts(tmp_path, tiny_data_dir, 
     hp = torch.load(tmp_path / "plain.ckpt", map_location="cpu", weights_only=True)["hyper_parameters"]
     # Groups left at their defaults are saved as given (None) or as their plain dicts.
     assert hp["cql"] is None
-    assert hp["td"] in (None, {"gamma": 0.9, "reward_scale": 30.0, "loss": "mse", "conflict_weight": 1.0,
-                                   "cross_gamma": 0.0})
+    assert hp["td"] in (None, {"gamma": 0.9, "reward_scale": 30.0, "loss": "mse", "conflict_weight": 1.0})
     assert hp["target"] in (None, {"alpha": 0.1})
     loaded = ICRLModule.load_from_checkpoint(tmp_path / "plain.ckpt", weights_only=True,
                                              evaluation=EvalProtocol(max_episode_steps=30))

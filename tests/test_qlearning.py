@@ -179,16 +179,12 @@ def test_polyak_leaves_online_and_grad_alone():
     assert target[0].grad_fn is None
 
 
-def test_cross_episode_bootstrap_hand_computed():
+def test_no_bootstrap_across_an_episode_end_hand_computed():
     reward = torch.tensor([0.0, 1.0, 0.0, 0.0])
     done = torch.tensor([False, True, False, True])
-    cross = torch.tensor([False, True, False, False])  # episode 1 is followed by another of its map
     q_next = torch.tensor([[1.0, 2.0, 0, 0], [3.0, 0, 0, 0], [0, 0, 4.0, 0], [5.0, 0, 0, 0]])
-    plain = double_dqn_targets(reward, done, q_next, q_next, 0.9, 30.0)
-    assert plain.tolist() == pytest.approx([1.8, 30.0, 3.6, 0.0])
-    y = double_dqn_targets(reward, done, q_next, q_next, 0.9, 30.0, cross, 0.5)
-    assert y.tolist() == pytest.approx([1.8, 30.0 + 0.5 * 3.0, 3.6, 0.0])
-    assert double_dqn_targets(reward, done, q_next, q_next, 0.9, 30.0, cross, 0.0).tolist() == plain.tolist()
+    y = double_dqn_targets(reward, done, q_next, q_next, 0.9, 30.0)
+    assert y.tolist() == pytest.approx([1.8, 30.0, 3.6, 0.0])
 
 
 def test_optimal_action_loss_is_the_cross_entropy_of_the_optimal_set():

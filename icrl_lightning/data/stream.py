@@ -16,7 +16,7 @@ from icrl_lightning.serialize import EncodedEpisode
 log = logging.getLogger(__name__)
 
 SET_ORDERS = ("random", "learning")  # data.set_order
-BATCH_FIELDS = ("conflict", "cross", "optimal")  # batch fields computed only when the objective asks for them
+BATCH_FIELDS = ("conflict", "optimal")  # batch fields computed only when the objective asks for them
 
 
 class EpisodeTable:
@@ -72,9 +72,7 @@ class ReplayStream(IterableDataset):
     the whole stream, which is what Lightning's restored batch counter counts against.
 
     ``fields``: extra batch fields (``BATCH_FIELDS``) to compute; ``conflict`` marks the action
-    positions of ``context.conflicts``; ``cross`` marks an episode's last action when the next
-    episode of the sequence is of the same map (where ``model.td.cross_gamma`` bootstraps across
-    the episode end); ``optimal`` (``[seq_len, actions]`` bool) marks at each action position the
+    positions of ``context.conflicts``; ``optimal`` (``[seq_len, actions]`` bool) marks at each action position the
     actions an optimal policy takes from that step's observation, read from ``optimal_actions``
     (map id -> the family's ``optimal_actions`` table of that task). ``history``: the maps'
     episodes are learning histories of that many episodes; a ``learning`` set is then one whole
@@ -209,11 +207,10 @@ class ReplayStream(IterableDataset):
         reward = np.zeros(n, dtype=np.float32)
         done = np.zeros(n, dtype=bool)
         conflict = np.zeros(n, dtype=bool) if "conflict" in self.fields else None
-        cross = np.zeros(n, dtype=bool) if "cross" in self.fields else None
         optimal = np.zeros((n, self._n_actions), dtype=bool) if "optimal" in self.fields else None
         flags = conflicts(chunk) if conflict is not None else [None] * len(chunk)
         at = 0
-        for j, (e, flag) in enumerate(zip(chunk, flags, strict=True)):
+        for e, flag in zip(chunk, flags, strict=True):
             ids[at:at + len(e)] = e.ids
             if len(e.q_pos):
                 pos = e.q_pos + at
@@ -223,17 +220,12 @@ class ReplayStream(IterableDataset):
                     conflict[pos] = flag
                 if optimal is not None:
                     optimal[pos] = self.optimal_actions[e.map_id][e.tiles]
-                if cross is not None and j + 1 < len(chunk) and chunk[j + 1].map_id == e.map_id >= 0 \
-                        and len(chunk[j + 1].q_pos):
-                    cross[pos[-1]] = True
             at += len(e)
         batch = {"input_ids": torch.from_numpy(ids), "q_mask": torch.from_numpy(q_mask),
                  "action": torch.from_numpy(action), "reward": torch.from_numpy(reward),
                  "done": torch.from_numpy(done), "n_tokens": torch.tensor(at)}
         if conflict is not None:
             batch["conflict"] = torch.from_numpy(conflict)
-        if cross is not None:
-            batch["cross"] = torch.from_numpy(cross)
         if optimal is not None:
             batch["optimal"] = torch.from_numpy(optimal)
         return batch
