@@ -17,7 +17,7 @@ from lightning.pytorch.cli import LightningCLI
 from icrl_lightning.checks import InputError, MissingInputFile, import_class, read_input_file
 from icrl_lightning.data import ReplayDataModule
 from icrl_lightning.module import ICRLModule
-from icrl_lightning.objective import REMOVED, without_removed
+from icrl_lightning.objective import without_removed_options
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,8 @@ class ICRLCLI(LightningCLI):
             return
         saved = check_checkpoint(ckpt)
         check_family(ckpt, saved, self.config[sub].get("data", {}).get("env"))
-        hparams = {k: v for k, v in (saved.get("hyper_parameters") or {}).items() if k != "_instantiator"}
-        for group in REMOVED:
-            if isinstance(hparams.get(group), dict):
-                hparams[group] = without_removed(group, hparams[group])
+        hparams = without_removed_options({k: v for k, v in (saved.get("hyper_parameters") or {}).items()
+                                           if k != "_instantiator"})
         if not hparams:
             return
         if "_class_path" in hparams:

@@ -19,7 +19,7 @@ from icrl_lightning.envs.family import ProblemFamily
 from icrl_lightning.envs.frozen_lake import FrozenLake
 from icrl_lightning.evaluation.protocol import EvalProtocol
 from icrl_lightning.evaluation.runner import Evaluator
-from icrl_lightning.objective import CQL, REMOVED, TD, Target, without_removed
+from icrl_lightning.objective import CQL, REMOVED, TD, Target, without_removed_options
 from icrl_lightning.qlearning import (
     action_q_values,
     bellman_loss,
@@ -305,9 +305,7 @@ class ICRLModule(L.LightningModule):
         if isinstance(checkpoint_path, (str, Path)):
             saved = torch.load(str(checkpoint_path), map_location="cpu", weights_only=True, mmap=True)
             hparams = saved.get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {}
-            for group in REMOVED:
-                if group not in kwargs and isinstance(hparams.get(group), dict):
-                    kwargs[group] = without_removed(group, hparams[group])
+            kwargs = {k: v for k, v in without_removed_options(hparams).items() if k in REMOVED} | kwargs
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -29,6 +29,12 @@ def without_removed(group: str, saved: dict) -> dict:
     return kept
 
 
+def without_removed_options(hparams: dict) -> dict:
+    """A checkpoint's saved hyper-parameters with every settings group less its removed options
+    (``without_removed``); the rest as saved."""
+    return {k: without_removed(k, v) if k in REMOVED and isinstance(v, dict) else v for k, v in hparams.items()}
+
+
 @dataclass
 class TD:
     """The double-DQN temporal-difference loss (SPEC "Q-values and networks").
