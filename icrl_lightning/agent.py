@@ -33,6 +33,7 @@ from icrl_lightning.checks import InputError
 from icrl_lightning.envs.family import ProblemFamily, Task
 from icrl_lightning.envs.frozen_lake import FrozenLake
 from icrl_lightning.episodes import Episode
+from icrl_lightning.qlearning import action_q_values
 from icrl_lightning.serialize import Serializer
 
 
@@ -281,7 +282,7 @@ class InContextAgent:
         cache.commit(counts)
         last = (counts - 1).clamp(min=0).to(dev)
         hidden = out.last_hidden_state[torch.arange(len(chunks), device=dev), last]
-        return (hidden @ head.T).float().cpu()
+        return action_q_values(hidden, head).cpu()
 
     def _reencode(self, tails: list[list[int]], head: torch.Tensor, cache: _RaggedCache, rows: list[int],
                   starts: list[int]) -> torch.Tensor:
@@ -299,7 +300,7 @@ class InContextAgent:
                              _cache_keyword(decoder): cache.prefix(row, start)}
                 out = decoder(input_ids=torch.as_tensor([ids], device=dev), use_cache=True, **extra)
                 cache.write_row(row, [(layer.keys, layer.values) for layer in _output_cache(out).layers])
-                q[j] = (out.last_hidden_state[0, -1] @ head.T).float().cpu()
+                q[j] = action_q_values(out.last_hidden_state[0, -1:], head)[0].cpu()
         return q
 
     # --- the trial --------------------------------------------------------------------------------

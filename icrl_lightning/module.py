@@ -225,7 +225,7 @@ class ICRLModule(L.LightningModule):
         """Q(context, .) at every action position of the batch, ``[N, actions]`` float32, row-major order;
         ``target=True`` reads the target network."""
         hidden = self._hidden(input_ids, target)[q_mask]
-        return action_q_values(hidden, self._head_rows(target).to(hidden.dtype)).float()
+        return action_q_values(hidden, self._head_rows(target))
 
     # --- training -----------------------------------------------------------------------------------
     @property

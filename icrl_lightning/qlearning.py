@@ -9,8 +9,11 @@ def action_q_values(hidden: torch.Tensor, head_weight: torch.Tensor) -> torch.Te
     """Q(context, .) = the LM logits of the four action tokens: ``hidden [N, d] @ W[actions].T``.
 
     Only the four rows of the output layer are used, so the full-vocabulary logits are never
-    materialised."""
-    return hidden @ head_weight.T
+    materialised. The product is float32 with autocast off: under bf16 autocast a bf16 product
+    would round Q-values near the x30 reward to steps of 0.125, coarser than many gaps between
+    actions that the TD targets and the greedy choice read. Costs nothing (four rows)."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return hidden.float() @ head_weight.float().T
 
 
 def double_dqn_targets(
