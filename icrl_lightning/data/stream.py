@@ -72,9 +72,10 @@ class ReplayStream(IterableDataset):
     the whole stream, which is what Lightning's restored batch counter counts against.
 
     ``fields``: extra batch fields (``BATCH_FIELDS``) to compute; ``conflict`` marks the action
-    positions of ``context.conflicts``; ``novel`` those of ``context.first_tries``; ``optimal`` (``[seq_len, actions]`` bool) marks at each
-    action position the actions an optimal policy takes from that step's observation, read from ``optimal_actions``
-    (map id -> the family's ``optimal_actions`` table of that task). ``history``: the maps'
+    positions of ``context.conflicts``; ``novel`` those of ``context.first_tries``; ``optimal``
+    (``[seq_len, actions]`` bool) marks at each action position the actions an optimal policy takes
+    from that step's observation, read from ``optimal_actions`` (map id -> the family's
+    ``optimal_actions`` table of that task). ``history``: the maps'
     episodes are learning histories of that many episodes; a ``learning`` set is then one whole
     history (``set_size`` unused). ``set_per_sequence``: every sequence is one set from its first
     episode on (what does not fit is dropped, the rest is padding), so that no context holds two
