@@ -77,7 +77,8 @@ class InContextReport(L.Callback):
         untrained = stage == "validate" and not ckpt
         report = {**report, "checkpoint": ckpt, "checkpoint_step": _checkpoint_step(ckpt), "stage": stage,
                   "untrained": untrained,
-                  "config": {"data": {k: _jsonable(data[k]) for k in EVAL_DATA_KEYS if k in data},
+                  "config": {"trainer": {"precision": str(trainer.precision)},
+                             "data": {k: _jsonable(data[k]) for k in EVAL_DATA_KEYS if k in data},
                              "model": _jsonable(dict(getattr(pl_module, "hparams", {})))}}
         write_report(report, log_dir / self.filename)
         written = [log_dir / self.filename]

@@ -13,6 +13,7 @@ import yaml
 from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from icrl_lightning.checks import InputError, MissingInputFile, import_class, read_input_file
 from icrl_lightning.data import ReplayDataModule
@@ -42,6 +43,19 @@ class ICRLCLI(LightningCLI):
         # and plays the data's problem family.
         parser.link_arguments("data.seq_len", "model.seq_len")
         parser.link_arguments("data.env", "model.env")
+        parser.add_argument(
+            "--cpu_bf16", choices=CPU_BF16, default="off",
+            help="auto: on a CPU with a bf16 matrix unit (Intel AMX, amx_bf16 in /proc/cpuinfo) a "
+                 "trainer.precision of 32-true becomes bf16-mixed (bf16 autocast; the Q readout stays "
+                 "float32), elsewhere it stays 32-true (bf16 without such a unit is slower); the log "
+                 "says which. off: trainer.precision as written.")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("cpu_bf16") == "auto":
+            precision = resolve_cpu_bf16(config.trainer.get("accelerator"), config.trainer.get("precision"))
+            if precision is not None:
+                config.trainer.precision = precision
 
     def _parse_ckpt_path(self) -> None:
         # Lightning's own step (its code, on the checked file): the checkpoint's hyper-parameters
@@ -92,6 +106,38 @@ class ICRLCLI(LightningCLI):
         if self._checked_ckpt() is None:
             print("warning: validate without --ckpt_path evaluates an UNTRAINED model (random weights); "
                   "its report says so", file=sys.stderr)
+
+
+CPU_BF16 = ("off", "auto")
+
+
+def cpu_bf16_unit(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has a bf16 matrix unit that makes bf16 autocast faster than float32: Intel
+    AMX (``amx_bf16`` among the flags of ``cpuinfo``). Other CPUs, and systems without the file,
+    count as without (an AMD EPYC with AVX2 only has no bf16 path; docs/results.md)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    flags = next((line.partition(":")[2].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "amx_bf16" in flags
+
+
+def resolve_cpu_bf16(accelerator, precision) -> str | None:
+    """``--cpu_bf16 auto``: the trainer precision to use instead of ``precision``, or None to keep it.
+    Only a float32 run on the CPU changes, to ``bf16-mixed`` where ``cpu_bf16_unit()``; the choice is
+    logged either way."""
+    name = accelerator if isinstance(accelerator, str) else None
+    on_cpu = name == "cpu" or (name in (None, "auto") and not torch.cuda.is_available()
+                               and not torch.backends.mps.is_available())
+    if not on_cpu or str(precision) not in ("32-true", "32", "None"):
+        rank_zero_info(f"--cpu_bf16 auto: trainer.precision {precision} kept (it applies to float32 runs on the CPU)")
+        return None
+    if cpu_bf16_unit():
+        rank_zero_info("--cpu_bf16 auto: this CPU has AMX (amx_bf16): trainer.precision bf16-mixed")
+        return "bf16-mixed"
+    rank_zero_info("--cpu_bf16 auto: this CPU has no bf16 matrix unit (no amx_bf16): trainer.precision 32-true")
+    return None
 
 
 def check_checkpoint(path: str, what: str = "--ckpt_path") -> dict:

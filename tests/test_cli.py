@@ -15,7 +15,8 @@ import yaml
 
 from icrl_lightning.checkpoints import load_module
 from icrl_lightning.checks import InputError
-from icrl_lightning.cli import main
+from icrl_lightning.cli import ICRLCLI, cpu_bf16_unit, main, resolve_cpu_bf16
+from icrl_lightning.data import ReplayDataModule
 from icrl_lightning.module import ICRLModule
 from icrl_lightning.objective import TD
 
@@ -149,9 +150,44 @@ def test_help_through_module_entry_point():
     assert out.returncode == 0, out.stderr
     for flag in ("--model.target.alpha", "--model.td.gamma", "--model.td.loss", "--model.td.conflict_weight",
                  "--model.cql.help", "--data.set_order", "--data.quality", "--data.seq_len", "--model.evaluation",
-                 "--data.env", "--data.behaviour"):
+                 "--data.env", "--data.behaviour", "--cpu_bf16", "--model.td.novelty_bonus"):
         assert flag in out.stdout, flag
     assert "Polyak" in out.stdout  # argument docstrings become the help text
+
+
+def test_cpu_bf16_unit_reads_the_amx_flag(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert not cpu_bf16_unit(str(info))  # AVX-512 bf16 instructions without AMX do not count
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16 amx_tile\n")
+    assert cpu_bf16_unit(str(info))
+    assert not cpu_bf16_unit(str(tmp_path / "absent"))
+
+
+@pytest.mark.parametrize(("amx", "accelerator", "precision", "want"), [
+    (True, "cpu", "32-true", "bf16-mixed"),
+    (True, "auto", None, "bf16-mixed"),
+    (False, "cpu", "32-true", None),
+    (True, "cpu", "64-true", None),       # another precision than float32 is the user's choice
+    (True, "cpu", "bf16-mixed", None),
+    (True, "gpu", "32-true", None),       # not a CPU run
+])
+def test_resolve_cpu_bf16(monkeypatch, amx, accelerator, precision, want):
+    monkeypatch.setattr("icrl_lightning.cli.cpu_bf16_unit", lambda: amx)
+    assert resolve_cpu_bf16(accelerator, precision) == want
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_cpu_bf16_auto_sets_the_trainers_precision(tmp_path, monkeypatch, caplog, amx):
+    monkeypatch.setattr("icrl_lightning.cli.cpu_bf16_unit", lambda: amx)
+    caplog.set_level("INFO")
+    cli = ICRLCLI(ICRLModule, ReplayDataModule, parser_kwargs={"parser_mode": "omegaconf"}, run=False,
+                  args=[*_tiny_args(tmp_path), "--cpu_bf16", "auto"])
+    assert cli.trainer.precision == ("bf16-mixed" if amx else "32-true")
+    assert ("has AMX" if amx else "no bf16 matrix unit") in caplog.text
+    off = ICRLCLI(ICRLModule, ReplayDataModule, parser_kwargs={"parser_mode": "omegaconf"}, run=False,
+                  args=_tiny_args(tmp_path))
+    assert off.trainer.precision == "32-true"  # the default, off: trainer.precision as written
 
 
 def test_only_fit_and_validate_are_offered(capsys):
@@ -282,6 +318,7 @@ def test_scenario_overlay_validates(tiny_checkpoints, overlay, tmp_path):
     assert (path.parent / "curves.png").stat().st_size > 0 and (path.parent / "trajectories.png").stat().st_size > 0
     assert set(report["agents"]) == AGENTS
     assert report["config"]["model"]["backbone"]["hidden_size"] == 32
+    assert report["config"]["trainer"]["precision"] == "32-true"
     scenario = {"eval_nonstationary": "nonstationary", "eval_stitching": "stitching"}.get(overlay, "standard")
     assert report["scenario"] == scenario == report["protocol"]["scenario"]
     sizes = {(len(m), len(m[0])) for m in report["maps"]}
