@@ -6,6 +6,7 @@ import logging
 import sys
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -44,18 +45,22 @@ class ICRLCLI(LightningCLI):
         parser.link_arguments("data.seq_len", "model.seq_len")
         parser.link_arguments("data.env", "model.env")
         parser.add_argument(
-            "--cpu_bf16", choices=CPU_BF16, default="off",
+            "--cpu_bf16", type=bool | Literal["auto"], default=False,
             help="auto: on a CPU with a bf16 matrix unit (Intel AMX, amx_bf16 in /proc/cpuinfo) a "
-                 "trainer.precision of 32-true becomes bf16-mixed (bf16 autocast; the Q readout stays "
+                 "float32 trainer.precision becomes bf16-mixed (bf16 autocast; the Q readout stays "
                  "float32), elsewhere it stays 32-true (bf16 without such a unit is slower); the log "
-                 "says which. off: trainer.precision as written.")
+                 "says which. true: bf16-mixed for a float32 CPU run on any CPU. false: "
+                 "trainer.precision as written. The saved config.yaml holds the precision that ran.")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        if config.get("cpu_bf16") == "auto":
-            precision = resolve_cpu_bf16(config.trainer.get("accelerator"), config.trainer.get("precision"))
+        choice = config.get("cpu_bf16")
+        if choice:
+            precision = resolve_cpu_bf16(config.trainer.get("accelerator"), config.trainer.get("precision"),
+                                         force=choice is True)
             if precision is not None:
                 config.trainer.precision = precision
+            config.cpu_bf16 = False  # the saved config.yaml states what ran, on any machine it is re-run on
 
     def _parse_ckpt_path(self) -> None:
         # Lightning's own step (its code, on the checked file): the checkpoint's hyper-parameters
@@ -108,9 +113,6 @@ class ICRLCLI(LightningCLI):
                   "its report says so", file=sys.stderr)
 
 
-CPU_BF16 = ("off", "auto")
-
-
 def cpu_bf16_unit(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU has a bf16 matrix unit that makes bf16 autocast faster than float32: Intel
     AMX (``amx_bf16`` among the flags of ``cpuinfo``). Other CPUs, and systems without the file,
@@ -123,16 +125,20 @@ def cpu_bf16_unit(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return "amx_bf16" in flags
 
 
-def resolve_cpu_bf16(accelerator, precision) -> str | None:
-    """``--cpu_bf16 auto``: the trainer precision to use instead of ``precision``, or None to keep it.
-    Only a float32 run on the CPU changes, to ``bf16-mixed`` where ``cpu_bf16_unit()``; the choice is
-    logged either way."""
+def resolve_cpu_bf16(accelerator, precision, force: bool = False) -> str | None:
+    """``--cpu_bf16 auto`` (``force``: ``true``): the trainer precision to use instead of
+    ``precision``, or None to keep it. Only a float32 run on the CPU changes, to ``bf16-mixed``
+    where ``cpu_bf16_unit()`` (or ``force``); the choice is logged either way."""
     name = accelerator if isinstance(accelerator, str) else None
     on_cpu = name == "cpu" or (name in (None, "auto") and not torch.cuda.is_available()
                                and not torch.backends.mps.is_available())
     if not on_cpu or str(precision) not in ("32-true", "32", "None"):
-        rank_zero_info(f"--cpu_bf16 auto: trainer.precision {precision} kept (it applies to float32 runs on the CPU)")
+        rank_zero_info(f"--cpu_bf16: not a float32 run on the CPU (accelerator {accelerator}, precision "
+                       f"{precision}): trainer.precision as written")
         return None
+    if force:
+        rank_zero_info("--cpu_bf16 true: trainer.precision bf16-mixed")
+        return "bf16-mixed"
     if cpu_bf16_unit():
         rank_zero_info("--cpu_bf16 auto: this CPU has AMX (amx_bf16): trainer.precision bf16-mixed")
         return "bf16-mixed"

@@ -11,7 +11,8 @@ def action_q_values(hidden: torch.Tensor, head_weight: torch.Tensor) -> torch.Te
     Only the four rows of the output layer are used, so the full-vocabulary logits are never
     materialised. The product is float32 with autocast off: under bf16 autocast a bf16 product
     would round Q-values near the x30 reward to steps of 0.125, coarser than many gaps between
-    actions that the TD targets and the greedy choice read. Costs nothing (four rows)."""
+    actions that the TD targets and the greedy choice read. Cheap: the product has one column per
+    action."""
     with torch.autocast(hidden.device.type, enabled=False):
         return hidden.float() @ head_weight.float().T
 

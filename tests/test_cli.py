@@ -164,30 +164,47 @@ def test_cpu_bf16_unit_reads_the_amx_flag(tmp_path):
     assert not cpu_bf16_unit(str(tmp_path / "absent"))
 
 
-@pytest.mark.parametrize(("amx", "accelerator", "precision", "want"), [
-    (True, "cpu", "32-true", "bf16-mixed"),
-    (True, "auto", None, "bf16-mixed"),
-    (False, "cpu", "32-true", None),
-    (True, "cpu", "64-true", None),       # another precision than float32 is the user's choice
-    (True, "cpu", "bf16-mixed", None),
-    (True, "gpu", "32-true", None),       # not a CPU run
+@pytest.mark.parametrize(("amx", "accelerator", "precision", "force", "want"), [
+    (True, "cpu", "32-true", False, "bf16-mixed"),
+    (True, "auto", None, False, "bf16-mixed"),
+    (False, "cpu", "32-true", False, None),
+    (False, "cpu", "32-true", True, "bf16-mixed"),  # true: on any CPU
+    (True, "cpu", "64-true", False, None),          # another precision than float32 is the user's choice
+    (True, "cpu", "bf16-mixed", True, None),
+    (True, "gpu", "32-true", True, None),           # not a CPU run
 ])
-def test_resolve_cpu_bf16(monkeypatch, amx, accelerator, precision, want):
+def test_resolve_cpu_bf16(monkeypatch, amx, accelerator, precision, force, want):
     monkeypatch.setattr("icrl_lightning.cli.cpu_bf16_unit", lambda: amx)
-    assert resolve_cpu_bf16(accelerator, precision) == want
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_cpu_bf16(accelerator, precision, force=force) == want
 
 
 @pytest.mark.parametrize("amx", [True, False])
-def test_cpu_bf16_auto_sets_the_trainers_precision(tmp_path, monkeypatch, caplog, amx):
+def test_cpu_bf16_auto_trains_and_evaluates_in_the_resolved_precision(tmp_path, monkeypatch, amx):
+    """Through the real entry point: the fit's report and its saved config.yaml say what ran; the
+    saved config re-runs as it ran (cpu_bf16 false), and validate resolves the same way."""
     monkeypatch.setattr("icrl_lightning.cli.cpu_bf16_unit", lambda: amx)
-    caplog.set_level("INFO")
+    main(["fit", *_tiny_args(tmp_path), "--trainer.max_steps", "1", "--cpu_bf16", "auto"])
+    (report,) = _reports(tmp_path)
+    want = "bf16-mixed" if amx else "32-true"
+    assert report["config"]["trainer"]["precision"] == want
+    (saved,) = (tmp_path / "logs").rglob("config.yaml")
+    config = yaml.safe_load(saved.read_text())
+    assert config["cpu_bf16"] is False and config["trainer"]["precision"] == want
+    ckpt = str(next((tmp_path / "logs").rglob("last.ckpt")))
+    main(["validate", "-c", str(saved), "--trainer.logger.init_args.save_dir", str(tmp_path / "v" / "logs"),
+          "--cpu_bf16", "auto", "--ckpt_path", ckpt])
+    (report,) = _reports(tmp_path / "v")
+    assert report["config"]["trainer"]["precision"] == want
+
+
+@pytest.mark.parametrize("text", ["cpu_bf16: off", "cpu_bf16: false", "cpu_bf16: auto"])
+def test_cpu_bf16_in_a_yaml(tmp_path, text):
+    (tmp_path / "c.yaml").write_text(text + "\n")
     cli = ICRLCLI(ICRLModule, ReplayDataModule, parser_kwargs={"parser_mode": "omegaconf"}, run=False,
-                  args=[*_tiny_args(tmp_path), "--cpu_bf16", "auto"])
-    assert cli.trainer.precision == ("bf16-mixed" if amx else "32-true")
-    assert ("has AMX" if amx else "no bf16 matrix unit") in caplog.text
-    off = ICRLCLI(ICRLModule, ReplayDataModule, parser_kwargs={"parser_mode": "omegaconf"}, run=False,
-                  args=_tiny_args(tmp_path))
-    assert off.trainer.precision == "32-true"  # the default, off: trainer.precision as written
+                  args=[*_tiny_args(tmp_path), "-c", str(tmp_path / "c.yaml")])
+    assert cli.config["cpu_bf16"] is False  # auto was resolved (and the resolution saved)
 
 
 def test_only_fit_and_validate_are_offered(capsys):

@@ -157,6 +157,21 @@ def test_action_q_values():
     torch.testing.assert_close(q[:, 2], hidden @ lm_head.weight[17])
 
 
+def test_action_q_values_stay_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    hidden, rows = torch.randn(64, 128) * 3, torch.randn(4, 128)
+    exact = (hidden.double() @ rows.double().T).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q = action_q_values(hidden, rows)
+        rounded = hidden @ rows.T  # what a plain product gives under autocast
+    assert q.dtype == torch.float32 and rounded.dtype == torch.bfloat16
+    assert (q - exact).abs().max() < 1e-3 < (rounded.float() - exact).abs().max()
+    # bf16 inputs (a bf16 model): the product is still float32, and gradients reach them.
+    h = hidden.bfloat16().requires_grad_()
+    action_q_values(h, rows.bfloat16()).sum().backward()
+    assert h.grad is not None and h.grad.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("alpha", [0.1, 0.01, 0.5, 1.0, 0.0])
 def test_polyak_exact(alpha):
     torch.manual_seed(1)
