@@ -223,10 +223,12 @@ def quiet_known_warnings() -> None:
     caution that an ``IterableDataset`` with ``__len__`` may repeat data across workers
     (``ReplayStream`` gives every worker a disjoint share of the maps), its note that a checkpoint
     evaluated into another folder does not restore the training run's checkpoint bookkeeping (an
-    evaluation writes no checkpoints), and its logging-service tip."""
+    evaluation writes no checkpoints), that its model summary cannot size bf16-mixed weights (the
+    weights are float32 under autocast; the summary counts them as such), and its logging-service tip."""
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
     warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
+    warnings.filterwarnings("ignore", message=r"Precision bf16-mixed is not supported by the model summary")
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _NoAdvert) for f in rank_zero.filters):
         rank_zero.addFilter(_NoAdvert())

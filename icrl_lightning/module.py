@@ -233,8 +233,7 @@ class ICRLModule(L.LightningModule):
         """The extra batch fields (``data.stream.BATCH_FIELDS``) this objective reads."""
         if self.hparams.objective == "dpt":
             return frozenset({"optimal"})
-        fields = {"conflict"} if self.td.conflict_weight != 1 else set()
-        return frozenset(fields | ({"novel"} if self.td.novelty_bonus else set()))
+        return frozenset({"conflict"} if self.td.conflict_weight != 1 else ())
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         td, cql, q_mask = self.td, self.cql, batch["q_mask"]
@@ -251,11 +250,8 @@ class ICRLModule(L.LightningModule):
             q_target = self.q_values(batch["input_ids"], q_mask, target=True)
         action, reward, done = batch["action"][q_mask], batch["reward"][q_mask], batch["done"][q_mask]
         q_taken = q.gather(1, action[:, None]).squeeze(1)
-        # An untried (tile, action) of the context earns the novelty bonus on top of its reward.
-        bonus = td.novelty_bonus * batch["novel"][q_mask] if td.novelty_bonus else 0.0
         # y = scale * r + gamma * Q_target(next, argmax_a Q_online(next, a)), no bootstrap past an episode end
-        y = double_dqn_targets(reward + bonus, done, next_step(q.detach()), next_step(q_target), td.gamma,
-                               td.reward_scale)
+        y = double_dqn_targets(reward, done, next_step(q.detach()), next_step(q_target), td.gamma, td.reward_scale)
         weight = position_weights(batch["conflict"][q_mask], td.conflict_weight) if td.conflict_weight != 1 else None
         td_loss = bellman_loss(q_taken, y, td.loss, q_mask.nonzero()[:, 0], weight)
         loss = td_loss
@@ -272,8 +268,6 @@ class ICRLModule(L.LightningModule):
         self.log("train/target_mean", y.mean(), batch_size=bs)
         if "conflict" in batch:
             self.log("train/conflict_share", batch["conflict"][q_mask].float().mean(), batch_size=bs)
-        if "novel" in batch:
-            self.log("train/novel_share", batch["novel"][q_mask].float().mean(), batch_size=bs)
         return loss
 
     def _check_finite(self, loss: torch.Tensor, what: str) -> None:

@@ -13,7 +13,7 @@ CQL_EPISODES = ("all", "successful")
 
 # Options removed after they did not help (docs/results.md says what was measured), each with the
 # value that meant "off": older checkpoints save them in their hyper-parameters.
-REMOVED = {"td": {"cross_gamma": 0.0}}
+REMOVED = {"td": {"cross_gamma": 0.0, "novelty_bonus": 0.0}}
 
 
 def without_removed(group: str, saved: dict) -> dict:
@@ -50,26 +50,18 @@ class TD:
             batch. 1 (paper) weighs every position alike. There "copy the nearest visit" and "follow
             the success" disagree; such positions are rare in packed sequences, so a small model
             learns the simpler copy first unless they weigh more.
-        novelty_bonus: under study (issue 16), not in the paper; 0 (paper) = off. A reward (before
-            ``reward_scale``) added in the TD target of every action whose (tile, action) pair the
-            context has not shown before on that map (``data.context.first_tries``): an in-context
-            count-based exploration bonus, so that Q values an untried move as the optimistic
-            tabular learner does, and the greedy policy explores instead of replaying its last
-            episode. The conservative penalty's successful episodes are read from the real rewards.
     """
 
     gamma: float = 0.9
     reward_scale: float = 30.0
     loss: str = "mse"
     conflict_weight: float = 1.0
-    novelty_bonus: float = 0.0
 
     def check(self) -> None:
         check_range("model.td.gamma", self.gamma, 0, 1, hi_open=True)
         check_range("model.td.reward_scale", self.reward_scale, 0, None, lo_open=True)
         check_choice("model.td.loss", self.loss, LOSSES)
         check_range("model.td.conflict_weight", self.conflict_weight, 0, None)
-        check_range("model.td.novelty_bonus", self.novelty_bonus, 0, None)
 
 
 @dataclass

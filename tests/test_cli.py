@@ -150,7 +150,7 @@ def test_help_through_module_entry_point():
     assert out.returncode == 0, out.stderr
     for flag in ("--model.target.alpha", "--model.td.gamma", "--model.td.loss", "--model.td.conflict_weight",
                  "--model.cql.help", "--data.set_order", "--data.quality", "--data.seq_len", "--model.evaluation",
-                 "--data.env", "--data.behaviour", "--cpu_bf16", "--model.td.novelty_bonus"):
+                 "--data.env", "--data.behaviour", "--cpu_bf16"):
         assert flag in out.stdout, flag
     assert "Polyak" in out.stdout  # argument docstrings become the help text
 
@@ -230,14 +230,15 @@ def test_there_are_configs():
 
 
 QUICKSTART = REPO / "conf/experiment/quickstart.yaml"
-OVERLAY_PREFIXES = ("eval_", "quality_")
+OVERLAY_PREFIXES = ("eval_", "quality_", "long")
 _QUICKSTART_CFG: dict[str, dict] = {}
 
 
 def _is_overlay(path: Path) -> bool:
-    """Overlays are layered on a full experiment config: conf/experiment/eval_*.yaml and quality_*.yaml
-    (evaluation scenarios, data-quality runs) and every YAML with CLI sections outside conf/experiment/
-    (e.g. conf/model/*.yaml). Everything else in conf/experiment/ is a full experiment."""
+    """Overlays are layered on a full experiment config: conf/experiment/eval_*.yaml, quality_*.yaml
+    and long.yaml (evaluation scenarios, data-quality runs, the long recipe) and every YAML with CLI
+    sections outside conf/experiment/ (e.g. conf/model/*.yaml). Everything else in conf/experiment/
+    is a full experiment."""
     if path.parent.name == "experiment":
         return path.name.startswith(OVERLAY_PREFIXES)
     return True
@@ -247,7 +248,7 @@ def _is_overlay(path: Path) -> bool:
 @pytest.mark.parametrize("subcommand", ["fit", "validate"])
 def test_every_config_parses(path, subcommand, print_config):
     top = yaml.safe_load(path.read_text()) or {}
-    known = {"seed_everything", "trainer", "model", "data", "optimizer", "lr_scheduler", "ckpt_path"}
+    known = {"seed_everything", "cpu_bf16", "trainer", "model", "data", "optimizer", "lr_scheduler", "ckpt_path"}
     if set(top) <= known:
         base = ["-c", str(QUICKSTART)] if _is_overlay(path) else []
         args = [subcommand, *base, "-c", str(path), "--print_config"]
@@ -335,7 +336,8 @@ def test_scenario_overlay_validates(tiny_checkpoints, overlay, tmp_path):
     assert (path.parent / "curves.png").stat().st_size > 0 and (path.parent / "trajectories.png").stat().st_size > 0
     assert set(report["agents"]) == AGENTS
     assert report["config"]["model"]["backbone"]["hidden_size"] == 32
-    assert report["config"]["trainer"]["precision"] == "32-true"
+    # The quickstart's cpu_bf16: auto, as this machine resolves it.
+    assert report["config"]["trainer"]["precision"] == ("bf16-mixed" if cpu_bf16_unit() else "32-true")
     scenario = {"eval_nonstationary": "nonstationary", "eval_stitching": "stitching"}.get(overlay, "standard")
     assert report["scenario"] == scenario == report["protocol"]["scenario"]
     sizes = {(len(m), len(m[0])) for m in report["maps"]}

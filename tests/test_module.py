@@ -12,7 +12,6 @@ from icrl_lightning.envs.frozen_lake import FrozenLake
 from icrl_lightning.evaluation import EvalProtocol
 from icrl_lightning.module import ICRLModule
 from icrl_lightning.objective import CQL, TD, Target, without_removed
-from icrl_lightning.qlearning import successful_episode
 
 # training_step is also called directly, outside a Trainer, where self.log only warns.
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
@@ -150,9 +149,8 @@ def _reference_loss(module: ICRLModule, batch: dict, kind: str) -> torch.Tensor:
     return _reference_errors(module, batch, kind).mean()
 
 
-def _reference_errors(module: ICRLModule, batch: dict, kind: str = "mse", bonus: float = 0.0) -> torch.Tensor:
-    """The squared TD error of each action position (row-major, as ``batch[...][q_mask]``);
-    ``bonus`` is added to the reward where ``batch["novel"]`` marks the position."""
+def _reference_errors(module: ICRLModule, batch: dict, kind: str = "mse") -> torch.Tensor:
+    """The squared TD error of each action position (row-major, as ``batch[...][q_mask]``)."""
     td = module.td
     with torch.no_grad():
         logits = module.model(input_ids=batch["input_ids"]).logits[..., module.action_ids]
@@ -161,7 +159,7 @@ def _reference_errors(module: ICRLModule, batch: dict, kind: str = "mse", bonus:
         pos = torch.nonzero(batch["q_mask"][b]).flatten().tolist()
         seq_errs, seq_targets = [], []
         for j, p in enumerate(pos):
-            y = td.reward_scale * (float(batch["reward"][b, p]) + (bonus * float(batch["novel"][b, p]) if bonus else 0))
+            y = td.reward_scale * float(batch["reward"][b, p])
             if not bool(batch["done"][b, p]):
                 nxt = pos[j + 1]
                 y += td.gamma * float(logits[b, nxt].max())  # target == online here
@@ -296,24 +294,6 @@ def test_conflict_weight_reweighs_the_marked_positions(tiny_data_dir, make_modul
         torch.testing.assert_close(plain.training_step(batch, 0), td.mean() + 2.0 * gap.mean(), rtol=1e-4, atol=1e-4)
 
 
-def test_novelty_bonus_adds_to_the_reward_of_untried_pairs_only(tiny_data_dir, make_module, make_batch):
-    module = make_module(td=TD(novelty_bonus=0.2), cql=CQL(weight=2.0, episodes="successful"))
-    assert module.batch_fields == frozenset({"novel"})
-    module.eval()
-    batch = make_batch(module, tiny_data_dir)
-    novel = batch["novel"][batch["q_mask"]]
-    assert 0 < novel.sum() < len(novel)
-    with torch.no_grad():
-        loss = module.training_step(batch, 0)
-        logits = module.model(input_ids=batch["input_ids"]).logits[..., module.action_ids]
-    # The TD target gains 30 x 0.2 where marked; the penalty's successful episodes are the real rewards'.
-    success = successful_episode(batch["reward"][batch["q_mask"]], batch["done"][batch["q_mask"]]).float()
-    penalty = (_gap(logits, batch) * success).sum() / len(success)
-    want = _reference_errors(module, batch, bonus=0.2).mean() + 2.0 * penalty
-    torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(want, _reference_errors(module, batch).mean() + 2.0 * penalty)
-
-
 @pytest.mark.parametrize("weight", [1.0, 5.0, 0.5, 0.0])
 def test_batch_fields_ask_for_conflict_only_when_weighted(tiny_data_dir, make_module, make_batch, weight):
     module = make_module(td=TD(conflict_weight=weight))
@@ -353,7 +333,6 @@ def test_checkpoints_with_a_removed_option_load_when_it_was_off(tmp_path, make_m
     ({"td": {"reward_scale": 0.0}}, r"model\.td\.reward_scale"),
     ({"td": TD(loss="huber")}, r"model\.td\.loss"),
     ({"td": TD(conflict_weight=-1.0)}, r"model\.td\.conflict_weight"),
-    ({"td": TD(novelty_bonus=-0.1)}, r"model\.td\.novelty_bonus"),
     ({"target": Target(alpha=0.0)}, r"model\.target\.alpha"),
     ({"target": {"alpha": 1.5}}, r"model\.target\.alpha"),
 ])
@@ -465,7 +444,7 @@ def test_checkpoint_holds_the_objective_as_plain_dicts(tmp_path, tiny_data_dir, 
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     hp = torch.load(tmp_path / "m.ckpt", map_location="cpu", weights_only=True)["hyper_parameters"]
     assert type(hp["td"]) is dict and hp["td"] == {"gamma": 0.8, "reward_scale": 20.0, "loss": "normalized",
-                                                    "conflict_weight": 4.0, "novelty_bonus": 0.0}
+                                                    "conflict_weight": 4.0}
     assert type(hp["target"]) is dict and hp["target"] == {"alpha": 0.05}
     assert type(hp["cql"]) is dict and hp["cql"] == {"weight": 3.0, "episodes": "successful"}
     loaded = ICRLModule.load_from_checkpoint(tmp_path / "m.ckpt", weights_only=True,
@@ -482,8 +461,7 @@ def test_checkpoint_holds_the_objective_as_plain_dicts(tmp_path, tiny_data_dir, 
     hp = torch.load(tmp_path / "plain.ckpt", map_location="cpu", weights_only=True)["hyper_parameters"]
     # Groups left at their defaults are saved as given (None) or as their plain dicts.
     assert hp["cql"] is None
-    assert hp["td"] in (None, {"gamma": 0.9, "reward_scale": 30.0, "loss": "mse", "conflict_weight": 1.0,
-                             "novelty_bonus": 0.0})
+    assert hp["td"] in (None, {"gamma": 0.9, "reward_scale": 30.0, "loss": "mse", "conflict_weight": 1.0})
     assert hp["target"] in (None, {"alpha": 0.1})
     loaded = ICRLModule.load_from_checkpoint(tmp_path / "plain.ckpt", weights_only=True,
                                              evaluation=EvalProtocol(max_episode_steps=30))

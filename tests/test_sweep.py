@@ -81,7 +81,7 @@ def test_plan_and_commands(tmp_path):
     val = jobs[2].validate_args("ood", 200)
     assert val[val.index("-c", 2) + 1] == "conf/experiment/eval_ood.yaml"  # right after the configs
     assert val[-1] == f"--ckpt_path={jobs[2].checkpoint(200)}"
-    # Without steps, each setting's own max_steps (the quickstart's 600, or its override).
+    # Without steps, each setting's own max_steps (the quickstart's, or its override).
     doc["settings"]["short"] = {"steps": [100, 50]}  # a setting's own steps
     assert {j.setting: j.steps for j in plan(load_sweep(_write(tmp_path, doc)))}["short"] == [50, 100]
     doc["settings"]["short"] = {"steps": 7}
@@ -90,8 +90,9 @@ def test_plan_and_commands(tmp_path):
     doc["settings"].pop("short")
     doc.pop("steps")
     doc["settings"]["long"] = {"trainer.max_steps": 900}
+    own = yaml.safe_load(Path(QUICKSTART).read_text())["trainer"]["max_steps"]
     assert {j.setting: j.steps for j in plan(load_sweep(_write(tmp_path, doc)))} == {
-        "base": [600], "maps": [600], "long": [900]}
+        "base": [own], "maps": [own], "long": [900]}
 
 
 def test_interval_is_students_t():
