@@ -136,14 +136,11 @@ def resolve_cpu_bf16(accelerator, precision, force: bool = False) -> str | None:
         rank_zero_info(f"--cpu_bf16: not a float32 run on the CPU (accelerator {accelerator}, precision "
                        f"{precision}): trainer.precision as written")
         return None
-    if force:
-        rank_zero_info("--cpu_bf16 true: trainer.precision bf16-mixed")
-        return "bf16-mixed"
-    if cpu_bf16_unit():
-        rank_zero_info("--cpu_bf16 auto: this CPU has AMX (amx_bf16): trainer.precision bf16-mixed")
-        return "bf16-mixed"
-    rank_zero_info("--cpu_bf16 auto: this CPU has no bf16 matrix unit (no amx_bf16): trainer.precision 32-true")
-    return None
+    use = force or cpu_bf16_unit()
+    unit = "AMX (amx_bf16)" if use else "no bf16 matrix unit (no amx_bf16)"
+    why = "true" if force else f"auto: this CPU has {unit}"
+    rank_zero_info(f"--cpu_bf16 {why}: trainer.precision {'bf16-mixed' if use else '32-true'}")
+    return "bf16-mixed" if use else None
 
 
 def check_checkpoint(path: str, what: str = "--ckpt_path") -> dict:
