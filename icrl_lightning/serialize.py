@@ -213,6 +213,16 @@ class Serializer:
         """The largest token id this serializer writes (pad included)."""
         return max([self.pad_id, *(max(ids) for ids in self._cache.values() if ids)])
 
+    def untag_table(self) -> np.ndarray | None:
+        """``table[id]``: the id a token of a failed episode has in the episode as it was played,
+        untagged (``mark_failed`` undone; every other id maps to itself); None without outcome tags."""
+        if not self._failed_ids:
+            return None
+        table = np.arange(max(self.max_id, *self._failed_ids.values()) + 1, dtype=np.int32)
+        for plain, failed in self._failed_ids.items():
+            table[failed] = plain
+        return table
+
     @property
     def outcome_tags(self) -> bool:
         """Whether a failed episode is written differently from a success (``Format.failure_*``)."""

@@ -661,3 +661,62 @@ def test_learning_sets_are_whole_histories(compact, synthetic, decode_stream):
         assert len(s) == 4 and idx[0] % 4 == 0 and idx == list(range(idx[0], idx[0] + 4)), idx
 
 
+
+
+# --- data.as_played: failed episodes laid out twice, as played and tagged --------------------------------------
+def test_untag_table_undoes_the_failure_tags():
+    s = Serializer(build_tokenizer("compact_outcome"), "compact_outcome")
+    e = Episode([0, 1, 5, 9], [2, 1, 1], [0.0, 0.0, 0.0], True, False)
+    failed = s.encode(e).ids
+    # What the agent writes while it plays the episode, before it knows the outcome.
+    played = list(s.begin(0))
+    for t, a in enumerate(e.actions):
+        played += s.after_action(a, e.observations[t + 1], 0.0, t == len(e.actions) - 1, False)
+    assert len(played) == len(failed) and not np.array_equal(played, failed)
+    table = s.untag_table()
+    assert np.array_equal(table[failed], played)
+    assert np.array_equal(table[np.asarray(played)], played)  # untagged tokens map to themselves
+    assert Serializer(build_tokenizer("compact"), "compact").untag_table() is None
+
+
+def test_as_played_layout_puts_the_untagged_copy_first_at_the_same_positions():
+    s = Serializer(build_tokenizer("compact_outcome"), "compact_outcome")
+    ok = s.encode(Episode([0, 1, 2], [2, 2], [0.0, 1.0], True, False, map_id=0))
+    bad = s.encode(Episode([0, 4], [1], [0.0], True, False, map_id=0))
+    after = s.encode(Episode([0, 1, 2], [2, 2], [0.0, 1.0], True, False, map_id=0))
+    st = ReplayStream({0: [ok]}, {0: np.ones(1)}, seq_len=64, pad_id=s.pad_id, num_sequences=1,
+                      untag=s.untag_table())
+    b = st.pack([ok, bad, after])
+    n1, n2 = len(ok), len(bad)
+    ids = b["input_ids"].numpy()
+    assert np.array_equal(ids[:n1], ok.ids)
+    assert np.array_equal(ids[n1:n1 + n2], s.untag_table()[bad.ids])  # as played
+    assert np.array_equal(ids[n1 + n2:n1 + 2 * n2], bad.ids)  # then tagged
+    assert np.array_equal(ids[n1 + 2 * n2:n1 + 2 * n2 + len(after)], after.ids)
+    pos = b["position_ids"].numpy()
+    assert np.array_equal(pos[n1:n1 + n2], pos[n1 + n2:n1 + 2 * n2])
+    assert np.array_equal(pos[:n1 + n2], np.arange(n1 + n2))
+    assert pos[n1 + 2 * n2] == n1 + n2  # the next episode continues after one copy
+    assert b["played"].tolist()[:n1 + 2 * n2 + 1] == [0] * n1 + [1] * n2 + [0] * (n2 + 1)
+    # The failed episode's action is trained on its untagged copy; the others where they are.
+    q = torch.nonzero(b["q_mask"]).flatten().tolist()
+    assert q == [*ok.q_pos, *(bad.q_pos + n1), *(after.q_pos + n1 + 2 * n2)]
+    assert b["action"][bad.q_pos + n1].tolist() == bad.actions.tolist()
+    assert torch.nonzero(b["done"]).flatten().tolist() == [ok.q_pos[-1], bad.q_pos[-1] + n1,
+                                                            after.q_pos[-1] + n1 + 2 * n2]
+    assert int(b["n_tokens"]) == n1 + 2 * n2 + len(after)
+    # Room: a failed episode takes its tokens twice.
+    st2 = ReplayStream({0: [bad]}, {0: np.ones(1)}, seq_len=2 * n2, pad_id=s.pad_id, num_sequences=1,
+                       untag=s.untag_table())
+    assert st2._room(bad) == 2 * n2 and st2._room(ok) == n1
+    with pytest.raises(InputError, match=r"data\.seq_len=.*twice: data\.as_played"):
+        ReplayStream({0: [bad]}, {0: np.ones(1)}, seq_len=2 * n2 - 1, pad_id=s.pad_id, num_sequences=1,
+                     untag=s.untag_table())
+
+
+def test_as_played_needs_an_outcome_tagged_format(tiny_data_dir, tiny_datamodule, compact):
+    with pytest.raises(InputError, match=r"data\.as_played=true needs an outcome-tagged format"):
+        tiny_datamodule(tiny_data_dir, compact, as_played=True, seq_len=512)
+    s = Serializer(build_tokenizer("compact_outcome"), "compact_outcome")
+    with pytest.raises(InputError, match=r"data\.seq_len.*data\.as_played"):
+        tiny_datamodule(tiny_data_dir, s, as_played=True, seq_len=256)

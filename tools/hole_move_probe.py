@@ -14,6 +14,19 @@ move's Q-value with the best other move's, split by whether the context already 
 "argmax" is the share where that move is the greedy choice. A model that learns from a hole in
 context gives a low Q and a low argmax share once the move is "seen".
 
+Then the exploration the found share depends on: at every decision of the same trials before the
+map's goal was first reached (exploration episodes, whichever action was then drawn), the kind of
+move the greedy action is, by what the trial showed so far on that tile: ``hole`` (the move ended
+in a hole), ``wall`` (it left the agent on its tile), ``safe`` (it led to another tile), ``untried``;
+beside the shares a uniform choice would give, and each kind's mean Q less the row's mean. A
+model that explores from its context picks ``hole`` below the uniform share and ``untried`` above.
+
+Outcome-tagged formats (``compact_outcome``) also get the tag check: on the held-out learner
+contexts, the mean Q of the moves of failed episodes with the episode's own tags in view (as the
+stream trains them without ``data.as_played``) and without (as the agent sees an episode while it
+plays it), beside successful episodes'. A large gap means the model reads the episode's outcome
+from its own tags rather than from the context.
+
     python tools/hole_move_probe.py runs/quickstart/version_0/checkpoints/last.ckpt
 """
 
@@ -38,11 +51,12 @@ def ends_in_hole(rows, observations, actions) -> bool:
     return bool(actions) and rows[last // w][last % w] == "H"
 
 
-def learner_contexts(module, by_map, n_maps: int, seq_len: int, rng) -> dict:
+def learner_contexts(module, by_map, n_maps: int, seq_len: int, rng, as_played: bool = False) -> dict:
     """{times seen before (capped at 3): [(Q of the hole move, best other Q)]} over learner contexts
     (packed by ``icrl_lightning.diagnostics.single_map_sequences``, as ``context_td_error.py`` packs them)."""
     out = defaultdict(list)
-    for seq in diagnostics.single_map_sequences(by_map, module.serializer, seq_len, rng, maps=n_maps):
+    for seq in diagnostics.single_map_sequences(by_map, module.serializer, seq_len, rng, maps=n_maps,
+                                                as_played=as_played):
         if not seq.episodes:
             continue
         rows, seen = seq.episodes[0].map_rows, defaultdict(int)
@@ -55,13 +69,17 @@ def learner_contexts(module, by_map, n_maps: int, seq_len: int, rng) -> dict:
     return out
 
 
-def own_contexts(module, maps, seq_len: int, seed: int) -> dict:
+def own_trials(module, maps, seq_len: int, seed: int):
+    """The model's own protocol trials on ``maps``, with the Q row of every decision."""
+    agent = InContextAgent(module.acting_network(), module.serializer, max_context=seq_len)
+    with torch.no_grad():
+        return agent.play(maps, paper_schedule(), seed, record_q=True, keys=list(range(len(maps))))
+
+
+def own_contexts(trial, maps) -> dict:
     """The same over the model's own protocol trials, greedy phase only: at every greedy decision on
     a tile where a move has already ended in a hole in this trial (the move taken or not)."""
-    agent = InContextAgent(module.acting_network(), module.serializer, max_context=seq_len)
     schedule = paper_schedule()
-    with torch.no_grad():
-        trial = agent.play(maps, schedule, seed, record_q=True, keys=list(range(len(maps))))
     out = defaultdict(list)
     for i, rows in enumerate(maps):
         seen, t = defaultdict(int), 0
@@ -76,6 +94,57 @@ def own_contexts(module, maps, seq_len: int, seed: int) -> dict:
             if ends_in_hole(rows, obs, acts):
                 seen[(obs[-2], acts[-1])] += 1
     return out
+
+
+def own_tags(module, by_map, n_maps: int, seq_len: int, rng) -> dict[str, list[float]]:
+    """{"failed, own tags", "failed, untagged", "successful"}: the mean Q of the taken moves of each
+    episode of the learner contexts, its context being the episodes packed before it (as they stand)."""
+    s, untag = module.serializer, module.serializer.untag_table()
+    out = defaultdict(list)
+    for seq in diagnostics.single_map_sequences(by_map, s, seq_len, rng, maps=n_maps):
+        ids, at = seq.batch["input_ids"][0].tolist(), 0
+        for e in seq.episodes:
+            enc = s.encode(e)
+            versions = {"successful": enc.ids} if enc.success else {"failed, own tags": enc.ids,
+                                                                    "failed, untagged": untag[enc.ids]}
+            for name, own in versions.items():
+                x = torch.tensor([ids[:at] + own.tolist()])
+                mask = torch.zeros_like(x, dtype=torch.bool)
+                mask[0, torch.from_numpy(enc.q_pos.astype(np.int64)) + at] = True
+                q = diagnostics.q_values(module, {"input_ids": x, "q_mask": mask}).numpy()
+                out[name].append(float(q[np.arange(len(q)), enc.actions].mean()))
+            at += len(enc)
+    return out
+
+
+KINDS = ("hole", "wall", "safe", "untried")
+
+
+def before_goal(trial, maps) -> tuple[int, dict, dict, dict]:
+    """(decisions, greedy share per kind, uniform share per kind, mean Q less the row mean per kind)
+    over every decision before the map's goal was first reached (see the module docstring)."""
+    greedy, uniform, gap, n = defaultdict(float), defaultdict(float), defaultdict(list), 0
+    for i, rows in enumerate(maps):
+        w, known, t = len(rows[0]), {}, 0
+        for e in trial.episodes[i]:
+            obs, acts = e.observations, e.actions
+            for j in range(len(acts)):
+                q = trial.q_values[i][t + j]
+                kinds = [known.get((obs[j], a), "untried") for a in range(4)]
+                greedy[kinds[int(np.argmax(q))]] += 1
+                for kind in kinds:
+                    uniform[kind] += 0.25
+                for kind in set(kinds):
+                    gap[kind].append(np.mean([q[a] for a in range(4) if kinds[a] == kind]) - q.mean())
+                n += 1
+                nxt = obs[j + 1]
+                known[(obs[j], acts[j])] = ("hole" if rows[nxt // w][nxt % w] == "H" else
+                                            "wall" if nxt == obs[j] else "safe")
+            t += len(acts)
+            if e.success:
+                break
+    return (n, {k: greedy[k] / max(n, 1) for k in KINDS}, {k: uniform[k] / max(n, 1) for k in KINDS},
+            {k: float(np.mean(gap[k])) if gap[k] else float("nan") for k in KINDS})
 
 
 def show(name: str, table: dict) -> None:
@@ -104,9 +173,19 @@ def run(args: argparse.Namespace) -> None:
     module, data = load_run(args.checkpoint)
     for split in ("train", "heldout"):  # heldout: as context_td_error.py --split heldout
         by_map = diagnostics.learner_episodes(data, split, maps=args.maps)
-        show(f"learner, {split}", learner_contexts(module, by_map, args.maps, args.seq_len, np.random.default_rng(0)))
+        show(f"learner, {split}", learner_contexts(module, by_map, args.maps, args.seq_len, np.random.default_rng(0),
+                                                   data.hparams.get("as_played", False)))
+        if split == "heldout" and module.serializer.outcome_tags:
+            tags = own_tags(module, by_map, args.maps, args.seq_len, np.random.default_rng(0))
+            print("learner, heldout   Q of the taken moves: " + ", ".join(
+                f"{k} {np.mean(v):.2f} (n={len(v)})" for k, v in tags.items()))
     maps = checkpoint_eval_maps(args.checkpoint, eval_maps=args.eval_maps)
-    show("own, greedy phase", own_contexts(module, maps, args.seq_len, args.seed))
+    trial = own_trials(module, maps, args.seq_len, args.seed)
+    show("own, greedy phase", own_contexts(trial, maps))
+    n, greedy, uniform, gap = before_goal(trial, maps)
+    print(f"own, before the goal: {n} decisions; kind of the greedy move (uniform share, mean Q less the row mean)")
+    for k in KINDS:
+        print(f"  {k:8s} {greedy[k]:.3f} ({uniform[k]:.3f}, {gap[k]:+.2f})")
 
 
 if __name__ == "__main__":
