@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from icrl_lightning.checks import InputError
 from icrl_lightning.cli import check_checkpoint
 from icrl_lightning.data import ReplayDataModule
 from icrl_lightning.envs.frozen_lake import Map
@@ -21,10 +22,22 @@ def load_module(ckpt_path: str | Path, map_location: str = "cpu", what: str = "c
     return module
 
 
+# Data options removed after they did not help (docs/results.md), with the value that meant "off":
+# checkpoints of the versions that had them save them.
+REMOVED_DATA = {"as_played": False}
+
+
 def data_settings(ckpt_path: str | Path, what: str = "checkpoint") -> dict:
-    """The checkpoint's ``ReplayDataModule`` arguments."""
+    """The checkpoint's ``ReplayDataModule`` arguments, less the removed options at their "off"
+    value (one that was on is an ``InputError`` naming it: this version cannot replay that data)."""
     saved = check_checkpoint(str(ckpt_path), what)
-    return {k: v for k, v in saved.get("datamodule_hyper_parameters", {}).items() if not k.startswith("_")}
+    settings = {k: v for k, v in saved.get("datamodule_hyper_parameters", {}).items() if not k.startswith("_")}
+    for key, off in REMOVED_DATA.items():
+        if key in settings and settings.pop(key) != off:
+            value = saved["datamodule_hyper_parameters"][key]
+            raise InputError(f"{what}: {ckpt_path} was trained with data.{key}={value!r}, an option removed since "
+                             f"(it did not help, see docs/results.md); load it with the version that trained it")
+    return settings
 
 
 def load_run(ckpt_path: str | Path, map_location: str = "cpu", what: str = "checkpoint",

@@ -67,41 +67,36 @@ class Sequence:
 
 
 def single_map_sequences(by_map: dict[int, list[Episode]], serializer: Serializer, seq_len: int,
-                         rng: np.random.Generator, maps: int | None = None, per_map: int = 30,
-                         as_played: bool = False) -> Iterator[Sequence]:
+                         rng: np.random.Generator, maps: int | None = None, per_map: int = 30) -> Iterator[Sequence]:
     """For each of the first ``maps`` maps: ``per_map`` of its episodes drawn at random and packed
     whole, in the order drawn, into one sequence of at most ``seq_len`` tokens (it stops at the
     first that does not fit; episodes without an action are left out; a map with nothing packed
-    yields nothing). ``as_played``: laid out as ``data.as_played`` trains (each failed episode
-    untagged where its actions are read, then tagged; the batch gains ``played`` and
-    ``position_ids``), for checkpoints trained so."""
-    untag = serializer.untag_table() if as_played else None
+    yields nothing)."""
     for map_id in sorted(by_map)[:maps]:
         episodes = by_map[map_id]
-        chunk: list = []
-        packed, index, room = [], [], seq_len
+        ids: list[int] = []
+        q_pos, action, reward, done, index, packed = [], [], [], [], [], []
         for k, i in enumerate(rng.choice(len(episodes), size=min(per_map, len(episodes)), replace=False)):
             e = episodes[i]
             enc = serializer.encode(e)
             if not len(enc.q_pos):
                 continue
-            need = 2 * len(enc) if untag is not None and not enc.success else len(enc)
-            if need > room:
+            if len(ids) + len(enc) > seq_len:
                 break
-            room -= need
-            chunk.append(enc)
-            packed.append(e)
+            q_pos += (enc.q_pos + len(ids)).tolist()
+            action += enc.actions.tolist()
+            reward += enc.rewards.tolist()
+            done += [False] * (len(enc.actions) - 1) + [True]
             index += [k] * len(enc.actions)
+            ids += enc.ids.tolist()
+            packed.append(e)
         if not packed:
             continue
-        stream = ReplayStream({map_id: chunk}, {map_id: np.ones(len(chunk))}, seq_len, serializer.pad_id, 1,
-                              untag=untag)
-        b = stream.pack(chunk)
-        n, q = int(b["n_tokens"]), b["q_mask"]
-        batch = {"input_ids": b["input_ids"][None, :n], "q_mask": q[None, :n], "action": b["action"][q],
-                 "reward": b["reward"][q], "done": b["done"][q]}
-        if untag is not None:
-            batch |= {"played": b["played"][None, :n], "position_ids": b["position_ids"][None, :n]}
+        x = torch.tensor([ids], dtype=torch.long)
+        mask = torch.zeros_like(x, dtype=torch.bool)
+        mask[0, q_pos] = True
+        batch = {"input_ids": x, "q_mask": mask, "action": torch.tensor(action), "reward": torch.tensor(reward),
+                 "done": torch.tensor(done)}
         yield Sequence(batch, packed, index)
 
 
@@ -110,7 +105,6 @@ def q_values(module: ICRLModule, batch: dict[str, torch.Tensor], target: bool = 
     """Q(context, .) ``[N, 4]`` at every action position of ``batch`` (online or target network);
     ``batch`` may be one packed sequence (``[T]``) or a batch (``[B, T]``)."""
     ids, mask = batch["input_ids"], batch["q_mask"]
-    layout = {k: batch[k] for k in ("played", "position_ids") if k in batch}  # data.as_played
     if ids.dim() == 1:
-        ids, mask, layout = ids[None], mask[None], {k: v[None] for k, v in layout.items()}
-    return module.q_values(ids, mask, target=target, **layout)
+        ids, mask = ids[None], mask[None]
+    return module.q_values(ids, mask, target=target)

@@ -198,19 +198,9 @@ class ICRLModule(L.LightningModule):
         """Full training: id of each trained weight -> its Polyak copy."""
         return dict(zip((id(p) for _, p in self._online), self.target_params(), strict=True))
 
-    def _hidden(self, input_ids: torch.Tensor, target: bool, played: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def _hidden(self, input_ids: torch.Tensor, target: bool) -> torch.Tensor:
         decoder = self.model.get_decoder()
         kwargs = {"input_ids": input_ids, "use_cache": False}
-        if (played is None) != (position_ids is None):
-            raise ValueError("the data.as_played layout needs both batch fields, played and position_ids")
-        if played is not None:  # data.as_played: untagged copies hidden from what follows them
-            attention = getattr(decoder.config, "_attn_implementation", "sdpa")
-            if attention not in ("sdpa", "eager"):
-                raise InputError(f"data.as_played needs model.backbone.attn_implementation sdpa or eager (a 4-D "
-                                 f"attention mask), not {attention!r}")
-            dtype = next(decoder.parameters()).dtype
-            kwargs |= {"attention_mask": as_played_mask(played, dtype), "position_ids": position_ids}
         if not target:
             return decoder(**kwargs).last_hidden_state
         with _eval_mode(self.model):  # the target is a fixed function: no (LoRA) dropout
@@ -231,12 +221,10 @@ class ICRLModule(L.LightningModule):
             weight = self._swap().get(id(weight), weight)
         return weight[self.action_ids]
 
-    def q_values(self, input_ids: torch.Tensor, q_mask: torch.Tensor, target: bool = False,
-                 played: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def q_values(self, input_ids: torch.Tensor, q_mask: torch.Tensor, target: bool = False) -> torch.Tensor:
         """Q(context, .) at every action position of the batch, ``[N, actions]`` float32, row-major order;
-        ``target=True`` reads the target network. ``played`` and ``position_ids``: the batch fields
-        of ``data.as_played`` (``data.stream.ReplayStream``)."""
-        hidden = self._hidden(input_ids, target, played, position_ids)[q_mask]
+        ``target=True`` reads the target network."""
+        hidden = self._hidden(input_ids, target)[q_mask]
         return action_q_values(hidden, self._head_rows(target))
 
     # --- training -----------------------------------------------------------------------------------
@@ -249,8 +237,7 @@ class ICRLModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         td, cql, q_mask = self.td, self.cql, batch["q_mask"]
-        layout = {k: batch[k] for k in ("played", "position_ids") if k in batch}
-        q = self.q_values(batch["input_ids"], q_mask, **layout)
+        q = self.q_values(batch["input_ids"], q_mask)
         bs = batch["input_ids"].shape[0]
         if self.hparams.objective == "dpt":
             loss, hit = optimal_action_loss(q, batch["optimal"][q_mask])
@@ -260,7 +247,7 @@ class ICRLModule(L.LightningModule):
             self.log("train/dpt_accuracy", hit, batch_size=bs)
             return loss
         with torch.no_grad():
-            q_target = self.q_values(batch["input_ids"], q_mask, target=True, **layout)
+            q_target = self.q_values(batch["input_ids"], q_mask, target=True)
         action, reward, done = batch["action"][q_mask], batch["reward"][q_mask], batch["done"][q_mask]
         q_taken = q.gather(1, action[:, None]).squeeze(1)
         # y = scale * r + gamma * Q_target(next, argmax_a Q_online(next, a)), no bootstrap past an episode end
@@ -375,19 +362,6 @@ class ICRLModule(L.LightningModule):
         metrics, self.eval_report = self.evaluator.finish(outputs, int(self.global_step))
         for name, value in metrics.items():
             self.log(name, value, rank_zero_only=True, sync_dist=False)
-
-
-def as_played_mask(played: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``[B, 1, T, T]`` additive attention mask (0: may attend, the dtype's lowest value: may not) of
-    ``data.as_played`` sequences: causal, except that a token never sees an untagged copy
-    (``played`` k > 0) other than its own; ``played`` is ``[B, T]`` (see ``data.stream.ReplayStream``).
-    Additive, not boolean, because eager attention adds the mask to the scores (a boolean one would
-    mask nothing there), as the agent's own mask is."""
-    t = played.shape[-1]
-    causal = torch.ones((t, t), dtype=torch.bool, device=played.device).tril()
-    visible = ((played[:, None, :] == 0) | (played[:, None, :] == played[:, :, None])) & causal
-    mask = torch.zeros(visible.shape, dtype=dtype, device=played.device)
-    return mask.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
 
 
 @contextmanager

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 
@@ -153,13 +152,8 @@ def _reference_loss(module: ICRLModule, batch: dict, kind: str) -> torch.Tensor:
 def _reference_errors(module: ICRLModule, batch: dict, kind: str = "mse") -> torch.Tensor:
     """The squared TD error of each action position (row-major, as ``batch[...][q_mask]``)."""
     td = module.td
-    layout = {}
-    if "played" in batch:  # data.as_played
-        from icrl_lightning.module import as_played_mask
-
-        layout = {"attention_mask": as_played_mask(batch["played"]), "position_ids": batch["position_ids"]}
     with torch.no_grad():
-        logits = module.model(input_ids=batch["input_ids"], **layout).logits[..., module.action_ids]
+        logits = module.model(input_ids=batch["input_ids"]).logits[..., module.action_ids]
     errs = []
     for b in range(batch["input_ids"].shape[0]):
         pos = torch.nonzero(batch["q_mask"][b]).flatten().tolist()
@@ -495,97 +489,17 @@ def test_linear_q_head_on_the_tiny_model(tmp_path, tiny_data_dir, make_module, m
     assert check.checked == [True, True] and not torch.equal(module.q_head.weight, head0)
 
 
-# --- data.as_played: a failed episode's actions trained on the episode as the agent writes it ----------------
-@pytest.mark.parametrize(("attention", "autocast"), [("sdpa", False), ("eager", False), ("sdpa", True)])
-def test_as_played_q_values_are_those_of_the_agents_contexts(tiny_data_dir, make_module, module_data, attention,
-                                                             autocast):
-    """With ``data.as_played`` every action's Q-value, online and target, is the one a plain causal
-    forward gives on the context the agent has when it acts: the earlier episodes as they stand
-    (failed ones tagged) and the episode being played untagged; without it, a failed episode's own
-    tags are in view. Under both attention kinds (eager adds the mask to the scores) and bf16."""
-    module = make_module(fmt="compact_outcome", seq_len=512)
-    with torch.no_grad():
-        for p in module.model.parameters():  # wide weights: a leak through the mask shows
-            if p.ndim == 2:
-                p.normal_(0.0, 0.2)
-        for p in module.target_params():  # a target unlike the online network: it must get the layout too
-            p.normal_(0.0, 0.2)
-    module.model.config._attn_implementation = attention
-    module.eval()
-    s = module.serializer
-    dm = module_data(module, tiny_data_dir, seq_len=512, as_played=True)
-    stream = dm.train_stream(num_sequences=4)
-    untag = s.untag_table()
-    chunks = stream.chunks(np.random.default_rng(0), sorted(stream.episodes))
-    failed = 0
-    tol = {"rtol": 0.0, "atol": 0.02} if autocast else {"rtol": 1e-4, "atol": 1e-4}
-    leak = 0.0
-    for _ in range(3):
-        chunk = next(chunks)
-        b = stream.pack(chunk)
-        assert int(b["played"].max()) == sum(not e.success for e in chunk)
-        for target in (False, True):
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                q = module.q_values(b["input_ids"][None], b["q_mask"][None], target=target,
-                                    played=b["played"][None], position_ids=b["position_ids"][None])
-                blind = module.q_values(b["input_ids"][None], b["q_mask"][None], target=target)
-                ref, prefix = [], []
-                for e in chunk:
-                    own = (untag[e.ids] if not e.success else e.ids).tolist()
-                    x = torch.tensor([prefix + own])
-                    ref.append(module.q_values(x, _mask_at(x.shape[1], e.q_pos + len(prefix)), target=target))
-                    prefix += e.ids.tolist()
-                    failed += not e.success
-            ref = torch.cat(ref)
-            torch.testing.assert_close(q, ref, **tol)
-            leak = max(leak, float((blind - ref).abs().max()))
-    assert failed
-    assert leak > 2 * tol["atol"] + 0.01  # the plain causal layout gives other values: the test can fail
-    # The tags matter to this model: the leak the layout closes is real.
-    e = next(e for e in stream.episodes[sorted(stream.episodes)[0]] if not e.success and len(e.q_pos))
-    with torch.no_grad():
-        tagged, untagged = (module.q_values(torch.tensor([ids.tolist()]), _mask_at(len(ids), e.q_pos))
-                            for ids in (e.ids, untag[e.ids]))
-    assert not torch.allclose(tagged, untagged, atol=1e-3)
+@pytest.mark.parametrize("saved", [False, True])
+def test_data_settings_drop_a_removed_data_option_when_it_was_off(tmp_path, make_module, saved):
+    from icrl_lightning.checkpoints import data_settings
 
-
-def _mask_at(n: int, positions) -> torch.Tensor:
-    m = torch.zeros((1, n), dtype=torch.bool)
-    m[0, torch.from_numpy(np.asarray(positions, dtype=np.int64))] = True
-    return m
-
-
-def test_as_played_training_step_loss_matches_reference(tiny_data_dir, make_module, module_data):
-    module = make_module(fmt="compact_outcome", seq_len=512)
-    module.eval()
-    dm = module_data(module, tiny_data_dir, seq_len=512, as_played=True)
-    items = list(dm.train_stream(num_sequences=2))
-    batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
-    assert int(batch["played"].max()) > 0 and batch["reward"].sum() > 0
-    with torch.no_grad():
-        loss = module.training_step(batch, 0)
-        blind = module.training_step({k: v for k, v in batch.items() if k not in ("played", "position_ids")}, 0)
-    torch.testing.assert_close(loss, _reference_loss(module, batch, "mse"), rtol=1e-4, atol=1e-4)
-    assert not torch.isclose(loss, blind)  # the layout reaches the model
-
-
-def test_as_played_needs_a_4d_mask_attention(make_module):
-    module = make_module(fmt="compact_outcome", seq_len=512)
-    module.model.config._attn_implementation = "flex_attention"
-    ids, played = torch.zeros((1, 4), dtype=torch.long), torch.zeros((1, 4), dtype=torch.long)
-    with pytest.raises(InputError, match=r"data\.as_played needs model\.backbone\.attn_implementation sdpa or eager"):
-        module.q_values(ids, ids.bool(), played=played, position_ids=torch.arange(4)[None])
-    with pytest.raises(ValueError, match="both batch fields"):
-        module.q_values(ids, ids.bool(), played=played)
-
-
-def test_as_played_mask_hides_other_untagged_copies_only():
-    from icrl_lightning.module import as_played_mask
-
-    played = torch.tensor([[0, 1, 1, 0, 0, 2, 0]])
-    m = as_played_mask(played)[0, 0] == 0  # additive: 0 where a token may attend
-    assert as_played_mask(played, torch.bfloat16).dtype == torch.bfloat16
-    assert m.shape == (7, 7) and not m.triu(1).any()  # causal
-    assert m[2, 1] and m[2, 0] and not m[3, 1] and not m[3, 2]  # copy 1 sees itself; later tokens do not see it
-    assert m[5, 0] and m[5, 3] and not m[5, 1]  # copy 2 sees tagged tokens, not copy 1
-    assert m[6, 3] and not m[6, 5] and not m[6, 2]
+    # data.as_played was removed (docs/results.md); checkpoints of the version that had it save it.
+    module = make_module()
+    data = {"data_dir": "data", "num_train_maps": 4, "as_played": saved}
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "datamodule_hyper_parameters": data, "pytorch-lightning_version": L.__version__}, tmp_path / "old.ckpt")
+    if saved:
+        with pytest.raises(InputError, match=r"trained with data\.as_played=True, an option removed since"):
+            data_settings(tmp_path / "old.ckpt")
+        return
+    assert data_settings(tmp_path / "old.ckpt") == {"data_dir": "data", "num_train_maps": 4}

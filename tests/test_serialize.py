@@ -381,3 +381,18 @@ def test_unk_that_is_a_real_special_token_is_accepted():
     assert s.ending(truncated=False) == (0,)
     with pytest.raises(KeyError, match="not in the tokenizer"):
         s.piece("observation_unknown_word")
+
+
+def test_untag_table_undoes_the_failure_tags():
+    s = Serializer(build_tokenizer("compact_outcome"), "compact_outcome")
+    e = Episode([0, 1, 5, 9], [2, 1, 1], [0.0, 0.0, 0.0], True, False)
+    failed = s.encode(e).ids
+    # What the agent writes while it plays the episode, before it knows the outcome.
+    played = list(s.begin(0))
+    for t, a in enumerate(e.actions):
+        played += s.after_action(a, e.observations[t + 1], 0.0, t == len(e.actions) - 1, False)
+    assert len(played) == len(failed) and not np.array_equal(played, failed)
+    table = s.untag_table()
+    assert np.array_equal(table[failed], played)
+    assert np.array_equal(table[np.asarray(played)], played)  # untagged tokens map to themselves
+    assert Serializer(build_tokenizer("compact"), "compact").untag_table() is None

@@ -92,7 +92,6 @@ def worker_bare(args) -> dict:
     from torch.utils.data import DataLoader
 
     from icrl_lightning.checks import InputError
-    from icrl_lightning.module import as_played_mask
     from icrl_lightning.qlearning import (
         action_q_values,
         bellman_loss,
@@ -135,11 +134,8 @@ def worker_bare(args) -> dict:
     stream = dm.train_stream(n_steps * accumulate * hd.batch_size)
     loader = DataLoader(stream, batch_size=hd.batch_size, num_workers=hd.num_workers)
 
-    def q_values(input_ids, q_mask, use_target: bool, batch: dict):
+    def q_values(input_ids, q_mask, use_target: bool):
         kwargs = {"input_ids": input_ids, "use_cache": False}
-        if "played" in batch:  # data.as_played: the same mask and positions as the module's
-            kwargs |= {"attention_mask": as_played_mask(batch["played"], head.dtype),
-                       "position_ids": batch["position_ids"]}
         if use_target:
             model.eval()
             hidden = functional_call(decoder, target_decoder, (), kwargs, strict=False).last_hidden_state
@@ -153,9 +149,9 @@ def worker_bare(args) -> dict:
     marks: list[float] = []
     for i, batch in enumerate(loader):
         q_mask = batch["q_mask"]
-        q = q_values(batch["input_ids"], q_mask, False, batch)
+        q = q_values(batch["input_ids"], q_mask, False)
         with torch.no_grad():
-            q_target = q_values(batch["input_ids"], q_mask, True, batch)
+            q_target = q_values(batch["input_ids"], q_mask, True)
         action, reward, done = batch["action"][q_mask], batch["reward"][q_mask], batch["done"][q_mask]
         q_taken = q.gather(1, action[:, None]).squeeze(1)
         y = double_dqn_targets(reward, done, next_step(q.detach()), next_step(q_target), td.gamma, td.reward_scale)

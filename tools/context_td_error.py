@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
     oracle_ce: dict[int, list[float]] = {i: [] for i in range(len(BUCKETS))}
     greedy_ok: dict[int, list[float]] = {i: [] for i in range(len(BUCKETS))}
     for seq in diagnostics.single_map_sequences(by_map, module.serializer, args.seq_len, np.random.default_rng(0),
-                                                maps=args.maps, as_played=data.hparams.get("as_played", False)):
+                                                maps=args.maps):
         if not seq.episodes:
             continue
         b = seq.batch

@@ -23,9 +23,10 @@ model that explores from its context picks ``hole`` below the uniform share and 
 
 Outcome-tagged formats (``compact_outcome``) also get the tag check: on the held-out learner
 contexts, the mean Q of the moves of failed episodes with the episode's own tags in view (as the
-stream trains them without ``data.as_played``) and without (as the agent sees an episode while it
-plays it), beside successful episodes'. A large gap means the model reads the episode's outcome
-from its own tags rather than from the context.
+replay stream trains them) and without (as the agent sees an episode while it plays it), beside
+successful episodes'. A large gap means the model reads the episode's outcome
+from its own tags rather than from the context (docs/results.md, "The outcome tags told the model
+its own episode's outcome").
 
     python tools/hole_move_probe.py runs/quickstart/version_0/checkpoints/last.ckpt
 """
@@ -51,12 +52,11 @@ def ends_in_hole(rows, observations, actions) -> bool:
     return bool(actions) and rows[last // w][last % w] == "H"
 
 
-def learner_contexts(module, by_map, n_maps: int, seq_len: int, rng, as_played: bool = False) -> dict:
+def learner_contexts(module, by_map, n_maps: int, seq_len: int, rng) -> dict:
     """{times seen before (capped at 3): [(Q of the hole move, best other Q)]} over learner contexts
     (packed by ``icrl_lightning.diagnostics.single_map_sequences``, as ``context_td_error.py`` packs them)."""
     out = defaultdict(list)
-    for seq in diagnostics.single_map_sequences(by_map, module.serializer, seq_len, rng, maps=n_maps,
-                                                as_played=as_played):
+    for seq in diagnostics.single_map_sequences(by_map, module.serializer, seq_len, rng, maps=n_maps):
         if not seq.episodes:
             continue
         rows, seen = seq.episodes[0].map_rows, defaultdict(int)
@@ -173,8 +173,7 @@ def run(args: argparse.Namespace) -> None:
     module, data = load_run(args.checkpoint)
     for split in ("train", "heldout"):  # heldout: as context_td_error.py --split heldout
         by_map = diagnostics.learner_episodes(data, split, maps=args.maps)
-        show(f"learner, {split}", learner_contexts(module, by_map, args.maps, args.seq_len, np.random.default_rng(0),
-                                                   data.hparams.get("as_played", False)))
+        show(f"learner, {split}", learner_contexts(module, by_map, args.maps, args.seq_len, np.random.default_rng(0)))
         if split == "heldout" and module.serializer.outcome_tags:
             tags = own_tags(module, by_map, args.maps, args.seq_len, np.random.default_rng(0))
             print("learner, heldout   Q of the taken moves: " + ", ".join(

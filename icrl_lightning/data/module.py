@@ -71,13 +71,6 @@ class ReplayDataModule(L.LightningDataModule):
             not fit is dropped, the rest is padding) instead of sets packed one after another. For
             families whose tokens do not show a task switch (bandits: every pull looks alike), so
             that no context mixes two tasks and every context starts as an evaluation trial does.
-        as_played: outcome-tagged formats only (``compact_outcome``): train every failed episode's
-            actions on the episode as the agent writes it while it plays it, untagged (its outcome is
-            not known yet), while every later token of the sequence sees it tagged (as the agent
-            rewrites it once it failed). It is laid out twice at the same positions, the untagged
-            copy hidden from what follows (so it costs its tokens twice). Without it, the tags of
-            the episode being trained tell the model that it fails, and what it learns about failing
-            moves rests on the tags instead of the context.
         seq_len: tokens per training sequence.
         batch_size: sequences per device batch.
         num_workers: DataLoader worker processes.
@@ -111,7 +104,6 @@ class ReplayDataModule(L.LightningDataModule):
         quality: str = "medium",
         set_order: str = "random",
         set_per_sequence: bool = False,
-        as_played: bool = False,
         seq_len: int = 1024,
         batch_size: int = 8,
         num_workers: int = 0,
@@ -169,14 +161,10 @@ class ReplayDataModule(L.LightningDataModule):
             noun = "maps" if isinstance(self.env, FrozenLake) else "tasks"
             raise InputError(f"{key}: {noun} of {biggest} tiles, but the model's tokenizer writes at most "
                              f"{serializer.max_tiles} tiles: raise model.backbone.max_tiles to {biggest}")
-        if h.as_played and not serializer.outcome_tags:
-            raise InputError(f"data.as_played=true needs an outcome-tagged format (compact_outcome); "
-                             f"model.backbone.format is {serializer.fmt.name}")
-        need = self.longest_episode_tokens() * (2 if h.as_played else 1)
-        twice = " (a failed one laid out twice: data.as_played)" if h.as_played else ""
+        need = self.longest_episode_tokens()
         check_range("data.seq_len", h.seq_len, need, None,
-                    why=f"an episode of data.env.max_episode_steps={self.env.max_episode_steps} steps{twice} is "
-                        f"{need} tokens in the {serializer.fmt.name} format")
+                    why=f"an episode of data.env.max_episode_steps={self.env.max_episode_steps} steps is {need} "
+                        f"tokens in the {serializer.fmt.name} format")
         return self
 
     def _serializer(self) -> Serializer:
@@ -282,8 +270,7 @@ class ReplayDataModule(L.LightningDataModule):
                             (h.set_size_min, h.set_size_max), h.seed, rank, world_size, h.batch_size, h.set_order,
                             skip_batches, fields=fields, history=self.behaviour.history_length,
                             optimal_actions=self.optimal_actions() if "optimal" in fields else None,
-                            set_per_sequence=h.set_per_sequence,
-                            untag=self._serializer().untag_table() if h.as_played else None)
+                            set_per_sequence=h.set_per_sequence)
 
     def train_dataloader(self) -> DataLoader:
         t = self.trainer
@@ -307,7 +294,7 @@ class ReplayDataModule(L.LightningDataModule):
         """What decides which batch comes at which step."""
         h, t = self.hparams, self.trainer
         keys = ("seed", "seq_len", "batch_size", "num_workers", "set_size_min", "set_size_max", "quality",
-                "set_order", "set_per_sequence", "as_played")
+                "set_order", "set_per_sequence")
         return {"dataset": self.dataset_dir.name, **{k: h[k] for k in keys}, "world_size": t.world_size,
                 "accumulate_grad_batches": t.accumulate_grad_batches}
 

@@ -79,14 +79,6 @@ class ReplayStream(IterableDataset):
     history (``set_size`` unused). ``set_per_sequence``: every sequence is one set from its first
     episode on (what does not fit is dropped, the rest is padding), so that no context holds two
     tasks and every context starts where an evaluation trial starts.
-
-    ``untag`` (``Serializer.untag_table()``; ``data.as_played``): an outcome-tagged failed episode is
-    laid out twice, as the agent writes it: first as played, untagged (its actions, rewards and
-    episode end are trained there: while an episode is played its outcome is unknown), then tagged
-    (as the agent rewrites it once it failed), at the same positions. The batch then also carries
-    ``position_ids`` and ``played`` (k > 0 on the tokens of the sequence's k-th untagged copy, 0
-    elsewhere): a token may see the earlier tokens whose ``played`` is 0 or its own
-    (``module.as_played_mask``), so every later token sees the tagged copy only.
     """
 
     def __init__(
@@ -107,18 +99,15 @@ class ReplayStream(IterableDataset):
         history: int | None = None,
         optimal_actions: dict[int, np.ndarray] | None = None,
         set_per_sequence: bool = False,
-        untag: np.ndarray | None = None,
     ):
         if set_order not in SET_ORDERS:
             raise InputError(f"data.set_order={set_order!r}: choose one of {', '.join(map(repr, SET_ORDERS))}")
         unknown = set(fields) - set(BATCH_FIELDS)
         if unknown:
             raise ValueError(f"unknown batch fields {sorted(unknown)}; known: {list(BATCH_FIELDS)}")
-        self.untag = untag
-        longest = max(self._room(e) for eps in episodes.values() for e in eps)
+        longest = max(len(e) for eps in episodes.values() for e in eps)
         if longest > seq_len:
-            what = "episode" if untag is None else "episode (a failed one twice: data.as_played)"
-            raise InputError(f"data.seq_len={seq_len} is shorter than the longest {what} ({longest} tokens): "
+            raise InputError(f"data.seq_len={seq_len} is shorter than the longest episode ({longest} tokens): "
                              f"raise seq_len to at least {longest}")
         self.episodes, self.weights = episodes, weights
         self.seq_len, self.pad_id, self.num_sequences = seq_len, pad_id, num_sequences
@@ -134,13 +123,6 @@ class ReplayStream(IterableDataset):
 
     def __len__(self) -> int:
         return self.num_sequences
-
-    def _twice(self, e: EncodedEpisode) -> bool:
-        """Whether ``e`` is laid out twice (as played, then tagged): ``untag`` and a failed episode."""
-        return self.untag is not None and not e.success
-
-    def _room(self, e: EncodedEpisode) -> int:
-        return 2 * len(e) if self._twice(e) else len(e)
 
     def _reader(self) -> tuple[int, int, int, int]:
         """(global reader index, number of readers, sequences to drop, sequences to yield)."""
@@ -195,13 +177,12 @@ class ReplayStream(IterableDataset):
                     if chunk and self.set_per_sequence:
                         break
                     pending = list(next(sets))
-                fits = next((i for i, e in enumerate(pending if reorder else pending[:1]) if self._room(e) <= room),
-                            None)
+                fits = next((i for i, e in enumerate(pending if reorder else pending[:1]) if len(e) <= room), None)
                 if fits is None:
                     break
                 e = pending.pop(fits)
                 chunk.append(e)
-                room -= self._room(e)
+                room -= len(e)
             if self.set_per_sequence:
                 pending = []  # the next sequence starts a new set; what did not fit is dropped
             yield chunk
@@ -218,8 +199,7 @@ class ReplayStream(IterableDataset):
     def pack(self, chunk: list[EncodedEpisode]) -> dict[str, torch.Tensor]:
         """One training sequence of ``chunk``'s episodes, padded to ``seq_len``: token ids, the
         action positions (``q_mask``) with their action, reward and episode end (``done``: no
-        bootstrap past it), the real length, and the extra ``fields`` (with ``untag``, also
-        ``position_ids`` and ``played``: see the class docstring)."""
+        bootstrap past it), the real length, and the extra ``fields``."""
         n = self.seq_len
         ids = np.full(n, self.pad_id, dtype=np.int64)
         q_mask = np.zeros(n, dtype=bool)
@@ -229,23 +209,11 @@ class ReplayStream(IterableDataset):
         conflict = np.zeros(n, dtype=bool) if "conflict" in self.fields else None
         optimal = np.zeros((n, self._n_actions), dtype=bool) if "optimal" in self.fields else None
         flags = conflicts(chunk) if conflict is not None else [None] * len(chunk)
-        twice = self.untag is not None
-        position = np.arange(n, dtype=np.int64)
-        played = np.zeros(n, dtype=np.int64)
-        at = shift = copies = 0  # shift: tokens of untagged copies so far (not counted by what follows)
+        at = 0
         for e, flag in zip(chunk, flags, strict=True):
-            act = at  # where the episode's actions are trained: the untagged copy when there is one
-            if self._twice(e):
-                copies += 1
-                ids[at:at + len(e)] = self.untag[e.ids]
-                played[at:at + len(e)] = copies
-                position[at:at + len(e)] = np.arange(at, at + len(e)) - shift
-                at += len(e)
-                shift += len(e)
             ids[at:at + len(e)] = e.ids
-            position[at:at + len(e)] = np.arange(at, at + len(e)) - shift
             if len(e.q_pos):
-                pos = e.q_pos + act
+                pos = e.q_pos + at
                 q_mask[pos], action[pos], reward[pos] = True, e.actions, e.rewards
                 done[pos[-1]] = True  # the last action of an episode does not bootstrap within it
                 if conflict is not None:
@@ -253,13 +221,9 @@ class ReplayStream(IterableDataset):
                 if optimal is not None:
                     optimal[pos] = self.optimal_actions[e.map_id][e.tiles]
             at += len(e)
-        position[at:] = np.arange(at, n) - shift
         batch = {"input_ids": torch.from_numpy(ids), "q_mask": torch.from_numpy(q_mask),
                  "action": torch.from_numpy(action), "reward": torch.from_numpy(reward),
                  "done": torch.from_numpy(done), "n_tokens": torch.tensor(at)}
-        if twice:
-            batch["position_ids"] = torch.from_numpy(position)
-            batch["played"] = torch.from_numpy(played)
         if conflict is not None:
             batch["conflict"] = torch.from_numpy(conflict)
         if optimal is not None:
@@ -287,7 +251,7 @@ class ReplayLoader(DataLoader):
         return {"stream_layout": self.layout}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        saved = {"as_played": False, **state_dict.get("stream_layout", {})}  # older checkpoints lack it
+        saved = state_dict.get("stream_layout", {})
         changed = {k: (v, self.layout.get(k)) for k, v in saved.items() if self.layout.get(k) != v}
         if changed:
             log.warning("the checkpoint's replay stream was laid out differently (%s): training continues after the "
