@@ -444,21 +444,27 @@ def markdown_table(summary: dict) -> str:
 
 def summary_figure(summary: dict):
     """One panel per scenario: in-context last-10 (solid) and no-context (dashed) by training step,
-    a line per setting, error bars = 95 % intervals over seeds; tabular baselines as grey lines."""
+    a line per setting, error bars = 95 % intervals over seeds; tabular baselines as grey lines.
+    When every row is at one step, the settings are the x axis instead (a point each: in context,
+    and no context beside it)."""
     from icrl_lightning.evaluation.figures import new_figure
 
     rows = summary["rows"]
     scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
+    one_step = len({r["step"] for r in rows}) == 1
     fig = new_figure(5.2 * max(1, len(scenarios)), 4.0)
     for n, scenario in enumerate(scenarios):
         ax = fig.add_subplot(1, len(scenarios), n + 1)
         sub = [r for r in rows if r["scenario"] == scenario]
         metric = "icrl/successes" if scenario == "stitching" else "icrl/last10"
-        for c, setting in enumerate(dict.fromkeys(r["setting"] for r in sub)):
+        settings = list(dict.fromkeys(r["setting"] for r in sub))
+        for c, setting in enumerate(settings):
             pts = sorted((r["step"], r) for r in sub if r["setting"] == setting)
             colour = f"C{c % 10}"
             for key, style in ((metric, "-o"), ("no_context/last10", "--")):
-                xs = [s for s, r in pts if key in r["metrics"]]
+                if one_step:
+                    style = "o" if key == metric else "x"
+                xs = [(c + (0.15 if key != metric else 0.0)) if one_step else s for s, r in pts if key in r["metrics"]]
                 if not xs:
                     continue
                 ys = [r["metrics"][key]["mean"] for _, r in pts if key in r["metrics"]]
@@ -470,10 +476,15 @@ def summary_figure(summary: dict):
                 vals = [r["metrics"][base]["mean"] for r in sub if base in r["metrics"]]
                 if vals:
                     ax.axhline(float(np.mean(vals)), color=colour, lw=1, ls=":", label=base.split("/")[0])
-        if len({r["step"] for r in sub}) > 1:
-            ax.set_xscale("log")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("successes" if scenario == "stitching" else "last-10 return (dashed: no context)")
+        if one_step:
+            ax.set_xticks(range(len(settings)), settings, rotation=20, fontsize=8)
+            ax.set_xlabel(f"setting, step {sub[0]['step']}")
+        else:
+            if len({r["step"] for r in sub}) > 1:
+                ax.set_xscale("log")
+            ax.set_xlabel("optimizer step")
+        no_ctx = "x: no context" if one_step else "dashed: no context"
+        ax.set_ylabel("successes" if scenario == "stitching" else f"last-10 return ({no_ctx})")
         ax.set_title(scenario)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -167,3 +167,17 @@ def test_tiny_sweep_runs_resumes_and_reports_failures(tmp_path, capsys):
                           "ok", "--out", str(tmp_path / "fig.png")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "fig.png").stat().st_size > 0 and "| ok | 3 | heldout | 2 |" in out.stdout
+
+
+def test_summary_figure_puts_settings_on_the_x_axis_when_all_rows_share_one_step():
+    from icrl_lightning.sweep import summary_figure
+
+    def row(setting, step, mean):
+        return {"setting": setting, "step": step, "scenario": "heldout", "seeds": [0, 1],
+                "metrics": {"icrl/last10": {"mean": mean, "ci95": 0.1}, "no_context/last10": {"mean": 0.1, "ci95": None}}}
+
+    one = summary_figure({"sweep": {"name": "s"}, "rows": [row("a", 100, 0.5), row("b", 100, 0.6)]})
+    ax = one.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"] and ax.get_xlabel() == "setting, step 100"
+    many = summary_figure({"sweep": {"name": "s"}, "rows": [row("a", 100, 0.5), row("a", 400, 0.6)]})
+    assert many.axes[0].get_xlabel() == "optimizer step" and many.axes[0].get_xscale() == "log"
