@@ -174,7 +174,8 @@ def test_summary_figure_puts_settings_on_the_x_axis_when_all_rows_share_one_step
 
     def row(setting, step, mean):
         return {"setting": setting, "step": step, "scenario": "heldout", "seeds": [0, 1],
-                "metrics": {"icrl/last10": {"mean": mean, "ci95": 0.1}, "no_context/last10": {"mean": 0.1, "ci95": None}}}
+                "metrics": {"icrl/last10": {"mean": mean, "ci95": 0.1},
+                            "no_context/last10": {"mean": 0.1, "ci95": None}}}
 
     one = summary_figure({"sweep": {"name": "s"}, "rows": [row("a", 100, 0.5), row("b", 100, 0.6)]})
     ax = one.axes[0]
