@@ -33,8 +33,8 @@ def data_settings(ckpt_path: str | Path, what: str = "checkpoint") -> dict:
     saved = check_checkpoint(str(ckpt_path), what)
     settings = {k: v for k, v in saved.get("datamodule_hyper_parameters", {}).items() if not k.startswith("_")}
     for key, off in REMOVED_DATA.items():
-        if key in settings and settings.pop(key) != off:
-            value = saved["datamodule_hyper_parameters"][key]
+        value = settings.pop(key, off)
+        if value != off:
             raise InputError(f"{what}: {ckpt_path} was trained with data.{key}={value!r}, an option removed since "
                              f"(it did not help, see docs/results.md); load it with the version that trained it")
     return settings

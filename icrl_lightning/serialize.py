@@ -218,7 +218,7 @@ class Serializer:
         untagged (``mark_failed`` undone; every other id maps to itself); None without outcome tags."""
         if not self._failed_ids:
             return None
-        table = np.arange(max(self.max_id, *self._failed_ids.values()) + 1, dtype=np.int32)
+        table = np.arange(self.max_id + 1, dtype=np.int32)  # the failure pieces are in the cache too
         for plain, failed in self._failed_ids.items():
             table[failed] = plain
         return table

@@ -46,10 +46,12 @@ from icrl_lightning.checks import exit_on_input_error
 from icrl_lightning.envs.frozen_lake import paper_schedule
 
 
+def is_hole(rows, tile: int) -> bool:
+    return rows[tile // len(rows[0])][tile % len(rows[0])] == "H"
+
+
 def ends_in_hole(rows, observations, actions) -> bool:
-    w = len(rows[0])
-    last = observations[-1]
-    return bool(actions) and rows[last // w][last % w] == "H"
+    return bool(actions) and is_hole(rows, observations[-1])
 
 
 def learner_contexts(module, by_map, n_maps: int, seq_len: int, rng) -> dict:
@@ -125,7 +127,7 @@ def before_goal(trial, maps) -> tuple[int, dict, dict, dict]:
     over every decision before the map's goal was first reached (see the module docstring)."""
     greedy, uniform, gap, n = defaultdict(float), defaultdict(float), defaultdict(list), 0
     for i, rows in enumerate(maps):
-        w, known, t = len(rows[0]), {}, 0
+        known, t = {}, 0
         for e in trial.episodes[i]:
             obs, acts = e.observations, e.actions
             for j in range(len(acts)):
@@ -138,8 +140,7 @@ def before_goal(trial, maps) -> tuple[int, dict, dict, dict]:
                     gap[kind].append(np.mean([q[a] for a in range(4) if kinds[a] == kind]) - q.mean())
                 n += 1
                 nxt = obs[j + 1]
-                known[(obs[j], acts[j])] = ("hole" if rows[nxt // w][nxt % w] == "H" else
-                                            "wall" if nxt == obs[j] else "safe")
+                known[(obs[j], acts[j])] = "hole" if is_hole(rows, nxt) else "wall" if nxt == obs[j] else "safe"
             t += len(acts)
             if e.success:
                 break
