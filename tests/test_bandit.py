@@ -101,6 +101,27 @@ def test_serialization_of_a_known_pull():
     assert won.q_pos.tolist() == [1] and won.actions.tolist() == [2]
 
 
+def test_outcome_observation_puts_arm_and_reward_in_one_token():
+    fam = BernoulliBandit(outcome_observation=True)
+    assert fam.n_observations(("0.1", "0.2")) == 11 and fam.largest_observations("ood") == 11
+    assert fam.settings()["outcome_observation"] is True and "outcome_observation" not in BernoulliBandit().settings()
+    env = fam.make_env(("0.000", "1.000", "0.000", "0.000", "0.000"))
+    assert env.reset(seed=0)[0] == 0
+    assert env.step(1)[:3] == (1 + 2 * 1 + 1, 1.0, True) and env.reset(seed=1)[0] == 0
+    assert env.step(3)[:3] == (1 + 2 * 3, 0.0, True)
+    tok = build_tokenizer("compact", max_tiles=11, actions=fam.actions)
+    s = Serializer(tok, "compact", 11, fam.actions)
+    won, lost = s.encode(Episode([0, 6], [2], [1.0], True)), s.encode(Episode([0, 9], [4], [0.0], True))
+    assert tok.convert_ids_to_tokens(won.ids.tolist()) == ["<ep>", "o0", "C", "o6", "r1.0", "</ep>"]
+    assert tok.convert_ids_to_tokens(lost.ids.tolist()) == ["<ep>", "o0", "E", "o9", "</ep>"]
+    assert fam.optimal_actions(("0.2", "0.7", "0.1", "0.3", "0.5")).shape == (11, 5)
+    # The tabular baselines never read the outcome (a pull ends the episode there): same pulls.
+    tasks = BernoulliBandit().splits(0, 0).heldout[:4]
+    for name in ("q_learning", "q_optimistic", "thompson", "greedy"):
+        plain = run_baseline(name, tasks, [0.5] * 30, seed=3, env=BernoulliBandit())
+        assert np.array_equal(plain, run_baseline(name, tasks, [0.5] * 30, seed=3, env=fam)), name
+
+
 def _tiny(tmp: Path, *extra: str) -> list[str]:
     """The quickstart config at a tiny size, then ``extra`` overrides."""
     return ["-c", str(CONFIG), "--trainer.logger.init_args.save_dir", str(tmp / "logs"),
@@ -182,3 +203,17 @@ def test_dpt_objective_fits_through_the_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["fit", *args, "--model.cql.weight", "1.0"])
     assert "model.cql: the dpt objective has no TD loss" in capsys.readouterr().err
+
+
+def test_outcome_observation_fits_and_needs_the_tiles(tmp_path, capsys):
+    args = _tiny(tmp_path, "--model.objective", "dpt", "--data.episodes_per_map", "20",
+                 "--data.behaviour.epsilon", "1.0", "--data.behaviour.history", "null",
+                 "--data.set_per_sequence", "true", "--data.seq_len", "128", "--data.eval_maps", "2",
+                 "--data.env.init_args.outcome_observation", "true")
+    with pytest.raises(SystemExit):
+        main(["fit", *args])
+    assert "model.backbone.max_tiles to 11" in capsys.readouterr().err
+    fit = main(["fit", *args, "--model.backbone.max_tiles", "11"])
+    assert fit.model.env.outcome_observation and fit.model.serializer.max_tiles == 11
+    report = fit.model.eval_report
+    assert len(report["agents"]["icrl"]["cumulative_regret"]) == 100

@@ -15,6 +15,13 @@ Baselines beside the family-independent ones: ``ucb1`` (Auer et al. 2002: the me
 prior per arm) and ``greedy`` (the best empirical mean, every arm once first); the ``oracle``
 pulls the best arm. The report adds each agent's cumulative regret per pull (the best arm's mean
 minus the reward, summed over pulls).
+
+``outcome_observation``: the observation after a pull is the pull's outcome, arm and reward in one
+token (``1 + 2 * arm + reward``; the observation a pull is chosen at stays 0). In the plain layout
+the arm word and the reward token sit at different positions, and a model must first bind the two
+before it can count rewards per arm; DPT puts each transition's action and reward into one input
+vector for the same reason. The tabular baselines never see the outcome observation (a pull ends
+the episode there), so their numbers do not change.
 """
 
 from __future__ import annotations
@@ -45,15 +52,23 @@ def arm_means(task: Task) -> np.ndarray:
     return means
 
 
+def outcome_code(arm: int, reward: float) -> int:
+    """The observation after a pull with ``outcome_observation``: ``1 + 2 * arm + reward``."""
+    return 1 + 2 * int(arm) + int(reward > 0)
+
+
 class BernoulliBanditEnv(gym.Env):
     """One pull per episode: observation 0, action = arm, reward ~ Bernoulli(mean of the arm),
-    terminated. The reward draw comes from the environment's own generator, seeded by ``reset``."""
+    terminated. The observation after the pull is 0, or with ``outcome_observation`` the pull's
+    ``outcome_code``. The reward draw comes from the environment's own generator, seeded by
+    ``reset``."""
 
     metadata = {"render_modes": []}
 
-    def __init__(self, task: Task):
+    def __init__(self, task: Task, outcome_observation: bool = False):
         self.means = arm_means(tuple(task))
-        self.observation_space = spaces.Discrete(1)
+        self.outcome_observation = outcome_observation
+        self.observation_space = spaces.Discrete(1 + 2 * len(self.means) if outcome_observation else 1)
         self.action_space = spaces.Discrete(len(self.means))
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -62,7 +77,7 @@ class BernoulliBanditEnv(gym.Env):
 
     def step(self, action: int):
         reward = float(self.np_random.random() < self.means[int(action)])
-        return 0, reward, True, False, {}
+        return (outcome_code(action, reward) if self.outcome_observation else 0), reward, True, False, {}
 
 
 gym.register(id=ENV_ID, entry_point=BernoulliBanditEnv, disable_env_checker=True)
@@ -124,6 +139,9 @@ class BernoulliBandit(ProblemFamily):
     Args:
         arms: arms per task (DPT: 5); the action words are ``A``, ``B``, ...
         ood_spread: the out-of-distribution tasks' means lie in ``0.5 +- ood_spread``.
+        outcome_observation: the observation after a pull is its outcome, arm and reward in one
+            token (see the module docstring); ``false`` (default) = DPT's and AD's layout of one
+            fixed observation. Needs ``model.backbone.max_tiles`` >= ``1 + 2 * arms``.
     """
 
     reward_values = (1.0,)
@@ -131,14 +149,17 @@ class BernoulliBandit(ProblemFamily):
     rewards_per_episode = 1
     baselines = ("ucb1", "thompson", "greedy")
 
-    def __init__(self, arms: int = 5, ood_spread: float = 0.1):
+    def __init__(self, arms: int = 5, ood_spread: float = 0.1, outcome_observation: bool = False):
         check_range("data.env.arms", arms, 2, len(ARM_WORDS))
         check_range("data.env.ood_spread", ood_spread, 0, 0.5, lo_open=True)
-        self.arms, self.ood_spread = arms, ood_spread
+        self.arms, self.ood_spread, self.outcome_observation = arms, ood_spread, bool(outcome_observation)
         self.actions = ARM_WORDS[:arms]
 
     def settings(self) -> dict:
-        return {"family": "bernoulli_bandit", "arms": self.arms, "ood_spread": self.ood_spread}
+        out = {"family": "bernoulli_bandit", "arms": self.arms, "ood_spread": self.ood_spread}
+        if self.outcome_observation:  # only when on, so the datasets of before keep their settings
+            out["outcome_observation"] = True
+        return out
 
     def _draw(self, n: int, seed, lo: float, hi: float, exclude: frozenset = frozenset()) -> list[Task]:
         rng, out, seen = np.random.default_rng(seed), [], set(exclude)
@@ -160,17 +181,18 @@ class BernoulliBandit(ProblemFamily):
 
     def make_env(self, task: Task, max_episode_steps: int | None = None) -> gym.Env:
         # No time limit wrapper: a pull ends the episode by itself (terminated, never truncated).
-        return gym.make(ENV_ID, task=tuple(task))
+        return gym.make(ENV_ID, task=tuple(task), outcome_observation=self.outcome_observation)
 
     def n_observations(self, task: Task) -> int:
-        return 1
+        return 1 + 2 * self.arms if self.outcome_observation else 1
 
     def largest_observations(self, split: str) -> int:
-        return 1
+        return 1 + 2 * self.arms if self.outcome_observation else 1
 
     def optimal_actions(self, task: Task) -> np.ndarray:
+        """The best arm, the same at every observation (a pull is always chosen at observation 0)."""
         means = arm_means(tuple(task))
-        return (means == means.max())[None, :]
+        return np.repeat((means == means.max())[None, :], self.n_observations(task), axis=0)
 
     def schedule(self) -> list[float]:
         """100 pulls, every one the agent's own choice (no forced exploration: the learner must
