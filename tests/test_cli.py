@@ -17,6 +17,7 @@ from icrl_lightning.checkpoints import load_module
 from icrl_lightning.checks import InputError
 from icrl_lightning.cli import ICRLCLI, cpu_bf16_unit, main, resolve_cpu_bf16
 from icrl_lightning.data import ReplayDataModule
+from icrl_lightning.envs.frozen_lake import make_splits
 from icrl_lightning.module import ICRLModule
 from icrl_lightning.objective import TD
 
@@ -317,7 +318,7 @@ def tiny_checkpoints(tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize("overlay", ["eval_heldout", "eval_ood", "eval_nonstationary", "eval_stitching",
-                                     "eval_user_maps"])
+                                     "eval_user_maps", "eval_selection"])
 def test_scenario_overlay_validates(tiny_checkpoints, overlay, tmp_path):
     ckpt = tiny_checkpoints["ckpt"]["high"]
     extra = ["--data.data_dir", str(tiny_checkpoints["data"]), "--data.eval_maps", "3"]
@@ -352,6 +353,8 @@ def test_scenario_overlay_validates(tiny_checkpoints, overlay, tmp_path):
         assert len(report["context"]) == 2
     else:
         assert all(3 <= h <= 5 and 3 <= w <= 5 for h, w in sizes) and report["n_maps"] == 3
+        first = 50 if overlay == "eval_selection" else 0  # the selection maps follow the reported 50
+        assert report["maps"] == [list(m) for m in make_splits(0, 0).heldout[first:first + 3]]
     if overlay == "eval_nonstationary":
         assert report["n_episodes"] == 6 and report["switch_to"] == report["maps"][1:] + report["maps"][:1]
         assert report["agents"]["oracle"]["mean_return"][2] == 1.0 == report["agents"]["oracle"]["mean_return"][5]

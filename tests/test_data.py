@@ -442,6 +442,14 @@ def test_eval_maps_from_splits(tiny_data_dir, tiny_datamodule):
         tiny_datamodule(tiny_data_dir, eval_split="train").setup("validate")
     with pytest.raises(InputError, match="eval_maps"):
         tiny_datamodule(tiny_data_dir, eval_maps=201).setup("validate")
+    # The selection maps: other held-out maps than the first 50, which results are reported on.
+    dm = tiny_datamodule(tiny_data_dir, eval_maps=100, eval_skip=50)
+    dm.setup("validate")
+    assert dm.eval_maps == splits.heldout[50:150] and not set(dm.eval_maps) & set(splits.heldout[:50])
+    with pytest.raises(InputError, match="data.eval_skip=150 \\+ data.eval_maps=100"):
+        tiny_datamodule(tiny_data_dir, eval_maps=100, eval_skip=150).setup("validate")
+    with pytest.raises(InputError, match="data.eval_skip"):
+        tiny_datamodule(tiny_data_dir, eval_skip=-1)
 
 
 def test_eval_map_file(tmp_path, tiny_data_dir, tiny_datamodule):

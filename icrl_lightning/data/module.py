@@ -80,6 +80,10 @@ class ReplayDataModule(L.LightningDataModule):
             maps; Dark Room: a larger room).
         eval_maps: how many tasks of the split to evaluate on (Frozen Lake reserves 200 maps of each
             split; Dark Room holds out ``size**2 - train_goals`` goals).
+        eval_skip: the first task of the split to evaluate on (default 0). With ``eval_skip`` 50 and
+            ``eval_maps`` 100 (``conf/experiment/eval_selection.yaml``) the evaluation plays other
+            held-out tasks than the 50 that results are reported on, so a recipe can be chosen on
+            tasks it is not reported on.
         eval_map_file: Frozen Lake: a JSON list of maps (lists of row strings) to evaluate on instead.
 
     Every argument is checked here; the map file and ``seq_len`` against the longest possible
@@ -110,6 +114,7 @@ class ReplayDataModule(L.LightningDataModule):
         build_workers: int | None = None,
         eval_split: str = "heldout",
         eval_maps: int = 50,
+        eval_skip: int = 0,
         eval_map_file: str | None = None,
     ):
         super().__init__()
@@ -134,6 +139,8 @@ class ReplayDataModule(L.LightningDataModule):
             check_range("data.build_workers", build_workers, 1, None)
         check_choice("data.eval_split", eval_split, EVAL_SPLITS)
         check_range("data.eval_maps", eval_maps, 1, RESERVED_EVAL_MAPS,
+                    why=f"{RESERVED_EVAL_MAPS} maps of each split are reserved for evaluation")
+        check_range("data.eval_skip", eval_skip, 0, RESERVED_EVAL_MAPS - 1,
                     why=f"{RESERVED_EVAL_MAPS} maps of each split are reserved for evaluation")
         if Path(data_dir).is_file():
             raise InputError(f"data.data_dir={data_dir!r} is a file: give a folder (datasets are built under it)")
@@ -240,10 +247,10 @@ class ReplayDataModule(L.LightningDataModule):
             self.eval_maps = self._file_maps
             return
         tasks = self.heldout_maps(h.eval_split)
-        if len(tasks) < h.eval_maps:
-            raise InputError(f"data.eval_maps={h.eval_maps}: the {type(self.env).__name__} family has only "
-                             f"{len(tasks)} {h.eval_split} tasks")
-        self.eval_maps = tasks[: h.eval_maps]
+        if len(tasks) < h.eval_skip + h.eval_maps:
+            raise InputError(f"data.eval_skip={h.eval_skip} + data.eval_maps={h.eval_maps}: the "
+                             f"{type(self.env).__name__} family has only {len(tasks)} {h.eval_split} tasks")
+        self.eval_maps = tasks[h.eval_skip: h.eval_skip + h.eval_maps]
 
     def encode(self, by_map: dict[int, list[Episode]]) -> dict[int, list[EncodedEpisode]]:
         s = self._serializer()
