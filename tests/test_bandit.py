@@ -211,9 +211,9 @@ def test_outcome_observation_fits_and_needs_the_tiles(tmp_path, capsys):
                  "--data.set_per_sequence", "true", "--data.seq_len", "128", "--data.eval_maps", "2",
                  "--data.env.init_args.outcome_observation", "true")
     with pytest.raises(SystemExit):
-        main(["fit", *args])
+        main(["fit", *args, "--model.backbone.max_tiles", "1"])
     assert "model.backbone.max_tiles to 11" in capsys.readouterr().err
-    fit = main(["fit", *args, "--model.backbone.max_tiles", "11"])
+    fit = main(["fit", *args])
     assert fit.model.env.outcome_observation and fit.model.serializer.max_tiles == 11
     report = fit.model.eval_report
     assert len(report["agents"]["icrl"]["cumulative_regret"]) == 100
