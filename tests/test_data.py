@@ -450,6 +450,8 @@ def test_eval_maps_from_splits(tiny_data_dir, tiny_datamodule):
         tiny_datamodule(tiny_data_dir, eval_maps=100, eval_skip=150).setup("validate")
     with pytest.raises(InputError, match="data.eval_skip"):
         tiny_datamodule(tiny_data_dir, eval_skip=-1)
+    with pytest.raises(InputError, match="data.eval_skip=5 picks tasks of data.eval_split"):
+        tiny_datamodule(tiny_data_dir, eval_skip=5, eval_map_file="maps.json")
 
 
 def test_eval_map_file(tmp_path, tiny_data_dir, tiny_datamodule):

@@ -142,6 +142,9 @@ class ReplayDataModule(L.LightningDataModule):
                     why=f"{RESERVED_EVAL_MAPS} maps of each split are reserved for evaluation")
         check_range("data.eval_skip", eval_skip, 0, RESERVED_EVAL_MAPS - 1,
                     why=f"{RESERVED_EVAL_MAPS} maps of each split are reserved for evaluation")
+        if eval_skip and eval_map_file:
+            raise InputError(f"data.eval_skip={eval_skip} picks tasks of data.eval_split; data.eval_map_file "
+                             f"{eval_map_file!r} gives the tasks itself: set one of them")
         if Path(data_dir).is_file():
             raise InputError(f"data.data_dir={data_dir!r} is a file: give a folder (datasets are built under it)")
         self.serializer: Serializer | None = None
