@@ -74,29 +74,25 @@ def single_map_sequences(by_map: dict[int, list[Episode]], serializer: Serialize
     yields nothing)."""
     for map_id in sorted(by_map)[:maps]:
         episodes = by_map[map_id]
-        ids: list[int] = []
-        q_pos, action, reward, done, index, packed = [], [], [], [], [], []
+        chunk, packed, index, room = [], [], [], seq_len
         for k, i in enumerate(rng.choice(len(episodes), size=min(per_map, len(episodes)), replace=False)):
             e = episodes[i]
             enc = serializer.encode(e)
             if not len(enc.q_pos):
                 continue
-            if len(ids) + len(enc) > seq_len:
+            if len(enc) > room:
                 break
-            q_pos += (enc.q_pos + len(ids)).tolist()
-            action += enc.actions.tolist()
-            reward += enc.rewards.tolist()
-            done += [False] * (len(enc.actions) - 1) + [True]
-            index += [k] * len(enc.actions)
-            ids += enc.ids.tolist()
+            room -= len(enc)
+            chunk.append(enc)
             packed.append(e)
+            index += [k] * len(enc.actions)
         if not packed:
             continue
-        x = torch.tensor([ids], dtype=torch.long)
-        mask = torch.zeros_like(x, dtype=torch.bool)
-        mask[0, q_pos] = True
-        batch = {"input_ids": x, "q_mask": mask, "action": torch.tensor(action), "reward": torch.tensor(reward),
-                 "done": torch.tensor(done)}
+        # The training stream's own packing, cut to the packed tokens.
+        b = ReplayStream({map_id: chunk}, {map_id: np.ones(len(chunk))}, seq_len, serializer.pad_id, 1).pack(chunk)
+        n, q = int(b["n_tokens"]), b["q_mask"]
+        batch = {"input_ids": b["input_ids"][None, :n], "q_mask": q[None, :n], "action": b["action"][q],
+                 "reward": b["reward"][q], "done": b["done"][q]}
         yield Sequence(batch, packed, index)
 
 
