@@ -209,3 +209,28 @@ def test_conflict_probe_reads_the_agents_own_trials(tmp_path, repo_root):
     assert (c[first, "n"], c[first, "success"], c[first, "recent"]) == (1, 0, 1)
     assert (c[later, "n"], c[later, "success"], c[later, "recent"]) == (1, 1, 0)
     assert sum(v for (k, f), v in c.items() if f == "n") == 2
+
+
+def test_print_table_drops_the_exploration_split_without_exploring_episodes_and_shows_regret():
+    """Bandits: every pull is greedy, so found / g|found / g|not would always read 0 and "-"; the
+    table leaves them out and shows the cumulative regret instead. Frozen Lake keeps them."""
+    from rich.console import Console
+
+    from icrl_lightning.evaluation.report import print_table
+
+    def header(report: dict) -> str:
+        console = Console(record=True, width=200)
+        print_table(report, console)
+        return console.export_text()
+
+    greedy = [1.0] * 3
+    s = summarize(np.array([[0.0, 1.0, 1.0], [1.0, 0.0, 1.0]]), greedy, last_k=1)
+    s["regret"] = 1.25
+    text = header({"last_k": 1, "n_maps": 2, "n_episodes": 3, "scenario": "standard", "schedule": greedy,
+                   "agents": {"icrl": s}})
+    assert "g|found" not in text and "found" not in text and "regret" in text and "1.25" in text
+    explore = [0.0, 1.0, 1.0]
+    s = summarize(np.array([[0.0, 1.0, 1.0], [1.0, 0.0, 1.0]]), explore, last_k=1)
+    text = header({"last_k": 1, "n_maps": 2, "n_episodes": 3, "scenario": "standard", "schedule": explore,
+                   "agents": {"icrl": s}})
+    assert "g|found" in text and "regret" not in text

@@ -91,35 +91,51 @@ def _fmt(x) -> str:
 
 
 def print_table(report: dict, console: Console | None = None) -> None:
-    """The rich summary table: one row per agent (per phase for a non-stationary trial)."""
+    """The rich summary table: one row per agent (per phase for a non-stationary trial). The
+    exploration split (found, g|found, g|not) is left out when the schedule has no exploring
+    episode (bandits: every pull is the agent's own), where it would always read 0 and "-"; a
+    regret column is added when the report has regret."""
     k = report["last_k"]
     scenario = report.get("scenario", "standard")
+    schedule = report.get("schedule")
+    split = schedule is None or any(p < 1.0 for p in schedule)
+    regret = all("regret" in s for s in report["agents"].values())
     title = (f"In-context evaluation ({scenario}): {report['n_maps']} "
              f"{'trials' if scenario == 'stitching' else 'maps'} x {report['n_episodes']} episodes")
-    caption = (f"first/last {k}: mean return of a trial's first/last {k} episodes; found: share of trials that "
-               "reached the goal before the greedy phase; g|found, g|not: greedy-phase return on those / the rest; "
-               "1st win: median episode of the first success; never: share with no success")
+    caption = f"first/last {k}: mean return of a trial's first/last {k} episodes; "
+    if split:
+        caption += ("found: share of trials that reached the goal before the greedy phase; g|found, g|not: "
+                    "greedy-phase return on those / the rest; ")
+    if regret:
+        caption += "regret: cumulative regret over the trial, mean over tasks; "
+    caption += "1st win: median episode of the first success; never: share with no success"
     if report.get("untrained"):
         title = f"UNTRAINED MODEL (validate without --ckpt_path: random weights). {title}"
     table = Table(title=title, caption=caption, caption_justify="left")
     table.add_column("agent", no_wrap=True, min_width=10)
-    for col in (f"first {k}", f"last {k}", "all", "found", "g|found", "g|not", "1st win", "never"):
+    columns = [f"first {k}", f"last {k}", "all", *(("found", "g|found", "g|not") if split else ()),
+               *(("regret",) if regret else ()), "1st win", "never"]
+    for col in columns:
         table.add_column(col, justify="right", no_wrap=True)
 
-    def row(name: str, s: dict) -> None:
+    def row(name: str, s: dict, total: dict) -> None:
         med = s["first_success_median"]
-        table.add_row(name, _fmt(s["first_episodes"]), _fmt(s[f"last{k}"]), _fmt(s["overall"]),
-                      _fmt(s["goal_found_before_greedy"]), _fmt(s["greedy_return_if_found"]),
-                      _fmt(s["greedy_return_if_not_found"]), "-" if med is None else f"{med:g}",
-                      _fmt(s["never_succeeded"]))
+        cells = [_fmt(s["first_episodes"]), _fmt(s[f"last{k}"]), _fmt(s["overall"])]
+        if split:
+            cells += [_fmt(s["goal_found_before_greedy"]), _fmt(s["greedy_return_if_found"]),
+                      _fmt(s["greedy_return_if_not_found"])]
+        if regret:  # of the whole trial (the agent's row, not the phase's)
+            cells.append(f"{total['regret']:.2f}")
+        cells += ["-" if med is None else f"{med:g}", _fmt(s["never_succeeded"])]
+        table.add_row(name, *cells)
 
     for name, s in report["agents"].items():
         phases = s.get("phases")
         if phases:
             for p, ps in enumerate(phases):
-                row(f"{name} (map {'AB'[p] if p < 2 else p + 1})", ps)
+                row(f"{name} (map {'AB'[p] if p < 2 else p + 1})", ps, s)
         else:
-            row(name, s)
+            row(name, s, s)
     if console is None:
         console = Console()
         if not console.is_terminal:  # logs and pipes: wide enough for the whole table
