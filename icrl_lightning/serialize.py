@@ -223,6 +223,19 @@ class Serializer:
             table[failed] = plain
         return table
 
+    def observation_ids(self) -> np.ndarray:
+        """``[k, max_tiles]``: the one token id of each observation as written in a success (row 0)
+        and, for outcome-tagged formats, in a failure (row 1); what ``data.permute_observations``
+        permutes. ValueError for a format that writes an observation as several tokens."""
+        plain = [self.observation(i) for i in range(self.max_tiles)]
+        if any(len(ids) != 1 for ids in plain):
+            raise ValueError(f"format {self.fmt.name} writes an observation as several tokens; "
+                             "permuting observations needs one token each (compact, compact_outcome)")
+        rows = [[ids[0] for ids in plain]]
+        if any(ids[0] in self._failed_ids for ids in plain):
+            rows.append([self._failed_ids.get(ids[0], ids[0]) for ids in plain])
+        return np.asarray(rows, dtype=np.int64)
+
     @property
     def outcome_tags(self) -> bool:
         """Whether a failed episode is written differently from a success (``Format.failure_*``)."""

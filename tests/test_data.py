@@ -671,3 +671,64 @@ def test_learning_sets_are_whole_histories(compact, synthetic, decode_stream):
         assert len(s) == 4 and idx[0] % 4 == 0 and idx == list(range(idx[0], idx[0] + 4)), idx
 
 
+
+
+# --- permuted observations ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["compact", "compact_outcome"])
+def test_permute_observations_renames_tiles_consistently_and_keeps_everything_else(tiny_data_dir, make_stream, fmt):
+    """Each sequence writes each map's tiles through one permutation of the observation tokens (a
+    tile's success and failure tokens together); the sets, packing and every other token are those
+    of the unpermuted stream, and the permutations differ between sequences."""
+    s = Serializer(build_tokenizer(fmt), fmt)
+    obs = s.observation_ids()
+    assert obs.shape == ((2 if fmt == "compact_outcome" else 1), s.max_tiles)
+    plain = make_stream(tiny_data_dir, s, num_sequences=8)
+    perm = make_stream(tiny_data_dir, s, num_sequences=8, permute_observations=1.0)
+    assert perm.observation_ids is not None and plain.observation_ids is None
+    tile_of = {int(t): i for row in obs for i, t in enumerate(row)}
+    kind_of = {int(t): k for k, row in enumerate(obs) for t in row}
+    renamings = set()
+    for a, b in zip(plain.chunks(np.random.default_rng([0, 0]), sorted(plain.episodes)),
+                    perm.chunks(np.random.default_rng([0, 0]), sorted(perm.episodes)), strict=False):
+        assert [e.tiles.tolist() for e in a] == [e.tiles.tolist() for e in b]
+        renaming = {}
+        for ea, eb in zip(a, b, strict=True):
+            for x, y in zip(ea.ids.tolist(), eb.ids.tolist(), strict=True):
+                if x in tile_of:
+                    assert y in tile_of and kind_of[y] == kind_of[x]  # a failure token stays a failure token
+                    assert renaming.setdefault((ea.map_id, tile_of[x]), tile_of[y]) == tile_of[y]
+                else:
+                    assert x == y
+        pairs = {}
+        for (m, t), u in renaming.items():  # one map's tiles go to distinct tokens
+            assert pairs.setdefault((m, u), t) == t
+        renamings.add(tuple(sorted(renaming.items())))
+        if len(renamings) > 2:
+            break
+    assert len(renamings) > 2
+    item = next(iter(perm))
+    assert set(item) == BATCH_KEYS
+
+
+def test_permute_observations_share_permutes_some_sequences(tiny_data_dir, make_stream, compact):
+    plain = make_stream(tiny_data_dir, compact, num_sequences=40)
+    half = make_stream(tiny_data_dir, compact, num_sequences=40, permute_observations=0.5)
+    kinds = []
+    for a, b, _ in zip(plain.chunks(np.random.default_rng([0, 0]), sorted(plain.episodes)),
+                       half.chunks(np.random.default_rng([0, 0]), sorted(half.episodes)), range(40), strict=False):
+        kinds.append(all(np.array_equal(x.ids, y.ids) for x, y in zip(a, b, strict=True)))
+    assert 8 < sum(kinds) < 32  # about half the sequences left as they are
+    with pytest.raises(InputError, match="data.permute_observations"):
+        make_stream(tiny_data_dir, compact, permute_observations=1.5)
+
+
+def test_permute_observations_needs_one_token_per_observation(tmp_path, tiny_datamodule):
+    class TwoTokens(Serializer):  # as a text format writes "observation: 3"
+        def observation(self, obs):
+            return (*super().observation(obs), self.pad_id)
+
+    two = TwoTokens(build_tokenizer("compact"), "compact")
+    with pytest.raises(ValueError, match="one token each"):
+        two.observation_ids()
+    with pytest.raises(InputError, match="data.permute_observations"):
+        tiny_datamodule(tmp_path, two, permute_observations=True)

@@ -71,6 +71,14 @@ class ReplayDataModule(L.LightningDataModule):
             not fit is dropped, the rest is padding) instead of sets packed one after another. For
             families whose tokens do not show a task switch (bandits: every pull looks alike), so
             that no context mixes two tasks and every context starts as an evaluation trial does.
+        permute_observations: the share of training sequences (0 to 1; default 0) in which each
+            task's observations are written through a random permutation of the observation tokens
+            (one per task and sequence; a tile's success and failure tokens move together), so that
+            a token names a tile only within its context: what the model knows of a tile it must
+            read from the context. The task augmentation of Kirsch et al. 2022 in discrete form; it
+            also trains every observation token, those of tiles only larger maps have included.
+            Needs a format that writes an observation as one token (``compact``,
+            ``compact_outcome``). Evaluation is unchanged.
         seq_len: tokens per training sequence.
         batch_size: sequences per device batch.
         num_workers: DataLoader worker processes.
@@ -108,6 +116,7 @@ class ReplayDataModule(L.LightningDataModule):
         quality: str = "medium",
         set_order: str = "random",
         set_per_sequence: bool = False,
+        permute_observations: float = 0.0,
         seq_len: int = 1024,
         batch_size: int = 8,
         num_workers: int = 0,
@@ -132,6 +141,7 @@ class ReplayDataModule(L.LightningDataModule):
         check_range("data.set_size_max", set_size_max, set_size_min, None, why="at least data.set_size_min")
         check_choice("data.quality", quality, ("high", "medium", "low"))
         check_choice("data.set_order", set_order, SET_ORDERS)
+        check_range("data.permute_observations", permute_observations, 0, 1, why="a share of the sequences")
         check_range("data.seq_len", seq_len, 1, None)
         check_range("data.batch_size", batch_size, 1, None)
         check_range("data.num_workers", num_workers, 0, None)
@@ -171,6 +181,8 @@ class ReplayDataModule(L.LightningDataModule):
             noun = "maps" if isinstance(self.env, FrozenLake) else "tasks"
             raise InputError(f"{key}: {noun} of {biggest} tiles, but the model's tokenizer writes at most "
                              f"{serializer.max_tiles} tiles: raise model.backbone.max_tiles to {biggest}")
+        if h.permute_observations:
+            self._observation_ids()
         need = self.longest_episode_tokens()
         check_range("data.seq_len", h.seq_len, need, None,
                     why=f"an episode of data.env.max_episode_steps={self.env.max_episode_steps} steps is {need} "
@@ -280,7 +292,15 @@ class ReplayDataModule(L.LightningDataModule):
                             (h.set_size_min, h.set_size_max), h.seed, rank, world_size, h.batch_size, h.set_order,
                             skip_batches, fields=fields, history=self.behaviour.history_length,
                             optimal_actions=self.optimal_actions() if "optimal" in fields else None,
-                            set_per_sequence=h.set_per_sequence)
+                            set_per_sequence=h.set_per_sequence,
+                            observation_ids=self._observation_ids() if h.permute_observations else None,
+                            permute_share=float(h.permute_observations))
+
+    def _observation_ids(self) -> np.ndarray:
+        try:
+            return self._serializer().observation_ids()
+        except ValueError as err:
+            raise InputError(f"data.permute_observations: {err}") from None
 
     def train_dataloader(self) -> DataLoader:
         t = self.trainer
@@ -304,7 +324,7 @@ class ReplayDataModule(L.LightningDataModule):
         """What decides which batch comes at which step."""
         h, t = self.hparams, self.trainer
         keys = ("seed", "seq_len", "batch_size", "num_workers", "set_size_min", "set_size_max", "quality",
-                "set_order", "set_per_sequence")
+                "set_order", "set_per_sequence", "permute_observations")
         return {"dataset": self.dataset_dir.name, **{k: h[k] for k in keys}, "world_size": t.world_size,
                 "accumulate_grad_batches": t.accumulate_grad_batches}
 

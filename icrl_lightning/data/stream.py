@@ -3,6 +3,7 @@ split between ranks and DataLoader workers, and resumable after the batches alre
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -78,7 +79,13 @@ class ReplayStream(IterableDataset):
     episodes are learning histories of that many episodes; a ``learning`` set is then one whole
     history (``set_size`` unused). ``set_per_sequence``: every sequence is one set from its first
     episode on (what does not fit is dropped, the rest is padding), so that no context holds two
-    tasks and every context starts where an evaluation trial starts.
+    tasks and every context starts where an evaluation trial starts. ``observation_ids``
+    (``Serializer.observation_ids``): permute observations; in every sequence each task's
+    observations are written through a random permutation of these tokens (one per task and
+    sequence, from a generator of its own, so the sets and packing are those of the unpermuted
+    stream), so that an observation's token says nothing of the tile by itself and only the
+    context does; ``permute_share`` < 1: only that share of the sequences (a coin per sequence from
+    the same generator).
     """
 
     def __init__(
@@ -99,6 +106,8 @@ class ReplayStream(IterableDataset):
         history: int | None = None,
         optimal_actions: dict[int, np.ndarray] | None = None,
         set_per_sequence: bool = False,
+        observation_ids: np.ndarray | None = None,
+        permute_share: float = 1.0,
     ):
         if set_order not in SET_ORDERS:
             raise InputError(f"data.set_order={set_order!r}: choose one of {', '.join(map(repr, SET_ORDERS))}")
@@ -120,6 +129,7 @@ class ReplayStream(IterableDataset):
         self.optimal_actions = optimal_actions
         self._n_actions = next(iter(optimal_actions.values())).shape[1] if "optimal" in fields else 0
         self.set_per_sequence = set_per_sequence
+        self.observation_ids, self.permute_share = observation_ids, permute_share
 
     def __len__(self) -> int:
         return self.num_sequences
@@ -164,8 +174,27 @@ class ReplayStream(IterableDataset):
             else:
                 yield [eps[i] for i in rng.choice(len(eps), size=k, replace=False, p=w / w.sum())]
 
-    def chunks(self, rng: np.random.Generator, maps: list[int]):
-        """The episodes of each sequence (whole sets in order, packed), forever."""
+    def permuted(self, chunk: list[EncodedEpisode], rng: np.random.Generator) -> list[EncodedEpisode]:
+        """``chunk`` with each task's observation tokens sent through a random permutation of
+        ``observation_ids`` (the same one for all of that task's episodes in the chunk; a tile's
+        success and failure tokens move together)."""
+        ids = self.observation_ids
+        n = ids.shape[1]
+        size = max(int(ids.max()), max(int(e.ids.max()) for e in chunk)) + 1
+        tables = {}
+        for m in dict.fromkeys(e.map_id for e in chunk):
+            table = np.arange(size, dtype=np.int32)
+            perm = rng.permutation(n)
+            for row in ids:
+                table[row] = row[perm]
+            tables[m] = table
+        return [dataclasses.replace(e, ids=tables[e.map_id][e.ids]) for e in chunk]
+
+    def chunks(self, rng: np.random.Generator, maps: list[int], permute_rng: np.random.Generator | None = None):
+        """The episodes of each sequence (whole sets in order, packed), forever; with
+        ``observation_ids``, their observations permuted by draws of ``permute_rng``."""
+        if self.observation_ids is not None and permute_rng is None:
+            permute_rng = np.random.default_rng([self.seed, 1])
         sets = self.sets(rng, maps)
         pending: list[EncodedEpisode] = []  # what is left of the current set, in order
         reorder = self.set_order == "random"
@@ -185,12 +214,16 @@ class ReplayStream(IterableDataset):
                 room -= len(e)
             if self.set_per_sequence:
                 pending = []  # the next sequence starts a new set; what did not fit is dropped
-            yield chunk
+            if self.observation_ids is None or (self.permute_share < 1 and permute_rng.random() >= self.permute_share):
+                yield chunk
+            else:
+                yield self.permuted(chunk, permute_rng)
 
     def __iter__(self):
         reader, readers, dropped, count = self._reader()
         maps = sorted(self.episodes)[reader::readers]
-        chunks = self.chunks(np.random.default_rng([self.seed, reader]), maps)
+        chunks = self.chunks(np.random.default_rng([self.seed, reader]), maps,
+                             np.random.default_rng([self.seed, reader, 1]))
         for _ in range(dropped):  # resuming: regenerate what was consumed (packing only; cheap)
             next(chunks)
         for _ in range(count):
