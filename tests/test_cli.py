@@ -231,15 +231,15 @@ def test_there_are_configs():
 
 
 QUICKSTART = REPO / "conf/experiment/quickstart.yaml"
-OVERLAY_PREFIXES = ("eval_", "quality_", "long")
+OVERLAY_PREFIXES = ("eval_", "quality_", "long", "permuted")
 _QUICKSTART_CFG: dict[str, dict] = {}
 
 
 def _is_overlay(path: Path) -> bool:
-    """Overlays are layered on a full experiment config: conf/experiment/eval_*.yaml, quality_*.yaml
-    and long.yaml (evaluation scenarios, data-quality runs, the long recipe) and every YAML with CLI
-    sections outside conf/experiment/ (e.g. conf/model/*.yaml). Everything else in conf/experiment/
-    is a full experiment."""
+    """Overlays are layered on a full experiment config: conf/experiment/eval_*.yaml, quality_*.yaml,
+    long.yaml and permuted.yaml (evaluation scenarios, data-quality runs, the long recipe, permuted
+    observation tokens) and every YAML with CLI sections outside conf/experiment/ (e.g.
+    conf/model/*.yaml). Everything else in conf/experiment/ is a full experiment."""
     if path.parent.name == "experiment":
         return path.name.startswith(OVERLAY_PREFIXES)
     return True
