@@ -671,8 +671,6 @@ def test_learning_sets_are_whole_histories(compact, synthetic, decode_stream):
         assert len(s) == 4 and idx[0] % 4 == 0 and idx == list(range(idx[0], idx[0] + 4)), idx
 
 
-
-
 # --- permuted observations ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", ["compact", "compact_outcome"])
 def test_permute_observations_renames_tiles_consistently_and_keeps_everything_else(tiny_data_dir, make_stream, fmt):
