@@ -30,3 +30,32 @@ def test_tb_scalars_prints_tags_with_prefix(tmp_path):
     out = _run(str(tmp_path), "train/")
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["train/loss (7 points) ... 2:0.3333, 3:0.25, 4:0.2, 5:0.1667, 6:0.1429"]
+
+
+def _load_tool(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, TB_SCALARS.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_hole_move_probe_untried_against_tried():
+    """``tools/hole_move_probe.py``'s learner-context count: untried against tried moves of a tile,
+    before and after the sequence's first success."""
+    import numpy as np
+    import pytest
+
+    from icrl_lightning.episodes import Episode
+
+    probe = _load_tool("hole_move_probe")
+    episodes = [Episode([0, 1, 5], [2, 1], [0.0, 0.0], True),  # tile 0: nothing tried yet; tile 1 likewise
+                Episode([0, 4, 15], [1, 2], [0.0, 1.0], True),  # tile 0: move 2 tried; then the first success
+                Episode([0, 1], [3], [0.0], False, truncated=True)]  # tile 0: moves 1 and 2 tried
+    q = np.array([[9, 9, 9, 9], [9, 9, 9, 9], [1, 2, 5, 0], [9, 9, 9, 9], [3, 0, 0, 1]], dtype=float)
+    out = probe.untried_against_tried(episodes, q)
+    assert out["all"] == {"gap": [-4.0, 2.0], "argmax": [0.0, 1.0], "uniform": [0.75, 0.5]}
+    assert out["before goal"] == {"gap": [-4.0], "argmax": [0.0], "uniform": [0.75]}
+    with pytest.raises(ValueError, match="4 Q rows for 5 actions"):
+        probe.untried_against_tried(episodes, q[:4])

@@ -21,6 +21,12 @@ in a hole), ``wall`` (it left the agent on its tile), ``safe`` (it led to anothe
 beside the shares a uniform choice would give, and each kind's mean Q less the row's mean. A
 model that explores from its context picks ``hole`` below the uniform share and ``untried`` above.
 
+The same question on contexts like the training data (``learner, heldout`` below): at every
+action position on a tile where the sequence has shown some moves but not all, the mean Q of the
+untried moves less that of the tried ones, and how often the greedy move is untried against the
+untried share; for all such positions, and for those before the sequence's first success. A model
+whose Q reads "not tried yet" from its context gives the untried moves a higher Q there.
+
 Outcome-tagged formats (``compact_outcome``) also get the tag check: on the held-out learner
 contexts, the mean Q of the moves of failed episodes with the episode's own tags in view (as the
 replay stream trains them) and without (as the agent sees an episode while it plays it), beside
@@ -119,6 +125,43 @@ def own_tags(module, by_map, n_maps: int, seq_len: int, rng) -> dict[str, list[f
     return out
 
 
+def untried_against_tried(episodes, q_rows: np.ndarray) -> dict[str, dict[str, list[float]]]:
+    """Over one packed sequence of one map (``episodes`` in order, ``q_rows`` one Q row per action):
+    at every position whose tile has tried and untried moves in the sequence so far, {"gap": mean Q
+    of the untried less that of the tried, "argmax": whether the greedy move is untried, "uniform":
+    the untried share}, under "all" and, until the sequence's first success, "before goal"."""
+    actions = sum(len(e.actions) for e in episodes)
+    if actions != len(q_rows):
+        raise ValueError(f"{len(q_rows)} Q rows for {actions} actions")
+    out = {"all": defaultdict(list), "before goal": defaultdict(list)}
+    t, tried, found = 0, set(), False
+    for e in episodes:
+        for tile, action in zip(e.tiles, e.actions, strict=True):
+            row = q_rows[t]
+            untried = [a for a in range(len(row)) if (tile, a) not in tried]
+            if 0 < len(untried) < len(row):
+                seen = [a for a in range(len(row)) if a not in untried]
+                for key in ("all", "before goal") if not found else ("all",):
+                    out[key]["gap"].append(float(np.mean(row[untried]) - np.mean(row[seen])))
+                    out[key]["argmax"].append(float(int(np.argmax(row)) in untried))
+                    out[key]["uniform"].append(len(untried) / len(row))
+            tried.add((tile, action))
+            t += 1
+        found = found or e.success
+    return out
+
+
+def learner_novelty(module, by_map, n_maps: int, seq_len: int, rng) -> dict[str, dict[str, list[float]]]:
+    """``untried_against_tried`` pooled over the learner contexts of ``learner_contexts``."""
+    out = {"all": defaultdict(list), "before goal": defaultdict(list)}
+    for seq in diagnostics.single_map_sequences(by_map, module.serializer, seq_len, rng, maps=n_maps):
+        one = untried_against_tried(seq.episodes, diagnostics.q_values(module, seq.batch).numpy())
+        for key, table in one.items():
+            for name, values in table.items():
+                out[key][name] += values
+    return out
+
+
 KINDS = ("hole", "wall", "safe", "untried")
 
 
@@ -179,6 +222,13 @@ def run(args: argparse.Namespace) -> None:
             tags = own_tags(module, by_map, args.maps, args.seq_len, np.random.default_rng(0))
             print("learner, heldout   Q of the taken moves: " + ", ".join(
                 f"{k} {np.mean(v):.2f} (n={len(v)})" for k, v in tags.items()))
+        if split == "heldout":
+            novelty = learner_novelty(module, by_map, args.maps, args.seq_len, np.random.default_rng(0))
+            for key, t in novelty.items():
+                if t["gap"]:
+                    print(f"learner, heldout   {key:11s} n={len(t['gap']):5d}  Q(untried) - Q(tried) "
+                          f"{np.mean(t['gap']):+.2f}  argmax untried {np.mean(t['argmax']):.3f} "
+                          f"(uniform {np.mean(t['uniform']):.3f})")
     maps = checkpoint_eval_maps(args.checkpoint, eval_maps=args.eval_maps)
     trial = own_trials(module, maps, args.seq_len, args.seed)
     show("own, greedy phase", own_contexts(trial, maps))
