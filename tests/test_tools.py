@@ -4,7 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-TB_SCALARS = Path(__file__).resolve().parents[1] / "tools" / "tb_scalars.py"
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+TB_SCALARS = TOOLS / "tb_scalars.py"
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -35,7 +36,7 @@ def test_tb_scalars_prints_tags_with_prefix(tmp_path):
 def _load_tool(name: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(name, TB_SCALARS.parent / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -60,21 +60,24 @@ def ends_in_hole(rows, observations, actions) -> bool:
     return bool(actions) and is_hole(rows, observations[-1])
 
 
-def learner_contexts(module, by_map, n_maps: int, seq_len: int, rng) -> dict:
-    """{times seen before (capped at 3): [(Q of the hole move, best other Q)]} over learner contexts
-    (packed by ``icrl_lightning.diagnostics.single_map_sequences``, as ``context_td_error.py`` packs them)."""
-    out = defaultdict(list)
+def learner_contexts(module, by_map, n_maps: int, seq_len: int, rng) -> tuple[dict, dict]:
+    """Over learner contexts (packed by ``icrl_lightning.diagnostics.single_map_sequences``, as
+    ``context_td_error.py`` packs them): {times seen before (capped at 3): [(Q of the hole move,
+    best other Q)]}, and ``untried_against_tried`` pooled over the same sequences."""
+    out, novelty = defaultdict(list), {"all": defaultdict(list), "before goal": defaultdict(list)}
     for seq in diagnostics.single_map_sequences(by_map, module.serializer, seq_len, rng, maps=n_maps):
         if not seq.episodes:
             continue
         rows, seen = seq.episodes[0].map_rows, defaultdict(int)
-        last_q = diagnostics.q_values(module, seq.batch).numpy()[np.flatnonzero(seq.batch["done"])]  # last moves
+        q_rows = diagnostics.q_values(module, seq.batch).numpy()
+        untried_against_tried(seq.episodes, q_rows, novelty)
+        last_q = q_rows[np.flatnonzero(seq.batch["done"])]  # last moves
         for e, q in zip(seq.episodes, last_q, strict=True):
             if e.terminated and ends_in_hole(rows, e.observations, e.actions):
                 key, a = (e.observations[-2], e.actions[-1]), e.actions[-1]
                 out[min(seen[key], 3)].append((q[a], np.delete(q, a).max()))
                 seen[key] += 1
-    return out
+    return out, novelty
 
 
 def own_trials(module, maps, seq_len: int, seed: int):
@@ -125,15 +128,17 @@ def own_tags(module, by_map, n_maps: int, seq_len: int, rng) -> dict[str, list[f
     return out
 
 
-def untried_against_tried(episodes, q_rows: np.ndarray) -> dict[str, dict[str, list[float]]]:
+def untried_against_tried(episodes, q_rows: np.ndarray, out: dict | None = None) -> dict[str, dict[str, list[float]]]:
     """Over one packed sequence of one map (``episodes`` in order, ``q_rows`` one Q row per action):
     at every position whose tile has tried and untried moves in the sequence so far, {"gap": mean Q
     of the untried less that of the tried, "argmax": whether the greedy move is untried, "uniform":
-    the untried share}, under "all" and, until the sequence's first success, "before goal"."""
+    the untried share}, under "all" and, until the sequence's first success, "before goal";
+    appended to ``out`` (a new table if None), which is returned."""
     actions = sum(len(e.actions) for e in episodes)
     if actions != len(q_rows):
         raise ValueError(f"{len(q_rows)} Q rows for {actions} actions")
-    out = {"all": defaultdict(list), "before goal": defaultdict(list)}
+    if out is None:
+        out = {"all": defaultdict(list), "before goal": defaultdict(list)}
     t, tried, found = 0, set(), False
     for e in episodes:
         for tile, action in zip(e.tiles, e.actions, strict=True):
@@ -148,17 +153,6 @@ def untried_against_tried(episodes, q_rows: np.ndarray) -> dict[str, dict[str, l
             tried.add((tile, action))
             t += 1
         found = found or e.success
-    return out
-
-
-def learner_novelty(module, by_map, n_maps: int, seq_len: int, rng) -> dict[str, dict[str, list[float]]]:
-    """``untried_against_tried`` pooled over the learner contexts of ``learner_contexts``."""
-    out = {"all": defaultdict(list), "before goal": defaultdict(list)}
-    for seq in diagnostics.single_map_sequences(by_map, module.serializer, seq_len, rng, maps=n_maps):
-        one = untried_against_tried(seq.episodes, diagnostics.q_values(module, seq.batch).numpy())
-        for key, table in one.items():
-            for name, values in table.items():
-                out[key][name] += values
     return out
 
 
@@ -217,13 +211,13 @@ def run(args: argparse.Namespace) -> None:
     module, data = load_run(args.checkpoint)
     for split in ("train", "heldout"):  # heldout: as context_td_error.py --split heldout
         by_map = diagnostics.learner_episodes(data, split, maps=args.maps)
-        show(f"learner, {split}", learner_contexts(module, by_map, args.maps, args.seq_len, np.random.default_rng(0)))
+        holes, novelty = learner_contexts(module, by_map, args.maps, args.seq_len, np.random.default_rng(0))
+        show(f"learner, {split}", holes)
         if split == "heldout" and module.serializer.outcome_tags:
             tags = own_tags(module, by_map, args.maps, args.seq_len, np.random.default_rng(0))
             print("learner, heldout   Q of the taken moves: " + ", ".join(
                 f"{k} {np.mean(v):.2f} (n={len(v)})" for k, v in tags.items()))
         if split == "heldout":
-            novelty = learner_novelty(module, by_map, args.maps, args.seq_len, np.random.default_rng(0))
             for key, t in novelty.items():
                 if t["gap"]:
                     print(f"learner, heldout   {key:11s} n={len(t['gap']):5d}  Q(untried) - Q(tried) "
