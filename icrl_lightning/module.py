@@ -144,6 +144,12 @@ class ICRLModule(L.LightningModule):
                 self.q_head.weight.copy_(rows)
             self.register_buffer("q_head_target", rows.clone())
             self._online.append(("q_head.weight", self.q_head.weight))
+        # model.td.novelty_aux: a head that predicts, from the hidden state at an action position,
+        # whether the taken (tile, action) is untried in the context; it trains, it does not act.
+        self.novelty_head = None
+        if self.td.novelty_aux:
+            d = self.model.get_output_embeddings().weight.shape[1]
+            self.novelty_head = torch.nn.Linear(d, len(self.serializer.action_token_ids))
         targets = {id(t) for t in self.target_params()}
         # Frozen base weights: left out of Lightning checkpoints (rebuilt from the backbone spec).
         self._frozen_keys = {k for k, v in self.state_dict(keep_vars=True).items()
@@ -233,11 +239,13 @@ class ICRLModule(L.LightningModule):
         """The extra batch fields (``data.stream.BATCH_FIELDS``) this objective reads."""
         if self.hparams.objective == "dpt":
             return frozenset({"optimal"})
-        return frozenset({"conflict"} if self.td.conflict_weight != 1 else ())
+        fields = {"conflict"} if self.td.conflict_weight != 1 else set()
+        return frozenset(fields | ({"novel"} if self.td.novelty_aux else set()))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         td, cql, q_mask = self.td, self.cql, batch["q_mask"]
-        q = self.q_values(batch["input_ids"], q_mask)
+        hidden = self._hidden(batch["input_ids"], False)[q_mask]
+        q = action_q_values(hidden, self._head_rows(False))
         bs = batch["input_ids"].shape[0]
         if self.hparams.objective == "dpt":
             loss, hit = optimal_action_loss(q, batch["optimal"][q_mask])
@@ -259,6 +267,13 @@ class ICRLModule(L.LightningModule):
             where = successful_episode(reward, done) if cql.episodes == "successful" else None
             penalty = conservative_penalty(q, action, where, weight)
             loss = td_loss + cql.weight * penalty
+        if self.novelty_head is not None:
+            logit = self.novelty_head(hidden.float()).gather(1, action[:, None]).squeeze(1)
+            novel = batch["novel"][q_mask].float()
+            aux = torch.nn.functional.binary_cross_entropy_with_logits(logit, novel)
+            loss = loss + td.novelty_aux * aux
+            self.log("train/novelty_aux_loss", aux.detach(), batch_size=bs)
+            self.log("train/novelty_aux_accuracy", ((logit.detach() > 0).float() == novel).float().mean(), batch_size=bs)
         self._check_finite(loss, "TD")
         self._log_step(batch)
         self.log("train/td_loss", td_loss, prog_bar=True, batch_size=bs)
@@ -268,6 +283,8 @@ class ICRLModule(L.LightningModule):
         self.log("train/target_mean", y.mean(), batch_size=bs)
         if "conflict" in batch:
             self.log("train/conflict_share", batch["conflict"][q_mask].float().mean(), batch_size=bs)
+        if "novel" in batch:
+            self.log("train/novel_share", batch["novel"][q_mask].float().mean(), batch_size=bs)
         return loss
 
     def _check_finite(self, loss: torch.Tensor, what: str) -> None:
@@ -291,7 +308,8 @@ class ICRLModule(L.LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        opt = torch.optim.AdamW([p for _, p in self._online], lr=h.lr, weight_decay=h.weight_decay)
+        params = [p for _, p in self._online] + (list(self.novelty_head.parameters()) if self.novelty_head is not None else [])
+        opt = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay)
         warm = max(1, h.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

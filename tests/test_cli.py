@@ -151,7 +151,7 @@ def test_help_through_module_entry_point():
     assert out.returncode == 0, out.stderr
     for flag in ("--model.target.alpha", "--model.td.gamma", "--model.td.loss", "--model.td.conflict_weight",
                  "--model.cql.help", "--data.set_order", "--data.quality", "--data.seq_len", "--model.evaluation",
-                 "--data.env", "--data.behaviour", "--cpu_bf16"):
+                 "--data.env", "--data.behaviour", "--cpu_bf16", "--model.td.novelty_aux"):
         assert flag in out.stdout, flag
     assert "Polyak" in out.stdout  # argument docstrings become the help text
 
