@@ -273,7 +273,8 @@ class ICRLModule(L.LightningModule):
             aux = torch.nn.functional.binary_cross_entropy_with_logits(logit, novel)
             loss = loss + td.novelty_aux * aux
             self.log("train/novelty_aux_loss", aux.detach(), batch_size=bs)
-            self.log("train/novelty_aux_accuracy", ((logit.detach() > 0).float() == novel).float().mean(), batch_size=bs)
+            hit = ((logit.detach() > 0).float() == novel).float().mean()
+            self.log("train/novelty_aux_accuracy", hit, batch_size=bs)
         self._check_finite(loss, "TD")
         self._log_step(batch)
         self.log("train/td_loss", td_loss, prog_bar=True, batch_size=bs)
@@ -308,7 +309,9 @@ class ICRLModule(L.LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        params = [p for _, p in self._online] + (list(self.novelty_head.parameters()) if self.novelty_head is not None else [])
+        params = [p for _, p in self._online]
+        if self.novelty_head is not None:  # model.td.novelty_aux: the head trains with the online network
+            params += list(self.novelty_head.parameters())
         opt = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay)
         warm = max(1, h.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
