@@ -19,7 +19,7 @@ from icrl_lightning.envs.family import ProblemFamily
 from icrl_lightning.envs.frozen_lake import FrozenLake
 from icrl_lightning.evaluation.protocol import EvalProtocol
 from icrl_lightning.evaluation.runner import Evaluator
-from icrl_lightning.objective import CQL, REMOVED, TD, Target, without_removed_options
+from icrl_lightning.objective import ADDED, CQL, REMOVED, TD, Target, current_options
 from icrl_lightning.qlearning import (
     action_q_values,
     bellman_loss,
@@ -322,11 +322,12 @@ class ICRLModule(L.LightningModule):
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
         """Lightning's, for checkpoints of older versions too: a settings group that saved an option
         removed since is handed over without it (``objective.without_removed``: an error if the run
-        used it)."""
+        used it), and one saved before an option was added gets it at its "off" value
+        (``objective.ADDED``)."""
         if isinstance(checkpoint_path, (str, Path)):
             saved = torch.load(str(checkpoint_path), map_location="cpu", weights_only=True, mmap=True)
             hparams = saved.get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {}
-            kwargs = {k: v for k, v in without_removed_options(hparams).items() if k in REMOVED} | kwargs
+            kwargs = {k: v for k, v in current_options(hparams).items() if k in REMOVED or k in ADDED} | kwargs
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -29,10 +29,21 @@ def without_removed(group: str, saved: dict) -> dict:
     return kept
 
 
-def without_removed_options(hparams: dict) -> dict:
-    """A checkpoint's saved hyper-parameters with every settings group less its removed options
-    (``without_removed``); the rest as saved."""
-    return {k: without_removed(k, v) if k in REMOVED and isinstance(v, dict) else v for k, v in hparams.items()}
+# Options added since the first checkpoints, each with the value that means "off", which older
+# checkpoints trained with: a saved group without one gets it, so that a config's value (the
+# quickstart's novelty head) does not leak into an older checkpoint's objective.
+ADDED = {"td": {"novelty_aux": 0.0}}
+
+
+def current_options(hparams: dict) -> dict:
+    """A checkpoint's saved hyper-parameters as this version reads them: every settings group less
+    its removed options (``without_removed``) and with the options added since at their "off"
+    value (``ADDED``); the rest as saved."""
+    out = dict(hparams)
+    for group in REMOVED.keys() | ADDED.keys():
+        if isinstance(out.get(group), dict):
+            out[group] = ADDED.get(group, {}) | without_removed(group, out[group])
+    return out
 
 
 @dataclass

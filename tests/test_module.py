@@ -11,7 +11,7 @@ from icrl_lightning.checks import InputError
 from icrl_lightning.envs.frozen_lake import FrozenLake
 from icrl_lightning.evaluation import EvalProtocol
 from icrl_lightning.module import ICRLModule
-from icrl_lightning.objective import CQL, TD, Target, without_removed
+from icrl_lightning.objective import CQL, TD, Target, current_options, without_removed
 
 # training_step is also called directly, outside a Trainer, where self.log only warns.
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
@@ -348,6 +348,15 @@ def test_checkpoints_with_a_removed_option_load_when_it_was_off(tmp_path, make_m
     loaded = ICRLModule.load_from_checkpoint(tmp_path / "old.ckpt", weights_only=True, evaluation=protocol)
     assert loaded.td == TD()
     assert without_removed("td", {"gamma": 0.8}) == {"gamma": 0.8}
+
+
+def test_checkpoints_saved_before_an_option_was_added_get_it_off():
+    # A group saved before model.td.novelty_aux existed trained without the head: it reads as 0, so
+    # that a config's value (the quickstart's 10) does not replace it; a saved value is kept.
+    assert current_options({"td": {"gamma": 0.8, "cross_gamma": 0.0}, "lr": 1e-3}) == {
+        "td": {"gamma": 0.8, "novelty_aux": 0.0}, "lr": 1e-3}
+    assert current_options({"td": {"novelty_aux": 10.0}})["td"] == {"novelty_aux": 10.0}
+    assert current_options({"td": None}) == {"td": None}  # left at its defaults: as saved
 
 
 @pytest.mark.parametrize(("kwargs", "key"), [
