@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from icrl_lightning.checks import InputError, MissingInputFile, import_class, read_input_file
 from icrl_lightning.data import ReplayDataModule
 from icrl_lightning.module import ICRLModule
-from icrl_lightning.objective import current_options
+from icrl_lightning.objective import without_removed_options
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,8 @@ class ICRLCLI(LightningCLI):
             return
         saved = check_checkpoint(ckpt)
         check_family(ckpt, saved, self.config[sub].get("data", {}).get("env"))
-        hparams = current_options({k: v for k, v in (saved.get("hyper_parameters") or {}).items()
-                                   if k != "_instantiator"})
+        hparams = without_removed_options({k: v for k, v in (saved.get("hyper_parameters") or {}).items()
+                                           if k != "_instantiator"})
         if not hparams:
             return
         if "_class_path" in hparams:

@@ -19,7 +19,7 @@ from icrl_lightning.envs.family import ProblemFamily
 from icrl_lightning.envs.frozen_lake import FrozenLake
 from icrl_lightning.evaluation.protocol import EvalProtocol
 from icrl_lightning.evaluation.runner import Evaluator
-from icrl_lightning.objective import ADDED, CQL, REMOVED, TD, Target, current_options
+from icrl_lightning.objective import CQL, REMOVED, TD, Target, without_removed_options
 from icrl_lightning.qlearning import (
     action_q_values,
     bellman_loss,
@@ -144,12 +144,6 @@ class ICRLModule(L.LightningModule):
                 self.q_head.weight.copy_(rows)
             self.register_buffer("q_head_target", rows.clone())
             self._online.append(("q_head.weight", self.q_head.weight))
-        # model.td.novelty_aux: a head that predicts, from the hidden state at an action position,
-        # whether the taken (tile, action) is untried in the context; it trains, it does not act.
-        self.novelty_head = None
-        if self.td.novelty_aux:
-            d = self.model.get_output_embeddings().weight.shape[1]
-            self.novelty_head = torch.nn.Linear(d, len(self.serializer.action_token_ids))
         targets = {id(t) for t in self.target_params()}
         # Frozen base weights: left out of Lightning checkpoints (rebuilt from the backbone spec).
         self._frozen_keys = {k for k, v in self.state_dict(keep_vars=True).items()
@@ -239,13 +233,11 @@ class ICRLModule(L.LightningModule):
         """The extra batch fields (``data.stream.BATCH_FIELDS``) this objective reads."""
         if self.hparams.objective == "dpt":
             return frozenset({"optimal"})
-        fields = {"conflict"} if self.td.conflict_weight != 1 else set()
-        return frozenset(fields | ({"novel"} if self.td.novelty_aux else set()))
+        return frozenset({"conflict"} if self.td.conflict_weight != 1 else ())
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         td, cql, q_mask = self.td, self.cql, batch["q_mask"]
-        hidden = self._hidden(batch["input_ids"], False)[q_mask]
-        q = action_q_values(hidden, self._head_rows(False))
+        q = self.q_values(batch["input_ids"], q_mask)
         bs = batch["input_ids"].shape[0]
         if self.hparams.objective == "dpt":
             loss, hit = optimal_action_loss(q, batch["optimal"][q_mask])
@@ -267,14 +259,6 @@ class ICRLModule(L.LightningModule):
             where = successful_episode(reward, done) if cql.episodes == "successful" else None
             penalty = conservative_penalty(q, action, where, weight)
             loss = td_loss + cql.weight * penalty
-        if self.novelty_head is not None:
-            logit = self.novelty_head(hidden.float()).gather(1, action[:, None]).squeeze(1)
-            novel = batch["novel"][q_mask].float()
-            aux = torch.nn.functional.binary_cross_entropy_with_logits(logit, novel)
-            loss = loss + td.novelty_aux * aux
-            self.log("train/novelty_aux_loss", aux.detach(), batch_size=bs)
-            hit = ((logit.detach() > 0).float() == novel).float().mean()
-            self.log("train/novelty_aux_accuracy", hit, batch_size=bs)
         self._check_finite(loss, "TD")
         self._log_step(batch)
         self.log("train/td_loss", td_loss, prog_bar=True, batch_size=bs)
@@ -284,8 +268,6 @@ class ICRLModule(L.LightningModule):
         self.log("train/target_mean", y.mean(), batch_size=bs)
         if "conflict" in batch:
             self.log("train/conflict_share", batch["conflict"][q_mask].float().mean(), batch_size=bs)
-        if "novel" in batch:
-            self.log("train/novel_share", batch["novel"][q_mask].float().mean(), batch_size=bs)
         return loss
 
     def _check_finite(self, loss: torch.Tensor, what: str) -> None:
@@ -309,10 +291,7 @@ class ICRLModule(L.LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        params = [p for _, p in self._online]
-        if self.novelty_head is not None:  # model.td.novelty_aux: the head trains with the online network
-            params += list(self.novelty_head.parameters())
-        opt = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay)
+        opt = torch.optim.AdamW([p for _, p in self._online], lr=h.lr, weight_decay=h.weight_decay)
         warm = max(1, h.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -322,12 +301,11 @@ class ICRLModule(L.LightningModule):
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
         """Lightning's, for checkpoints of older versions too: a settings group that saved an option
         removed since is handed over without it (``objective.without_removed``: an error if the run
-        used it), and one saved before an option was added gets it at its "off" value
-        (``objective.ADDED``)."""
+        used it)."""
         if isinstance(checkpoint_path, (str, Path)):
             saved = torch.load(str(checkpoint_path), map_location="cpu", weights_only=True, mmap=True)
             hparams = saved.get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {}
-            kwargs = {k: v for k, v in current_options(hparams).items() if k in REMOVED or k in ADDED} | kwargs
+            kwargs = {k: v for k, v in without_removed_options(hparams).items() if k in REMOVED} | kwargs
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -29,21 +29,10 @@ def without_removed(group: str, saved: dict) -> dict:
     return kept
 
 
-# Options added since the first checkpoints, each with the value that means "off", which older
-# checkpoints trained with: a saved group without one gets it, so that a config's value (the
-# quickstart's novelty head) does not leak into an older checkpoint's objective.
-ADDED = {"td": {"novelty_aux": 0.0}}
-
-
-def current_options(hparams: dict) -> dict:
-    """A checkpoint's saved hyper-parameters as this version reads them: every settings group less
-    its removed options (``without_removed``) and with the options added since at their "off"
-    value (``ADDED``); the rest as saved."""
-    out = dict(hparams)
-    for group in REMOVED.keys() | ADDED.keys():
-        if isinstance(out.get(group), dict):
-            out[group] = ADDED.get(group, {}) | without_removed(group, out[group])
-    return out
+def without_removed_options(hparams: dict) -> dict:
+    """A checkpoint's saved hyper-parameters with every settings group less its removed options
+    (``without_removed``); the rest as saved."""
+    return {k: without_removed(k, v) if k in REMOVED and isinstance(v, dict) else v for k, v in hparams.items()}
 
 
 @dataclass
@@ -61,26 +50,18 @@ class TD:
             batch. 1 (paper) weighs every position alike. There "copy the nearest visit" and "follow
             the success" disagree; such positions are rare in packed sequences, so a small model
             learns the simpler copy first unless they weigh more.
-        novelty_aux: under study (issue 16), not in the paper; 0 (paper) = off. Weight of an
-            auxiliary loss: a linear head on the last hidden state at each action position predicts
-            whether the taken (tile, action) pair is untried in the context (``first_tries``), with
-            binary cross-entropy added to the TD loss. It teaches the network to read "tried here
-            before?" from its context, which a small model otherwise barely represents; the head is
-            not used to act.
     """
 
     gamma: float = 0.9
     reward_scale: float = 30.0
     loss: str = "mse"
     conflict_weight: float = 1.0
-    novelty_aux: float = 0.0
 
     def check(self) -> None:
         check_range("model.td.gamma", self.gamma, 0, 1, hi_open=True)
         check_range("model.td.reward_scale", self.reward_scale, 0, None, lo_open=True)
         check_choice("model.td.loss", self.loss, LOSSES)
         check_range("model.td.conflict_weight", self.conflict_weight, 0, None)
-        check_range("model.td.novelty_aux", self.novelty_aux, 0, None)
 
 
 @dataclass

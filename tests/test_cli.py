@@ -151,7 +151,7 @@ def test_help_through_module_entry_point():
     assert out.returncode == 0, out.stderr
     for flag in ("--model.target.alpha", "--model.td.gamma", "--model.td.loss", "--model.td.conflict_weight",
                  "--model.cql.help", "--data.set_order", "--data.quality", "--data.seq_len", "--model.evaluation",
-                 "--data.env", "--data.behaviour", "--cpu_bf16", "--model.td.novelty_aux"):
+                 "--data.env", "--data.behaviour", "--cpu_bf16"):
         assert flag in out.stdout, flag
     assert "Polyak" in out.stdout  # argument docstrings become the help text
 
@@ -363,12 +363,10 @@ def test_scenario_overlay_validates(tiny_checkpoints, overlay, tmp_path):
 @pytest.mark.parametrize("cross_gamma", [0.0, 0.5])
 def test_validate_a_checkpoint_that_saved_a_removed_option(tiny_checkpoints, tmp_path, capsys, cross_gamma):
     # Checkpoints of older versions save model.td.cross_gamma (removed, docs/results.md); off, they
-    # evaluate as they are; on, the command says so in one line. Such checkpoints predate
-    # model.td.novelty_aux too (no key, no head): the quickstart config's head must not leak in.
+    # evaluate as they are; on, the command says so in one line.
     ckpt = torch.load(tiny_checkpoints["ckpt"]["high"], map_location="cpu", weights_only=True)
     ckpt["hyper_parameters"]["td"] = {"gamma": 0.9, "reward_scale": 30.0, "loss": "mse", "conflict_weight": 1.0,
                                       "cross_gamma": cross_gamma}
-    ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("novelty_head.")}
     torch.save(ckpt, tmp_path / "old.ckpt")
     args = ["validate", *_tiny_args(tmp_path), "--data.data_dir", str(tiny_checkpoints["data"]), *SHORT,
             "--ckpt_path", str(tmp_path / "old.ckpt")]
@@ -382,7 +380,6 @@ def test_validate_a_checkpoint_that_saved_a_removed_option(tiny_checkpoints, tmp
         return
     cli = main(args)
     assert cli.model.td == TD() and list((tmp_path / "logs").rglob("report.json"))
-    assert cli.model.novelty_head is None
     assert load_module(tmp_path / "old.ckpt").td == TD()
 
 

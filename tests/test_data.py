@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from icrl_lightning.backbones import build_tokenizer
 from icrl_lightning.behaviour import QLearning
 from icrl_lightning.checks import InputError
-from icrl_lightning.data import BATCH_FIELDS, SET_ORDERS, ReplayStream, conflicts, first_tries
+from icrl_lightning.data import BATCH_FIELDS, SET_ORDERS, ReplayStream, conflicts
 from icrl_lightning.envs import FrozenLake, make_env, make_splits
 from icrl_lightning.episodes import Episode, quality_weights, read_shard
 from icrl_lightning.serialize import EncodedEpisode, Serializer
@@ -585,7 +585,7 @@ def test_conflicts_mark_where_the_nearest_visit_failed_and_disagrees_with_the_ne
 
 
 def test_training_batches_mark_conflicts_on_action_positions_only(tiny_data_dir, compact, make_stream):
-    assert BATCH_FIELDS == ("conflict", "optimal", "novel")
+    assert BATCH_FIELDS == ("conflict", "optimal")
     stream = make_stream(tiny_data_dir, compact, num_sequences=16, batch_fields={"conflict"})
     assert stream.fields == {"conflict"}
     items = list(stream)
@@ -619,39 +619,6 @@ def test_packed_conflicts_are_the_chunks_conflicts(tiny_data_dir, compact, make_
         assert torch.equal(item["conflict"], want)
         seen += int(want.sum())
     assert seen
-
-
-def test_first_tries_mark_a_maps_untried_tile_action_pairs(compact):
-    a = _encoded(compact, 7, [0, 1, 1, 5], [2, 3, 3, 2], True)   # (1, up) twice: the second is known
-    b = _encoded(compact, 7, [0, 4], [2, 1], False)               # (0, right) known from a; (4, down) new
-    other = _encoded(compact, 8, [0, 1], [2, 3], False)           # another map: its own pairs
-    c = _encoded(compact, 7, [0, 0], [1, 1], False)               # (0, down) new, then known
-    flags = first_tries([a, b, other, c])
-    assert [f.tolist() for f in flags] == [[True, True, False, True], [False, True], [True, True], [True, False]]
-    bare = compact.encode(Episode([0, 63], [1], [0.0], True, False))  # an unknown map is never marked
-    assert not first_tries([a, bare])[1].any()
-
-
-def test_packed_novel_field_is_the_chunks_first_tries(tiny_data_dir, compact, make_stream):
-    """The ``novel`` field is ``first_tries(chunk)`` at each episode's action positions, and the
-    sequences are the same with and without it."""
-    stream = make_stream(tiny_data_dir, compact, num_sequences=4, batch_fields={"novel"})
-    chunks = stream.chunks(np.random.default_rng(0), sorted(stream.episodes))
-    marked = total = 0
-    for _ in range(8):
-        chunk = next(chunks)
-        item = stream.pack(chunk)
-        want = torch.zeros(stream.seq_len, dtype=torch.bool)
-        at = 0
-        for e, flag in zip(chunk, first_tries(chunk), strict=True):
-            want[torch.from_numpy(e.q_pos.astype(np.int64) + at)] = torch.from_numpy(flag)
-            at += len(e)
-        assert torch.equal(item["novel"], want)
-        marked, total = marked + int(want.sum()), total + int(item["q_mask"].sum())
-    assert 0 < marked < total
-    plain = list(make_stream(tiny_data_dir, compact, num_sequences=4))
-    for x, y in zip(list(stream), plain, strict=True):
-        assert set(x) == set(y) | {"novel"} and all(torch.equal(x[k], y[k]) for k in y)
 
 
 def test_unknown_batch_field_is_an_error(compact, synthetic):

@@ -11,7 +11,7 @@ from icrl_lightning.checks import InputError
 from icrl_lightning.envs.frozen_lake import FrozenLake
 from icrl_lightning.evaluation import EvalProtocol
 from icrl_lightning.module import ICRLModule
-from icrl_lightning.objective import CQL, TD, Target, current_options, without_removed
+from icrl_lightning.objective import CQL, TD, Target, without_removed
 
 # training_step is also called directly, outside a Trainer, where self.log only warns.
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
@@ -294,32 +294,6 @@ def test_conflict_weight_reweighs_the_marked_positions(tiny_data_dir, make_modul
         torch.testing.assert_close(plain.training_step(batch, 0), td.mean() + 2.0 * gap.mean(), rtol=1e-4, atol=1e-4)
 
 
-def test_novelty_aux_adds_the_heads_cross_entropy_on_the_untried_flag(tiny_data_dir, make_module, make_batch):
-    assert make_module().novelty_head is None  # off (the default): no head, no parameters
-    module = make_module(td=TD(novelty_aux=3.0))
-    assert module.batch_fields == frozenset({"novel"})
-    head = module.novelty_head
-    assert head.in_features == module.model.config.hidden_size and head.out_features == 4
-    # The head trains with the online network; it is not a target parameter.
-    opt = module.configure_optimizers()["optimizer"]
-    assert {id(p) for p in head.parameters()} <= {id(p) for g in opt.param_groups for p in g["params"]}
-    assert {id(p) for p in head.parameters()}.isdisjoint(id(t) for t in module.target_params())
-    module.eval()
-    batch = make_batch(module, tiny_data_dir)
-    mask = batch["q_mask"]
-    novel = batch["novel"][mask]
-    assert 0 < novel.sum() < len(novel)
-    with torch.no_grad():
-        loss = module.training_step(batch, 0)
-        hidden = module.model(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states[-1][mask]
-    # By hand: the logit of the taken action, against whether that (tile, action) is untried.
-    logit = (hidden @ head.weight.T + head.bias)[torch.arange(len(novel)), batch["action"][mask]]
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(logit, novel.float())
-    torch.testing.assert_close(loss, _reference_errors(module, batch).mean() + 3.0 * bce, rtol=1e-4, atol=1e-4)
-    # The head's weights travel in the state dict (a checkpoint restores them).
-    assert {"novelty_head.weight", "novelty_head.bias"} <= set(module.state_dict())
-
-
 @pytest.mark.parametrize("weight", [1.0, 5.0, 0.5, 0.0])
 def test_batch_fields_ask_for_conflict_only_when_weighted(tiny_data_dir, make_module, make_batch, weight):
     module = make_module(td=TD(conflict_weight=weight))
@@ -350,15 +324,6 @@ def test_checkpoints_with_a_removed_option_load_when_it_was_off(tmp_path, make_m
     assert without_removed("td", {"gamma": 0.8}) == {"gamma": 0.8}
 
 
-def test_checkpoints_saved_before_an_option_was_added_get_it_off():
-    # A group saved before model.td.novelty_aux existed trained without the head: it reads as 0, so
-    # that a config's value (the quickstart's 10) does not replace it; a saved value is kept.
-    assert current_options({"td": {"gamma": 0.8, "cross_gamma": 0.0}, "lr": 1e-3}) == {
-        "td": {"gamma": 0.8, "novelty_aux": 0.0}, "lr": 1e-3}
-    assert current_options({"td": {"novelty_aux": 10.0}})["td"] == {"novelty_aux": 10.0}
-    assert current_options({"td": None}) == {"td": None}  # left at its defaults: as saved
-
-
 @pytest.mark.parametrize(("kwargs", "key"), [
     ({"cql": CQL(weight=0)}, r"model\.cql\.weight"),
     ({"cql": {"weight": 0.0}}, r"model\.cql\.weight"),
@@ -368,7 +333,6 @@ def test_checkpoints_saved_before_an_option_was_added_get_it_off():
     ({"td": {"reward_scale": 0.0}}, r"model\.td\.reward_scale"),
     ({"td": TD(loss="huber")}, r"model\.td\.loss"),
     ({"td": TD(conflict_weight=-1.0)}, r"model\.td\.conflict_weight"),
-    ({"td": TD(novelty_aux=-1.0)}, r"model\.td\.novelty_aux"),
     ({"target": Target(alpha=0.0)}, r"model\.target\.alpha"),
     ({"target": {"alpha": 1.5}}, r"model\.target\.alpha"),
 ])
@@ -480,7 +444,7 @@ def test_checkpoint_holds_the_objective_as_plain_dicts(tmp_path, tiny_data_dir, 
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     hp = torch.load(tmp_path / "m.ckpt", map_location="cpu", weights_only=True)["hyper_parameters"]
     assert type(hp["td"]) is dict and hp["td"] == {"gamma": 0.8, "reward_scale": 20.0, "loss": "normalized",
-                                                    "conflict_weight": 4.0, "novelty_aux": 0.0}
+                                                    "conflict_weight": 4.0}
     assert type(hp["target"]) is dict and hp["target"] == {"alpha": 0.05}
     assert type(hp["cql"]) is dict and hp["cql"] == {"weight": 3.0, "episodes": "successful"}
     loaded = ICRLModule.load_from_checkpoint(tmp_path / "m.ckpt", weights_only=True,
@@ -497,8 +461,7 @@ def test_checkpoint_holds_the_objective_as_plain_dicts(tmp_path, tiny_data_dir, 
     hp = torch.load(tmp_path / "plain.ckpt", map_location="cpu", weights_only=True)["hyper_parameters"]
     # Groups left at their defaults are saved as given (None) or as their plain dicts.
     assert hp["cql"] is None
-    assert hp["td"] in (None, {"gamma": 0.9, "reward_scale": 30.0, "loss": "mse", "conflict_weight": 1.0,
-                             "novelty_aux": 0.0})
+    assert hp["td"] in (None, {"gamma": 0.9, "reward_scale": 30.0, "loss": "mse", "conflict_weight": 1.0})
     assert hp["target"] in (None, {"alpha": 0.1})
     loaded = ICRLModule.load_from_checkpoint(tmp_path / "plain.ckpt", weights_only=True,
                                              evaluation=EvalProtocol(max_episode_steps=30))

@@ -8,8 +8,7 @@ replay stream.
 * ``bare``: a plain PyTorch loop written here: the same model (built from the same config and
   seed), the same batches (the same replay stream, the same DataLoader), the same optimizer and
   schedule, the same online + target forward, the same objective (double-DQN loss with the
-  config's ``model.td`` settings, conflict weights, ``model.cql`` penalty and novelty head) and
-  Polyak update.
+  config's ``model.td`` settings, conflict weights and ``model.cql`` penalty) and Polyak update.
 
 Each measurement runs in its own process (peak memory is per process) and the two are interleaved
 (fit, bare, fit, bare, ...) with the same thread count, so that load from other work on the machine
@@ -89,7 +88,6 @@ def _result(impl: str, marks: list[float], warmup: int, tokens_per_step: int) ->
 
 def worker_bare(args) -> dict:
     import torch
-    import torch.nn.functional as F
     from torch.func import functional_call
     from torch.utils.data import DataLoader
 
@@ -126,9 +124,7 @@ def worker_bare(args) -> dict:
     by_id = {id(p): t for (_, p), t in zip(online, target, strict=True)}
     target_decoder = {n: by_id[id(p)] for n, p in decoder.named_parameters() if id(p) in by_id}
     target_head = by_id.get(id(head), head)
-    # model.td.novelty_aux: the module's head, trained beside the network (it does not act).
-    novelty_head = module.novelty_head
-    params = [p for _, p in online] + (list(novelty_head.parameters()) if novelty_head is not None else [])
+    params = [p for _, p in online]
     opt = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay)
     warm = max(1, h.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
@@ -138,7 +134,7 @@ def worker_bare(args) -> dict:
     stream = dm.train_stream(n_steps * accumulate * hd.batch_size)
     loader = DataLoader(stream, batch_size=hd.batch_size, num_workers=hd.num_workers)
 
-    def hidden_and_q(input_ids, q_mask, use_target: bool):
+    def q_values(input_ids, q_mask, use_target: bool):
         kwargs = {"input_ids": input_ids, "use_cache": False}
         if use_target:
             model.eval()
@@ -148,15 +144,14 @@ def worker_bare(args) -> dict:
         else:
             hidden = decoder(**kwargs).last_hidden_state
             rows = head[action_ids]
-        hidden = hidden[q_mask]
-        return hidden, action_q_values(hidden, rows)
+        return action_q_values(hidden[q_mask], rows)
 
     marks: list[float] = []
     for i, batch in enumerate(loader):
         q_mask = batch["q_mask"]
-        hidden, q = hidden_and_q(batch["input_ids"], q_mask, False)
+        q = q_values(batch["input_ids"], q_mask, False)
         with torch.no_grad():
-            q_target = hidden_and_q(batch["input_ids"], q_mask, True)[1]
+            q_target = q_values(batch["input_ids"], q_mask, True)
         action, reward, done = batch["action"][q_mask], batch["reward"][q_mask], batch["done"][q_mask]
         q_taken = q.gather(1, action[:, None]).squeeze(1)
         y = double_dqn_targets(reward, done, next_step(q.detach()), next_step(q_target), td.gamma, td.reward_scale)
@@ -165,15 +160,12 @@ def worker_bare(args) -> dict:
         if cql is not None:
             where = successful_episode(reward, done) if cql.episodes == "successful" else None
             loss = loss + cql.weight * conservative_penalty(q, action, where, weight)
-        if novelty_head is not None:
-            logit = novelty_head(hidden.float()).gather(1, action[:, None]).squeeze(1)
-            loss = loss + td.novelty_aux * F.binary_cross_entropy_with_logits(logit, batch["novel"][q_mask].float())
         (loss / accumulate).backward()
         if (i + 1) % accumulate == 0:
             opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
-            polyak_(target, [p for _, p in online], module.target.alpha)
+            polyak_(target, params, module.target.alpha)
             marks.append(time.perf_counter())
     return _result("bare", marks, args.warmup, accumulate * hd.batch_size * hd.seq_len)
 

@@ -2,9 +2,7 @@
 
 The greedy phase of an evaluation recovers after a failed episode only where the model follows
 the last *successful* visit of a tile rather than the most recent one; ``conflicts`` marks the
-positions where the two disagree (``model.td.conflict_weight`` upweights them). ``first_tries``
-marks the actions the context has not shown on their tile before (``model.td.novelty_aux``
-teaches the model to predict them)."""
+positions where the two disagree (``model.td.conflict_weight`` upweights them)."""
 
 from __future__ import annotations
 
@@ -40,22 +38,3 @@ def conflicts(chunk: list[EncodedEpisode]) -> list[np.ndarray]:
     There "copy the nearest visit" and "follow the success" disagree, the case that decides
     whether the agent recovers after a failed episode."""
     return [(recent >= 0) & (success >= 0) & (recent != success) for recent, success in nearest_visits(chunk)]
-
-
-def first_tries(chunk: list[EncodedEpisode]) -> list[np.ndarray]:
-    """Per episode of a packed sequence, per action: whether this (tile, action) pair of the map
-    appears for the first time in the sequence (not in an earlier episode of the same map, nor
-    earlier in this episode). The model sees exactly this context, so whether an action is untried
-    is readable from it. False throughout for an episode of an unknown map."""
-    seen: set[tuple[int, int, int]] = set()
-    out = []
-    for e in chunk:
-        flags = np.zeros(len(e.actions), dtype=bool)
-        if e.map_id >= 0:
-            for i, (tile, action) in enumerate(zip(e.tiles.tolist(), e.actions.tolist(), strict=True)):
-                key = (e.map_id, tile, action)
-                if key not in seen:
-                    flags[i] = True
-                    seen.add(key)
-        out.append(flags)
-    return out

@@ -11,13 +11,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from icrl_lightning.checks import InputError
-from icrl_lightning.data.context import conflicts, first_tries
+from icrl_lightning.data.context import conflicts
 from icrl_lightning.serialize import EncodedEpisode
 
 log = logging.getLogger(__name__)
 
 SET_ORDERS = ("random", "learning")  # data.set_order
-BATCH_FIELDS = ("conflict", "optimal", "novel")  # batch fields computed only when the objective asks for them
+BATCH_FIELDS = ("conflict", "optimal")  # batch fields computed only when the objective asks for them
 
 
 class EpisodeTable:
@@ -73,10 +73,9 @@ class ReplayStream(IterableDataset):
     the whole stream, which is what Lightning's restored batch counter counts against.
 
     ``fields``: extra batch fields (``BATCH_FIELDS``) to compute; ``conflict`` marks the action
-    positions of ``context.conflicts``; ``novel`` those of ``context.first_tries``; ``optimal``
-    (``[seq_len, actions]`` bool) marks at each action position the actions an optimal policy takes
-    from that step's observation, read from ``optimal_actions`` (map id -> the family's
-    ``optimal_actions`` table of that task). ``history``: the maps'
+    positions of ``context.conflicts``; ``optimal`` (``[seq_len, actions]`` bool) marks at each
+    action position the actions an optimal policy takes from that step's observation, read from ``optimal_actions``
+    (map id -> the family's ``optimal_actions`` table of that task). ``history``: the maps'
     episodes are learning histories of that many episodes; a ``learning`` set is then one whole
     history (``set_size`` unused). ``set_per_sequence``: every sequence is one set from its first
     episode on (what does not fit is dropped, the rest is padding), so that no context holds two
@@ -242,11 +241,9 @@ class ReplayStream(IterableDataset):
         done = np.zeros(n, dtype=bool)
         conflict = np.zeros(n, dtype=bool) if "conflict" in self.fields else None
         optimal = np.zeros((n, self._n_actions), dtype=bool) if "optimal" in self.fields else None
-        novel = np.zeros(n, dtype=bool) if "novel" in self.fields else None
         flags = conflicts(chunk) if conflict is not None else [None] * len(chunk)
-        tries = first_tries(chunk) if novel is not None else [None] * len(chunk)
         at = 0
-        for e, flag, first in zip(chunk, flags, tries, strict=True):
+        for e, flag in zip(chunk, flags, strict=True):
             ids[at:at + len(e)] = e.ids
             if len(e.q_pos):
                 pos = e.q_pos + at
@@ -254,8 +251,6 @@ class ReplayStream(IterableDataset):
                 done[pos[-1]] = True  # the last action of an episode does not bootstrap within it
                 if conflict is not None:
                     conflict[pos] = flag
-                if novel is not None:
-                    novel[pos] = first
                 if optimal is not None:
                     optimal[pos] = self.optimal_actions[e.map_id][e.tiles]
             at += len(e)
@@ -266,8 +261,6 @@ class ReplayStream(IterableDataset):
             batch["conflict"] = torch.from_numpy(conflict)
         if optimal is not None:
             batch["optimal"] = torch.from_numpy(optimal)
-        if novel is not None:
-            batch["novel"] = torch.from_numpy(novel)
         return batch
 
 
