@@ -530,6 +530,24 @@ def test_load_stitching_file(repo_root, tmp_path):
     assert load_stitching_file(path) == (("SF", "FG"), [[0, 1, 3]])
 
 
+@pytest.mark.parametrize("variant", ["mirror", "flip", "rot180", "transpose"])
+def test_stitching_variants_are_the_layout_moved(repo_root, variant):
+    """``data/stitching_variants/``: the stitching layout and its two context paths under one
+    symmetry of the grid each, so they load and pose the same task (a success from another start,
+    a failure from the start that shares a tile with it)."""
+    rows, paths = load_stitching_file(repo_root / "data/stitching.json")
+    h, w = len(rows), len(rows[0])
+    move = {"mirror": lambda r, c: (r, w - 1 - c), "flip": lambda r, c: (h - 1 - r, c),
+            "rot180": lambda r, c: (h - 1 - r, w - 1 - c), "transpose": lambda r, c: (c, r)}[variant]
+    got_rows, got_paths = load_stitching_file(repo_root / f"data/stitching_variants/{variant}.json")
+    gw = len(got_rows[0])
+    for r in range(h):
+        for c in range(w):
+            rr, cc = move(r, c)
+            assert got_rows[rr][cc] == rows[r][c]
+    assert got_paths == [[move(t // w, t % w)[0] * gw + move(t // w, t % w)[1] for t in path] for path in paths]
+
+
 GOOD_MAP = list(STITCHING_ROWS)
 
 
