@@ -541,11 +541,15 @@ def test_stitching_variants_are_the_layout_moved(repo_root, variant):
             "rot180": lambda r, c: (h - 1 - r, w - 1 - c), "transpose": lambda r, c: (c, r)}[variant]
     got_rows, got_paths = load_stitching_file(repo_root / f"data/stitching_variants/{variant}.json")
     gw = len(got_rows[0])
-    for r in range(h):
-        for c in range(w):
-            rr, cc = move(r, c)
-            assert got_rows[rr][cc] == rows[r][c]
-    assert got_paths == [[move(t // w, t % w)[0] * gw + move(t // w, t % w)[1] for t in path] for path in paths]
+
+    def moved(tile: int) -> int:
+        rr, cc = move(*divmod(tile, w))
+        return rr * gw + cc
+
+    for t in range(h * w):
+        rr, cc = divmod(moved(t), gw)
+        assert got_rows[rr][cc] == rows[t // w][t % w]
+    assert got_paths == [[moved(t) for t in path] for path in paths]
 
 
 GOOD_MAP = list(STITCHING_ROWS)
