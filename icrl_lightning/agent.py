@@ -312,7 +312,7 @@ class InContextAgent:
         seed: int,
         keep_context: bool = True,
         switch_to: list[Task] | None = None,
-        prefill: list[list[int]] | None = None,
+        prefill: list[list[list[int]]] | None = None,
         record_q: bool = False,
         keys: list[int] | None = None,
     ) -> TrialResult:
@@ -326,8 +326,8 @@ class InContextAgent:
             keep_context: ``False`` starts every episode from an empty context (no-context baseline).
             switch_to: non-stationary scenario: after ``len(schedule)`` episodes map ``i`` is replaced
                 by ``switch_to[i]`` and the schedule is played again, the context kept.
-            prefill: token ids of whole episodes put in every map's context before its first episode
-                (behaviour stitching); they are ordinary closed episodes for the window policy.
+            prefill: per map, token ids of whole episodes put in its context before its first
+                episode (behaviour stitching); they are ordinary closed episodes for the window policy.
             record_q: keep the Q row of every decision in ``TrialResult.q_values``.
             keys: map ``i`` draws from ``default_rng([seed, keys[i]])`` instead (its index in the whole
                 evaluation set, so that a map plays the same whichever rank and batch position it gets).
@@ -341,8 +341,10 @@ class InContextAgent:
         played_on = [list(m) for m in maps]  # the map each row plays now (switches in a non-stationary trial)
         envs = [self.env.make_env(m, self.max_episode_steps) for m in maps]
         ctx = [_Context() for _ in range(n_maps)]
-        for c in ctx:
-            for episode_ids in prefill or []:
+        if prefill is not None and len(prefill) != n_maps:
+            raise ValueError(f"prefill has {len(prefill)} contexts for {n_maps} maps")
+        for c, episodes in zip(ctx, prefill or [[]] * n_maps, strict=True):
+            for episode_ids in episodes:
                 c.add(list(episode_ids))
                 c.close_episode()
         returns = np.zeros((n_maps, total))

@@ -370,7 +370,9 @@ def report_metrics(report: dict) -> dict[str, float]:
         if icrl.get(key) is not None:
             out[f"icrl/{key}"] = icrl[key]
     if report.get("scenario") == "stitching":
-        out["icrl/successes"] = float(sum(max(r) > 0 for r in icrl["per_map"]))
+        for agent in ("icrl", "no_context"):
+            if agents.get(agent, {}).get("per_map"):
+                out[f"{agent}/successes"] = float(sum(max(r) > 0 for r in agents[agent]["per_map"]))
         out["icrl/trials"] = float(len(icrl["per_map"]))
     for agent, s in agents.items():
         for p, phase in enumerate(s.get("phases") or []):
@@ -421,8 +423,9 @@ def _by_setting(jobs: list[Job]) -> dict[str, list[Job]]:
 
 
 TABLE_METRICS = ("icrl/last10", "no_context/last10", "icrl/context_ratio", "icrl/greedy_return_if_found",
-                 "icrl/greedy_after_failure", "icrl/successes", "icrl/map_B_last10", "q_learning/last10",
-                 "icrl/regret", "no_context/regret", "greedy/regret", "ucb1/regret", "thompson/regret")
+                 "icrl/greedy_after_failure", "icrl/successes", "no_context/successes", "icrl/map_B_last10",
+                 "q_learning/last10", "icrl/regret", "no_context/regret", "greedy/regret", "ucb1/regret",
+                 "thompson/regret")
 
 
 def markdown_table(summary: dict) -> str:
@@ -456,12 +459,13 @@ def summary_figure(summary: dict):
     for n, scenario in enumerate(scenarios):
         ax = fig.add_subplot(1, len(scenarios), n + 1)
         sub = [r for r in rows if r["scenario"] == scenario]
-        metric = "icrl/successes" if scenario == "stitching" else "icrl/last10"
+        stitching = scenario.startswith("stitching")
+        metric = "icrl/successes" if stitching else "icrl/last10"
         settings = list(dict.fromkeys(r["setting"] for r in sub))
         for c, setting in enumerate(settings):
             pts = sorted((r["step"], r) for r in sub if r["setting"] == setting)
             colour = f"C{c % 10}"
-            for key, style in ((metric, "-o"), ("no_context/last10", "--")):
+            for key, style in ((metric, "-o"), ("no_context/successes" if stitching else "no_context/last10", "--")):
                 if one_step:
                     style = "o" if key == metric else "x"
                 xs = [(c + (0.15 if key != metric else 0.0)) if one_step else s for s, r in pts if key in r["metrics"]]
@@ -484,7 +488,7 @@ def summary_figure(summary: dict):
                 ax.set_xscale("log")
             ax.set_xlabel("optimizer step")
         no_ctx = "x: no context" if one_step else "dashed: no context"
-        ax.set_ylabel("successes" if scenario == "stitching" else f"last-10 return ({no_ctx})")
+        ax.set_ylabel("successes" if stitching else f"last-10 return ({no_ctx})")
         ax.set_title(scenario)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

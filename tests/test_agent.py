@@ -24,8 +24,8 @@ def reference_play(model, s, maps, schedule, seed, max_steps, max_context=None, 
                    prefill=None):
     """One map at a time; before every action the whole context is re-encoded from scratch with
     the plain HF forward (no cache, no padding). Oldest whole episodes are dropped while the
-    context is longer than ``max_context``. ``prefill``: episodes (token ids) the context starts
-    with. Returns (returns, ``Episode`` records per map, Q rows per map)."""
+    context is longer than ``max_context``. ``prefill[i]``: episodes (token ids) map ``i``'s
+    context starts with. Returns (returns, ``Episode`` records per map, Q rows per map)."""
     phases = [maps] if switch_to is None else [maps, switch_to]
     n_eps = len(schedule)
     total = n_eps * len(phases)
@@ -34,7 +34,7 @@ def reference_play(model, s, maps, schedule, seed, max_steps, max_context=None, 
     head_ids = torch.as_tensor(s.action_token_ids)
     for i in range(len(maps)):
         rng = np.random.default_rng([seed, i])
-        episodes: list[list[int]] = [list(e) for e in prefill or []]
+        episodes: list[list[int]] = [list(e) for e in (prefill[i] if prefill else [])]
         played, qrows = [], []
         env = None
         for k in range(total):
@@ -248,11 +248,16 @@ def test_draw_action_rule():
 
 
 def test_prefilled_context_matches_reference(tiny_model):
-    """Behaviour stitching: the context starts with given episodes; with a window that cannot keep
-    them all, they are dropped (oldest first) like any other episode."""
+    """Behaviour stitching: each map's context starts with its own given episodes; with a window
+    that cannot keep them all, they are dropped (oldest first) like any other episode."""
     model, _, s = tiny_model("compact", seed=6)
-    prefill = [s.encode(Episode([2, 6, 10], [1, 1], [0.0, 1.0], True, False)).ids.tolist(),
-               s.encode(Episode([0, 1, 2, 3], [2, 2, 2], [0.0, 0.0, 0.0], True, False)).ids.tolist()]
+    goal = s.encode(Episode([2, 6, 10], [1, 1], [0.0, 1.0], True, False)).ids.tolist()
+    hole = s.encode(Episode([0, 1, 2, 3], [2, 2, 2], [0.0, 0.0, 0.0], True, False)).ids.tolist()
+    # Map 0 both episodes, map 1 one, map 2 none, the rest both in the other order.
+    prefill = [[goal, hole], [hole], []] + [[hole, goal]] * (len(MAPS) - 3)
+    with pytest.raises(ValueError, match="prefill has 1 contexts"):
+        InContextAgent(model, s, max_context=4096, max_episode_steps=MAX_STEPS).play(MAPS, SCHEDULE, 13,
+                                                                                     prefill=[[goal]])
     for window in (4096, 2 * (2 * MAX_STEPS + 3) + 4):
         agent = InContextAgent(model, s, max_context=window, max_episode_steps=MAX_STEPS)
         result = agent.play(MAPS, SCHEDULE, seed=13, prefill=prefill, record_q=True)

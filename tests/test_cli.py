@@ -318,13 +318,15 @@ def tiny_checkpoints(tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize("overlay", ["eval_heldout", "eval_ood", "eval_nonstationary", "eval_stitching",
-                                     "eval_user_maps", "eval_selection"])
+                                     "eval_stitching_layouts", "eval_user_maps", "eval_selection"])
 def test_scenario_overlay_validates(tiny_checkpoints, overlay, tmp_path):
     ckpt = tiny_checkpoints["ckpt"]["high"]
     extra = ["--data.data_dir", str(tiny_checkpoints["data"]), "--data.eval_maps", "3"]
-    if overlay == "eval_stitching":
-        extra += ["--model.evaluation.stitching_file", str(REPO / "data/stitching.json")]
-    if overlay != "eval_stitching":
+    stitching = overlay.startswith("eval_stitching")
+    if stitching:
+        name = "stitching_layouts" if overlay == "eval_stitching_layouts" else "stitching"
+        extra += ["--model.evaluation.stitching_file", str(REPO / f"data/{name}.json")]
+    else:
         extra += SHORT
     user_maps = [["SFFH", "FHFF", "FFFG"], ["SFF", "FHF", "FFG"]]
     if overlay == "eval_user_maps":
@@ -339,7 +341,7 @@ def test_scenario_overlay_validates(tiny_checkpoints, overlay, tmp_path):
     assert report["config"]["model"]["backbone"]["hidden_size"] == 32
     # The quickstart's cpu_bf16: auto, as this machine resolves it.
     assert report["config"]["trainer"]["precision"] == ("bf16-mixed" if cpu_bf16_unit() else "32-true")
-    scenario = {"eval_nonstationary": "nonstationary", "eval_stitching": "stitching"}.get(overlay, "standard")
+    scenario = "stitching" if stitching else {"eval_nonstationary": "nonstationary"}.get(overlay, "standard")
     assert report["scenario"] == scenario == report["protocol"]["scenario"]
     sizes = {(len(m), len(m[0])) for m in report["maps"]}
     if overlay == "eval_ood":
@@ -350,7 +352,12 @@ def test_scenario_overlay_validates(tiny_checkpoints, overlay, tmp_path):
     elif overlay == "eval_stitching":
         assert report["n_maps"] == 5 and report["n_episodes"] == 1
         assert report["agents"]["oracle"]["per_map"] == [[1.0]] * 5
-        assert len(report["context"]) == 2
+        assert len(report["context"]) == 5 and all(len(c) == 2 for c in report["context"])
+    elif overlay == "eval_stitching_layouts":  # one trial on each layout of the file
+        layouts = json.loads((REPO / "data/stitching_layouts.json").read_text())
+        assert report["n_maps"] == len(layouts) and report["n_episodes"] == 1
+        assert report["maps"] == [x["map"] for x in layouts]
+        assert report["agents"]["oracle"]["per_map"] == [[1.0]] * len(layouts)
     else:
         assert all(3 <= h <= 5 and 3 <= w <= 5 for h, w in sizes) and report["n_maps"] == 3
         first = 50 if overlay == "eval_selection" else 0  # the selection maps follow the reported 50

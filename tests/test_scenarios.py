@@ -71,7 +71,7 @@ def test_stitching_without_a_file_is_refused(tmp_path):
 
 
 def test_spec_stitching_context(stitching_file):
-    rows, context = stitching_setup(_stitching(stitching_file))
+    [(rows, context)] = stitching_setup(_stitching(stitching_file))
     assert rows == STITCHING_MAP
     assert all(isinstance(e, Episode) and e.map_rows == STITCHING_MAP for e in context)
     goal, hole = context
@@ -102,7 +102,7 @@ def test_path_episode_errors_name_the_problem():
 
 
 def test_context_tokens_are_the_serialized_episodes(agent, stitching_file):
-    _, context = stitching_setup(_stitching(stitching_file))
+    [(_, context)] = stitching_setup(_stitching(stitching_file))
     ids = context_tokens(agent.s, context)
     assert len(ids) == 2
     for e, got in zip(context, ids, strict=True):
@@ -121,13 +121,14 @@ def test_plans(maps, stitching_file, tmp_path):
     with pytest.raises(ValueError, match="at least two"):
         make_plan(EvalProtocol(scenario="nonstationary"), batch[:1])
     st = make_plan(_stitching(stitching_file, stitching_trials=3), batch)
-    assert st.maps == [STITCHING_MAP] * 3 and st.index == [0, 1, 2] and len(st.context) == 2
+    assert st.maps == [STITCHING_MAP] * 3 and st.index == [0, 1, 2]
+    assert len(st.context) == 3 and all(len(c) == 2 for c in st.context)
     assert st.switch_to is None and st.phases == 1
     path = tmp_path / "custom.json"
     path.write_text(json.dumps({"map": ["SFG"], "context": [[0, 1, 2]]}))
     custom = make_plan(EvalProtocol(scenario="stitching", stitching_file=str(path)), batch)
-    assert custom.maps == [("SFG",)] * 5 and len(custom.context) == 1
-    assert custom.context[0] == Episode([0, 1, 2], [2, 2], [0.0, 1.0], True, False, map_rows=("SFG",))
+    assert custom.maps == [("SFG",)] * 5 and [len(c) for c in custom.context] == [1] * 5
+    assert custom.context[0][0] == Episode([0, 1, 2], [2, 2], [0.0, 1.0], True, False, map_rows=("SFG",))
 
 
 def test_baselines_switch_maps(maps, tiny_model):
@@ -151,13 +152,13 @@ def test_baselines_switch_maps(maps, tiny_model):
 def test_q_learning_stitches_its_context(stitching_file):
     """The tabular counterpart of stitching: Q-learning replayed on the two context episodes goes
     8-9-10 then down to the goal; without them it knows nothing."""
-    _, context = stitching_setup(_stitching(stitching_file))
-    with_context = run_baseline("q_learning", [STITCHING_MAP] * 5, [1.0], seed=0, context=context)
+    [(_, context)] = stitching_setup(_stitching(stitching_file))
+    with_context = run_baseline("q_learning", [STITCHING_MAP] * 5, [1.0], seed=0, context=[context] * 5)
     assert (with_context == 1.0).all()
     without = run_baseline("q_learning", [STITCHING_MAP] * 5, [1.0], seed=0)
     assert without.mean() < 1.0
     one_goal = [Episode([2, 6, 10, 14, 18, 22], [1] * 5, [0, 0, 0, 0, 1.0], True)]
-    assert run_baseline("random", [STITCHING_MAP], [1.0], seed=0, context=one_goal).shape == (1, 1)
+    assert run_baseline("random", [STITCHING_MAP], [1.0], seed=0, context=[one_goal]).shape == (1, 1)
 
 
 def _run(agent, protocol, batch):
@@ -203,16 +204,17 @@ def test_stitching_scenario_report(agent, maps, stitching_file):
     assert report["maps"] == [list(STITCHING_MAP)] * 5
     assert report["protocol"]["stitching_file"] == stitching_file
     # The context episodes as plain JSON: exactly an episode's own fields, no map or bookkeeping.
-    assert all(set(c) == EPISODE_KEYS for c in report["context"])
-    assert report["context"] == [
+    # One context per trial.
+    assert all(set(e) == EPISODE_KEYS for c in report["context"] for e in c)
+    assert report["context"] == [[
         {"observations": [2, 6, 10, 14, 18, 22], "actions": [1] * 5, "rewards": [0.0, 0.0, 0.0, 0.0, 1.0],
          "terminated": True, "truncated": False},
         {"observations": [8, 9, 10, 11], "actions": [2, 2, 2], "rewards": [0.0, 0.0, 0.0],
-         "terminated": True, "truncated": False}]
+         "terminated": True, "truncated": False}]] * 5
     json.dumps(report)  # what the report callback writes
     assert all(t[0][0] == 8 for t in report["trajectories"])  # the single start tile
     assert report["agents"]["oracle"]["per_map"] == [[1.0]] * 5
     assert report["agents"]["q_learning"]["per_map"] == [[1.0]] * 5
     # The prefilled context reaches the model: the first decision sees it (two episodes of tokens).
     assert report["timings"]["per_rank"][0]["longest_context"] > sum(len(e) for e in context_tokens(
-        agent.s, stitching_setup(_stitching(stitching_file))[1]))
+        agent.s, stitching_setup(_stitching(stitching_file))[0][1]))

@@ -109,7 +109,7 @@ def _report(last10: float, no_ctx: float, scenario: str = "standard") -> dict:
     agents = {"icrl": {"last10": last10, "first_episodes": 0.1, "goal_found_before_greedy": 0.8,
                        "greedy_return_if_found": last10, "greedy_after_failure": None,
                        "per_map": [[0.0, 1.0], [0.0, 0.0]]},
-              "no_context": {"last10": no_ctx}, "q_learning": {"last10": 0.486}}
+              "no_context": {"last10": no_ctx, "per_map": [[0.0, 0.0], [0.0, 0.0]]}, "q_learning": {"last10": 0.486}}
     return {"last_k": 10, "scenario": scenario, "agents": agents}
 
 
@@ -125,6 +125,7 @@ def test_report_metrics_and_summary(tmp_path):
             path.write_text(json.dumps(_report(a, b, "stitching" if scenario == "stitching" else "standard")))
     m = report_metrics(_report(0.4, 0.1, "stitching"))
     assert m["icrl/successes"] == 1.0 and m["icrl/trials"] == 2.0 and m["icrl/context_ratio"] == pytest.approx(4.0)
+    assert m["no_context/successes"] == 0.0
     assert "icrl/greedy_after_failure" not in m  # None values are left out
     rows = summarize(sweep)["rows"]
     assert [(r["scenario"], r["seeds"]) for r in rows] == [("heldout", [0, 1, 2]), ("stitching", [0, 1, 2])]

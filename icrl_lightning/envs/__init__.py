@@ -11,7 +11,6 @@ from icrl_lightning.envs.frozen_lake import (
     generate_map,
     generate_maps,
     load_map_file,
-    load_stitching_file,
     make_env,
     make_splits,
     paper_schedule,
@@ -19,6 +18,7 @@ from icrl_lightning.envs.frozen_lake import (
     validate_map,
 )
 from icrl_lightning.envs.key_to_door import DarkKeyToDoor
+from icrl_lightning.envs.stitching import load_stitching_file, load_stitching_layouts, make_layouts
 
 __all__ = [
     "ACTIONS",
@@ -34,7 +34,9 @@ __all__ = [
     "generate_maps",
     "load_map_file",
     "load_stitching_file",
+    "load_stitching_layouts",
     "make_env",
+    "make_layouts",
     "make_splits",
     "paper_schedule",
     "shortest_path_actions",

@@ -224,22 +224,6 @@ def path_steps(rows: Map, path: list[int], where: str) -> tuple[list[int], list[
     return actions, rewards, end in "HG", end not in "HG"
 
 
-def load_stitching_file(path: str | Path, what: str = "model.evaluation.stitching_file") -> tuple[Map, list[list[int]]]:
-    """``(map, context paths)`` of the behaviour-stitching scenario from a JSON file
-    ``{"map": [row strings], "context": [[tile, ...], ...]}`` (``data/stitching.json`` holds SPEC's)."""
-    data = read_json_file(path, what)
-    if not isinstance(data, dict) or set(data) != {"map", "context"}:
-        raise InputError(f"{what}: {path}: expected an object with the keys 'map' (row strings) and 'context' "
-                         "(a list of tile paths)")
-    rows = validate_map(data["map"], f"{what}: {path}, map")
-    paths = data["context"]
-    if not isinstance(paths, list) or not paths or not all(isinstance(p, list) for p in paths):
-        raise InputError(f"{what}: {path}: 'context' must be a non-empty list of tile paths (lists of tile indices)")
-    for i, p in enumerate(paths):
-        path_steps(rows, p, f"{what}: {path}, context {i}")
-    return rows, paths
-
-
 class FrozenLake(ProblemFamily):
     """The Frozen Lake map family (SPEC "Environment"): maps of ``min_size..max_size`` tiles a
     side, each tile a start (p 0.1), else a goal (p 0.1), else a hole (``p_hole``); valid when every

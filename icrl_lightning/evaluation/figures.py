@@ -139,7 +139,7 @@ def trajectory_figure(report: dict, map_index: int | None = None) -> Figure:
         ncol = len(rows[0])
         for a in (a1, a2):
             _draw_map(a, rows)
-        for j, e in enumerate(report["context"] or []):
+        for j, e in enumerate(report["context"][i] if report["context"] else []):
             _draw_path(a1, e["observations"], ncol, ("tab:green", "tab:red", "tab:purple")[j % 3],
                        f"context {j + 1}: return {sum(e['rewards']):g}")
         a1.set_title("context episodes", fontsize=10)

@@ -11,7 +11,8 @@ from icrl_lightning.agent import draw_action
 from icrl_lightning.behaviour import TabularQLearner
 from icrl_lightning.checks import InputError, check_choice, check_range
 from icrl_lightning.envs.family import ProblemFamily, Task, paper_schedule
-from icrl_lightning.envs.frozen_lake import FrozenLake, load_stitching_file
+from icrl_lightning.envs.frozen_lake import FrozenLake
+from icrl_lightning.envs.stitching import load_stitching_layouts
 from icrl_lightning.episodes import Episode
 
 SCENARIOS = ("standard", "nonstationary", "stitching")
@@ -27,9 +28,9 @@ class EvalProtocol:
             user's maps, as the data module serves them). ``nonstationary``: the schedule is
             played on map A, then, context kept and without warning, again on map B = the next
             evaluation map of the batch (the last map's B is the first); needs two maps or more.
-            ``stitching``: ``stitching_trials`` trials on ``stitching_map``, each starting from a
-            context prefilled with the ``stitching_context`` episodes; the data module's maps
-            are not played.
+            ``stitching``: ``stitching_trials`` trials on each layout of ``stitching_file``, each
+            starting from a context prefilled with that layout's episodes; the data module's
+            maps are not played.
         schedule: greedy-action probability of each episode of a trial; empty = the problem
             family's (Frozen Lake and Dark Room: the paper's, 0.0 .. 0.9 two episodes each, then
             1.0 for ten: 30 episodes; bandits: 100 greedy pulls); for ``stitching`` empty = one
@@ -44,12 +45,14 @@ class EvalProtocol:
             values), the oracle and the problem family's own baselines (bandits: UCB1, Thompson
             sampling, greedy).
         last_k: the headline metric is the mean return of the last ``last_k`` episodes.
-        stitching_file: the ``stitching`` scenario's map and context, a JSON file
+        stitching_file: the ``stitching`` scenario's layouts, a JSON file holding one layout
             ``{"map": [rows], "context": [[tile, ...], ...]}`` (tile paths, ``row * ncols + col``;
-            rewards and endings follow from the map). ``data/stitching.json`` holds SPEC's:
-            ``HHFF/FFFF/SFFH/HFFF/HFFF/HFGF`` with 2-6-10-14-18-22 (reaches the goal) and 8-9-10-11
-            (ends in a hole).
-        stitching_trials: trials of the ``stitching`` scenario (SPEC: 5).
+            rewards and endings follow from the map) or a list of them. ``data/stitching.json``
+            holds SPEC's: ``HHFF/FFFF/SFFH/HFFF/HFFF/HFGF`` with 2-6-10-14-18-22 (reaches the goal)
+            and 8-9-10-11 (ends in a hole); ``data/stitching_layouts.json`` 76 layouts built the
+            same way on held-out maps no run is scored on (``tools/make_stitching_layouts.py``).
+        stitching_trials: trials of the ``stitching`` scenario on each layout (SPEC: 5 on its one
+            layout; greedy from a single start, every trial of a layout plays alike).
     """
 
     scenario: str = "standard"
@@ -74,7 +77,7 @@ class EvalProtocol:
             if not self.stitching_file:
                 raise InputError("model.evaluation.scenario=stitching needs model.evaluation.stitching_file "
                                  "(data/stitching.json holds the paper's map and context)")
-            load_stitching_file(self.stitching_file)
+            load_stitching_layouts(self.stitching_file)
         self.greedy_probs()
 
     def for_family(self, env: ProblemFamily) -> EvalProtocol:
@@ -107,7 +110,7 @@ def run_baseline(
     seed: int,
     max_episode_steps: int = 100,
     switch_to: list[Task] | None = None,
-    context: list[Episode] | None = None,
+    context: list[list[Episode]] | None = None,
     context_sweeps: int = 100,
     keys: list[int] | None = None,
     env: ProblemFamily | None = None,
@@ -127,8 +130,8 @@ def run_baseline(
 
     ``switch_to`` (non-stationary): after ``len(schedule)`` episodes map ``i`` becomes
     ``switch_to[i]`` and the schedule restarts; the Q-learner keeps its table (it is not told
-    either), the oracle plans on the new map. ``context`` (stitching): the Q-learner first learns
-    from these episodes, replayed ``context_sweeps`` times (the tabular counterpart of reading
+    either), the oracle plans on the new map. ``context`` (stitching): per map, episodes the Q-learner
+    first learns from, replayed ``context_sweeps`` times (the tabular counterpart of reading
     them in context); the other baselines ignore them. ``keys``: map ``i`` draws from
     ``default_rng([seed, keys[i]])`` instead of ``[seed, i]`` (as ``InContextAgent.play``).
     """
@@ -148,7 +151,7 @@ def run_baseline(
                                   n_actions=n_actions)
         if name in Q_LEARNERS:
             for _ in range(context_sweeps if context else 0):
-                for e in context:
+                for e in context[i]:
                     for t, a in enumerate(e.actions):
                         last = t == len(e.actions) - 1
                         learner.update(e.observations[t], a, e.rewards[t], e.observations[t + 1],

@@ -34,7 +34,7 @@ class Evaluator:
         """Returns of every agent on this batch of ``(index, rows)`` maps."""
         p = self.protocol
         plan = make_plan(p, batch, self.env.schedule())
-        prefill = context_tokens(agent.s, plan.context) if plan.context else None
+        prefill = [context_tokens(agent.s, c) for c in plan.context] if plan.context else None
         timings: dict = {}
         started = time.perf_counter()
         # Draws are keyed by the map's index in the evaluation set, not its place in this rank's batch,
@@ -120,6 +120,7 @@ class Evaluator:
         if icrl["greedy_after_failure"] is not None:
             metrics["val/icrl_greedy_after_failure"] = icrl["greedy_after_failure"]
         timings = [o["timings"] for o in outputs]
+        contexts = [c for o in outputs for c in (o["plan"].context or [])]
         report = {
             "scenario": p.scenario,
             "n_maps": len(order), "n_episodes": len(schedule), "last_k": k, "schedule": schedule,
@@ -127,7 +128,7 @@ class Evaluator:
             "global_step": global_step, "protocol": asdict(p),
             "maps": [list(flat["maps"][i]) for i in order],
             "switch_to": [list(switch[i]) for i in order] if switch else None,
-            "context": [e.steps() for e in plan.context] if plan.context else None,
+            "context": [[e.steps() for e in contexts[i]] for i in order] if plan.context else None,
             "agents": summaries,
             "trajectories": [flat["trajectories"][i] for i in order],
             "actions": [flat["actions"][i] for i in order],

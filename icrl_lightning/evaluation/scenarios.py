@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from icrl_lightning.envs.frozen_lake import Map, load_stitching_file, path_steps
+from icrl_lightning.envs.frozen_lake import Map, path_steps
+from icrl_lightning.envs.stitching import load_stitching_layouts
 from icrl_lightning.episodes import Episode
 from icrl_lightning.evaluation.protocol import EvalProtocol
 from icrl_lightning.serialize import Serializer
@@ -15,13 +16,14 @@ from icrl_lightning.serialize import Serializer
 @dataclass
 class Plan:
     """What one batch plays: ``maps[i]`` (report index ``index[i]``) for the schedule, then, when
-    ``switch_to`` is set, ``switch_to[i]`` for the schedule again; ``context`` is prefilled."""
+    ``switch_to`` is set, ``switch_to[i]`` for the schedule again; ``context[i]``: the episodes
+    prefilled in map ``i``'s context."""
 
     index: list[int]
     maps: list[Map]
     schedule: list[float]
     switch_to: list[Map] | None = None
-    context: list[Episode] | None = None
+    context: list[list[Episode]] | None = None
 
     @property
     def phases(self) -> int:
@@ -34,10 +36,11 @@ def path_episode(rows: Map, path: list[int], where: str = "stitching context") -
     return Episode(list(path), actions, rewards, terminated, truncated, map_rows=tuple(rows))
 
 
-def stitching_setup(protocol: EvalProtocol) -> tuple[Map, list[Episode]]:
-    """(map, context episodes) of the stitching scenario, from ``protocol.stitching_file``."""
-    rows, paths = load_stitching_file(protocol.stitching_file)
-    return rows, [path_episode(rows, p, f"stitching context {i}") for i, p in enumerate(paths)]
+def stitching_setup(protocol: EvalProtocol) -> list[tuple[Map, list[Episode]]]:
+    """(map, context episodes) of each layout of the stitching scenario, from
+    ``protocol.stitching_file``."""
+    return [(rows, [path_episode(rows, p, f"stitching layout {j}, context {i}") for i, p in enumerate(paths)])
+            for j, (rows, paths) in enumerate(load_stitching_layouts(protocol.stitching_file))]
 
 
 def context_tokens(serializer: Serializer, episodes: list[Episode]) -> list[list[int]]:
@@ -59,6 +62,6 @@ def make_plan(protocol: EvalProtocol, batch: list[tuple[int, Map]],
             raise ValueError("model.evaluation.scenario=nonstationary needs at least two evaluation maps per device "
                              f"(map B is the next map of the batch); got {len(maps)}: raise data.eval_maps")
         return Plan(index, maps, schedule, switch_to=maps[1:] + maps[:1])
-    rows, context = stitching_setup(protocol)
-    n = protocol.stitching_trials
-    return Plan(list(range(n)), [rows] * n, schedule, context=context)
+    # Each layout is played stitching_trials times in a row; trial i is index i of the report.
+    trials = [layout for layout in stitching_setup(protocol) for _ in range(protocol.stitching_trials)]
+    return Plan(list(range(len(trials))), [rows for rows, _ in trials], schedule, context=[c for _, c in trials])

@@ -1,0 +1,132 @@
+"""Stitching layouts: files of one or many layouts, the layout generator, the committed
+data/stitching_layouts.json, and a many-layout scenario through the Evaluator."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from icrl_lightning.agent import InContextAgent
+from icrl_lightning.checks import InputError
+from icrl_lightning.envs import load_stitching_file, load_stitching_layouts, make_splits
+from icrl_lightning.envs.frozen_lake import goal_distances
+from icrl_lightning.envs.stitching import make_layout, make_layouts
+from icrl_lightning.evaluation import EvalProtocol
+from icrl_lightning.evaluation.runner import Evaluator
+
+
+def _tool(repo_root):
+    path = repo_root / "tools" / "make_stitching_layouts.py"
+    spec = importlib.util.spec_from_file_location("make_stitching_layouts", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _tile(rows, t):
+    return rows[t // len(rows[0])][t % len(rows[0])]
+
+
+def _check_layout(layout: dict) -> None:
+    """The stitching property: the failed episode leaves a shortest path from the one start into a
+    hole at a split tile; the successful one reaches the one goal through that tile from a tile
+    off the path; the failed prefix and the success's suffix make a shortest path."""
+    rows = tuple(layout["map"])
+    success, failed = layout["context"]
+    text = "".join(rows)
+    assert text.count("S") == 1 and text.count("G") == 1
+    start = text.index("S")
+    assert failed[0] == start and _tile(rows, failed[-1]) == "H"
+    assert _tile(rows, success[-1]) == "G" and start not in success
+    split = failed[-2]
+    assert split in success and success[0] not in failed
+    joined = failed[:-1] + success[success.index(split) + 1:]
+    dist = goal_distances(rows)
+    assert len(joined) - 1 == dist[start // len(rows[0]), start % len(rows[0])] >= 3
+    assert len(set(success)) == len(success) and len(set(joined)) == len(joined)
+
+
+def test_make_layout_has_the_stitching_property():
+    rng = np.random.default_rng(0)
+    made = 0
+    for terrain in make_splits(3, 0).heldout[:60]:
+        layout = make_layout(terrain, rng)
+        if layout is not None:
+            _check_layout(layout)
+            made += 1
+    assert made >= 40  # most maps admit a layout
+    # A map without a hole beside any path tile admits none.
+    assert make_layout(("SFFFG",), np.random.default_rng(0)) is None
+
+
+def test_make_layouts_is_deterministic_and_distinct():
+    terrains = make_splits(0, 0).heldout[:10]
+    a = make_layouts(terrains, n=100, seed=4, per_terrain=2)
+    assert a == make_layouts(terrains, n=100, seed=4, per_terrain=2)
+    assert a != make_layouts(terrains, n=100, seed=5, per_terrain=2)
+    assert len(a) <= 20 and len({json.dumps(x) for x in a}) == len(a)
+    assert make_layouts(terrains, n=3, seed=4) == a[:3]
+
+
+def test_committed_layouts_are_the_tools_default(repo_root, tmp_path):
+    path = repo_root / "data" / "stitching_layouts.json"
+    tool = _tool(repo_root)
+    assert path.read_text() == tool.dumps(tool.layouts())
+    layouts = json.loads(path.read_text())
+    assert len(layouts) >= 60
+    for layout in layouts:
+        _check_layout(layout)
+    assert len(load_stitching_layouts(path)) == len(layouts)
+    # The maps come from held-out maps 150..199, never the reported (0..49) or selection (50..149) ones.
+    heldout = make_splits(0, 0).heldout
+    holes = lambda rows: [i for i, x in enumerate("".join(rows)) if x == "H"]  # noqa: E731
+    sources = {tuple(holes(m)): i for i, m in enumerate(heldout[150:], 150)}
+    assert all(tuple(holes(x["map"])) in sources for x in layouts)
+    out = tmp_path / "ood.json"
+    assert tool.main(["--split", "ood", "--first", "0", "--last", "4", "--out", str(out)]) == 0
+    assert all(6 <= len(x["map"]) <= 7 for x in json.loads(out.read_text()))
+    assert tool.main(["--first", "10", "--last", "5", "--out", str(out)]) == 2
+
+
+def test_layout_files_one_or_many(tmp_path, repo_root):
+    one = load_stitching_layouts(repo_root / "data" / "stitching.json")
+    assert len(one) == 1 and one[0] == load_stitching_file(repo_root / "data" / "stitching.json")
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps([{"map": ["SFG"], "context": [[0, 1, 2]]},
+                                {"map": ["SF", "HG"], "context": [[1, 3], [0, 2]]}]))
+    assert load_stitching_layouts(path) == [(("SFG",), [[0, 1, 2]]), (("SF", "HG"), [[1, 3], [0, 2]])]
+    with pytest.raises(InputError, match="holds 2 layouts; expected one"):
+        load_stitching_file(path)
+    path.write_text("[]")
+    with pytest.raises(InputError, match="list of layouts is empty"):
+        load_stitching_layouts(path)
+    path.write_text(json.dumps([{"map": ["SFG"], "context": [[0, 1, 2]]}, {"map": ["SFG"], "context": [[0, 2]]}]))
+    with pytest.raises(InputError, match=r"layout 1, context 0: no single move") as err:
+        EvalProtocol(scenario="stitching", stitching_file=str(path)).check()
+    assert "model.evaluation.stitching_file" in str(err.value) and str(path) in str(err.value)
+
+
+def test_many_layouts_through_the_evaluator(tiny_model, repo_root, tmp_path):
+    """Each trial plays its own layout with its own context; the tabular Q-learner that replays a
+    layout's context solves every layout (the layouts can be stitched), the oracle too."""
+    path = repo_root / "data" / "stitching_layouts.json"
+    layouts = json.loads(path.read_text())[:6]
+    small = tmp_path / "layouts.json"
+    small.write_text(json.dumps(layouts))
+    protocol = EvalProtocol(scenario="stitching", stitching_file=str(small), stitching_trials=2, max_episode_steps=12)
+    protocol.check()
+    model, _, s = tiny_model("compact", seed=2)
+    ev = Evaluator(protocol)
+    agent = InContextAgent(model, s, max_context=512, max_episode_steps=12)
+    _, report = ev.finish([ev.run(agent, [(0, ("SFG",))])], global_step=1)
+    assert report["n_maps"] == 12
+    assert report["maps"] == [x["map"] for x in layouts for _ in range(2)]
+    assert [[e["observations"] for e in c] for c in report["context"]] == [x["context"] for x in layouts
+                                                                           for _ in range(2)]
+    starts = ["".join(x["map"]).index("S") for x in layouts for _ in range(2)]
+    assert [t[0][0] for t in report["trajectories"]] == starts
+    assert report["agents"]["q_learning"]["per_map"] == [[1.0]] * 12
+    assert report["agents"]["oracle"]["per_map"] == [[1.0]] * 12
