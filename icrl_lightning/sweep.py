@@ -459,7 +459,7 @@ def summary_figure(summary: dict):
     for n, scenario in enumerate(scenarios):
         ax = fig.add_subplot(1, len(scenarios), n + 1)
         sub = [r for r in rows if r["scenario"] == scenario]
-        stitching = scenario.startswith("stitching")
+        stitching = any("icrl/successes" in r["metrics"] for r in sub)
         metric = "icrl/successes" if stitching else "icrl/last10"
         settings = list(dict.fromkeys(r["setting"] for r in sub))
         for c, setting in enumerate(settings):
@@ -488,7 +488,7 @@ def summary_figure(summary: dict):
                 ax.set_xscale("log")
             ax.set_xlabel("optimizer step")
         no_ctx = "x: no context" if one_step else "dashed: no context"
-        ax.set_ylabel("successes" if stitching else f"last-10 return ({no_ctx})")
+        ax.set_ylabel(f"successes ({no_ctx})" if stitching else f"last-10 return ({no_ctx})")
         ax.set_title(scenario)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -12,10 +12,11 @@ import pytest
 from icrl_lightning.agent import InContextAgent
 from icrl_lightning.checks import InputError
 from icrl_lightning.envs import load_stitching_file, load_stitching_layouts, make_splits
-from icrl_lightning.envs.frozen_lake import goal_distances
+from icrl_lightning.envs.frozen_lake import goal_distances, path_steps
 from icrl_lightning.envs.stitching import make_layout, make_layouts
-from icrl_lightning.evaluation import EvalProtocol
+from icrl_lightning.evaluation import EvalProtocol, run_baseline
 from icrl_lightning.evaluation.runner import Evaluator
+from icrl_lightning.evaluation.scenarios import path_episode
 
 
 def _tool(repo_root):
@@ -39,13 +40,15 @@ def _check_layout(layout: dict) -> None:
     text = "".join(rows)
     assert text.count("S") == 1 and text.count("G") == 1
     start = text.index("S")
+    for path in (success, failed, failed[:-1] + success[success.index(failed[-2]) + 1:]):
+        path_steps(rows, path, "layout")  # single legal moves, nothing after a hole or the goal
     assert failed[0] == start and _tile(rows, failed[-1]) == "H"
-    assert _tile(rows, success[-1]) == "G" and start not in success
+    assert _tile(rows, success[-1]) == "G" and start not in success and failed[-1] not in success
     split = failed[-2]
-    assert split in success and success[0] not in failed
+    assert success[0] not in failed and success.index(split) >= 2  # joins from 2+ moves away
     joined = failed[:-1] + success[success.index(split) + 1:]
     dist = goal_distances(rows)
-    assert len(joined) - 1 == dist[start // len(rows[0]), start % len(rows[0])] >= 3
+    assert len(joined) - 1 == dist[start // len(rows[0]), start % len(rows[0])] >= 4
     assert len(set(success)) == len(success) and len(set(joined)) == len(joined)
 
 
@@ -69,26 +72,49 @@ def test_make_layouts_is_deterministic_and_distinct():
     assert a != make_layouts(terrains, n=100, seed=5, per_terrain=2)
     assert len(a) <= 20 and len({json.dumps(x) for x in a}) == len(a)
     assert make_layouts(terrains, n=3, seed=4) == a[:3]
+    # Excluded maps (e.g. training maps) are never a layout's map.
+    banned = frozenset(tuple(x["map"]) for x in a[:5])
+    assert not {tuple(x["map"]) for x in make_layouts(terrains, n=100, seed=4, exclude=banned)} & banned
 
 
-def test_committed_layouts_are_the_tools_default(repo_root, tmp_path):
+@pytest.mark.slow
+def test_committed_layouts_are_the_tools_default(repo_root):
+    """Builds the training maps of seeds 0-6 (about a minute on 2 cores)."""
+    tool = _tool(repo_root)
+    assert (repo_root / "data" / "stitching_layouts.json").read_text() == tool.dumps(tool.layouts())
+
+
+def test_committed_layouts(repo_root, tmp_path):
     path = repo_root / "data" / "stitching_layouts.json"
     tool = _tool(repo_root)
-    assert path.read_text() == tool.dumps(tool.layouts())
     layouts = json.loads(path.read_text())
-    assert len(layouts) >= 60
+    assert len(layouts) >= 60 and path.read_text() == tool.dumps(layouts)
     for layout in layouts:
         _check_layout(layout)
-    assert len(load_stitching_layouts(path)) == len(layouts)
+    loaded = load_stitching_layouts(path)
+    assert len(loaded) == len(layouts)
+    # Every layout can be stitched: tabular Q-learning that replays its two episodes solves it.
+    maps = [rows for rows, _ in loaded]
+    context = [[path_episode(rows, p) for p in paths] for rows, paths in loaded]
+    assert (run_baseline("q_learning", maps, [1.0], seed=0, context=context) == 1.0).all()
+    assert run_baseline("q_learning", maps, [1.0], seed=0).mean() < 0.5  # without them it does not
+    with pytest.raises(ValueError, match="context has 1 entries"):
+        run_baseline("q_learning", maps, [1.0], seed=0, context=context[:1])
+    # None is a training map of seed 0 at 2,500 maps (the quickstart's; seeds 1-6: the slow test).
+    train = frozenset(make_splits(0, 2500, 0).train)
+    assert not {tuple(x["map"]) for x in layouts} & train
     # The maps come from held-out maps 150..199, never the reported (0..49) or selection (50..149) ones.
     heldout = make_splits(0, 0).heldout
     holes = lambda rows: [i for i, x in enumerate("".join(rows)) if x == "H"]  # noqa: E731
     sources = {tuple(holes(m)): i for i, m in enumerate(heldout[150:], 150)}
     assert all(tuple(holes(x["map"])) in sources for x in layouts)
     out = tmp_path / "ood.json"
-    assert tool.main(["--split", "ood", "--first", "0", "--last", "4", "--out", str(out)]) == 0
+    args = ["--train-seeds", "0", "--train-maps", "10", "--out", str(out)]
+    assert tool.main(["--split", "ood", "--first", "0", "--last", "4", *args]) == 0
     assert all(6 <= len(x["map"]) <= 7 for x in json.loads(out.read_text()))
-    assert tool.main(["--first", "10", "--last", "5", "--out", str(out)]) == 2
+    assert tool.main(["--first", "10", "--last", "5", *args]) == 2
+    assert tool.main(["--train-seeds", "a-b", "--out", str(out)]) == 2
+    assert tool._seeds("0-2") == (0, 1, 2) and tool._seeds("3,5") == (3, 5)
 
 
 def test_layout_files_one_or_many(tmp_path, repo_root):

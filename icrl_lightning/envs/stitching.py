@@ -3,7 +3,7 @@ useful parts must be joined to reach the goal from the map's start.
 
 A layout file holds one layout ``{"map": [row strings], "context": [[tile, ...], ...]}``
 (``data/stitching.json``: the paper's) or a list of them (``data/stitching_layouts.json``: many,
-made by ``make_layouts`` from maps no model trains on). ``make_layout`` builds one from a terrain
+made by ``make_layouts`` on held-out maps). ``make_layout`` builds one from a terrain
 the way the paper's is built: a shortest path from the start is followed to a split tile, where
 the failed context episode steps into a neighbouring hole, and the successful context episode
 reaches the goal through the same split tile from another tile. Joining the failed episode's
@@ -26,7 +26,7 @@ Layout = tuple[Map, list[list[int]]]
 def _layout(data, what: str) -> Layout:
     if not isinstance(data, dict) or set(data) != {"map", "context"}:
         raise InputError(f"{what}: expected an object with the keys 'map' (row strings) and 'context' "
-                         "(a list of tile paths)")
+                         "(a list of tile paths), or a list of such objects")
     rows = validate_map(data["map"], f"{what}, map")
     paths = data["context"]
     if not isinstance(paths, list) or not paths or not all(isinstance(p, list) for p in paths):
@@ -79,11 +79,12 @@ def _path(parent: dict[int, int], end: int) -> list[int]:
     return path[::-1]
 
 
-def make_layout(terrain: Map, rng: np.random.Generator, min_hops: int = 3, min_lead: int = 2) -> dict | None:
+def make_layout(terrain: Map, rng: np.random.Generator, min_hops: int = 4, min_lead: int = 2) -> dict | None:
     """One stitching layout on ``terrain`` (its holes and goals; its starts count as frozen), or
     ``None`` when the draw finds none.
 
-    A start tile ``s`` and a goal ``g`` at least ``min_hops`` moves apart are drawn, with a
+    A start tile ``s`` and a goal ``g`` at least ``min_hops`` moves apart (the map family's
+    ``min_hops``: 4) are drawn, with a
     shortest path ``s .. g``. A split tile ``t`` on it (not ``s``, not ``g``) with a hole ``h``
     beside it off the path gives the failed episode ``s .. t, h``. The successful episode starts at
     a tile off the path, ``min_lead`` or more moves from ``t`` without crossing the path, and follows
@@ -122,16 +123,17 @@ def make_layout(terrain: Map, rng: np.random.Generator, min_hops: int = 3, min_l
     return None
 
 
-def make_layouts(terrains: list[Map], n: int, seed: int, per_terrain: int = 2, **kwargs) -> list[dict]:
-    """Up to ``n`` layouts, at most ``per_terrain`` from each terrain in order (distinct layouts),
-    deterministic in ``seed``."""
+def make_layouts(terrains: list[Map], n: int, seed: int, per_terrain: int = 2,
+                 exclude: frozenset[Map] = frozenset(), **kwargs) -> list[dict]:
+    """Up to ``n`` layouts, at most ``per_terrain`` from each terrain in order (distinct layouts,
+    none whose map is in ``exclude``, e.g. training maps), deterministic in ``seed``."""
     rng = np.random.default_rng(seed)
     out: list[dict] = []
     for terrain in terrains:
         made: list[dict] = []
         for _ in range(4 * per_terrain):
             layout = make_layout(terrain, rng, **kwargs)
-            if layout is not None and layout not in made:
+            if layout is not None and layout not in made and tuple(layout["map"]) not in exclude:
                 made.append(layout)
             if len(made) == per_terrain:
                 break

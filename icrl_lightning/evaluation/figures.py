@@ -119,8 +119,12 @@ def _draw_path(ax, tiles: list[int], ncol: int, colour: str, label: str | None =
 
 
 def pick_map(report: dict) -> int:
-    """The map where the in-context agent improved most (last episodes vs first), ties to the first."""
+    """The map where the in-context agent improved most (last episodes vs first), ties to the first;
+    for a stitching report, the first trial it failed (else the first)."""
     per_map = np.asarray(report["agents"]["icrl"]["per_map"])
+    if report.get("scenario") == "stitching":
+        failed = np.flatnonzero(per_map.max(axis=1) <= 0)
+        return int(failed[0]) if failed.size else 0
     k = min(report["last_k"], per_map.shape[1])
     gain = per_map[:, -k:].mean(axis=1) - per_map[:, :k].mean(axis=1)
     return int(np.argmax(gain))

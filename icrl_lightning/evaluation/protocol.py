@@ -49,7 +49,7 @@ class EvalProtocol:
             ``{"map": [rows], "context": [[tile, ...], ...]}`` (tile paths, ``row * ncols + col``;
             rewards and endings follow from the map) or a list of them. ``data/stitching.json``
             holds SPEC's: ``HHFF/FFFF/SFFH/HFFF/HFFF/HFGF`` with 2-6-10-14-18-22 (reaches the goal)
-            and 8-9-10-11 (ends in a hole); ``data/stitching_layouts.json`` 76 layouts built the
+            and 8-9-10-11 (ends in a hole); ``data/stitching_layouts.json`` 70 layouts built the
             same way on held-out maps no run is scored on (``tools/make_stitching_layouts.py``).
         stitching_trials: trials of the ``stitching`` scenario on each layout (SPEC: 5 on its one
             layout; greedy from a single start, every trial of a layout plays alike).
@@ -140,6 +140,8 @@ def run_baseline(
         raise ValueError(f"baseline {name!r}: choose from {BASELINES + family.baselines}")
     if switch_to is not None and len(switch_to) != len(maps):
         raise ValueError(f"switch_to has {len(switch_to)} maps for {len(maps)} maps")
+    if context is not None and len(context) != len(maps):
+        raise ValueError(f"context has {len(context)} entries for {len(maps)} maps")
     n_actions = family.n_actions
     phases = [maps] if switch_to is None else [maps, switch_to]
     n_eps = len(schedule)
