@@ -13,7 +13,7 @@ CQL_EPISODES = ("all", "successful")
 
 # Options removed after they did not help (docs/results.md says what was measured), each with the
 # value that meant "off": older checkpoints save them in their hyper-parameters.
-REMOVED = {"td": {"cross_gamma": 0.0, "novelty_bonus": 0.0}}
+REMOVED = {"td": {"cross_gamma": 0.0, "novelty_bonus": 0.0, "novelty_aux": 0.0}}
 
 
 def without_removed(group: str, saved: dict) -> dict:
