@@ -370,6 +370,9 @@ def report_metrics(report: dict) -> dict[str, float]:
         if icrl.get(key) is not None:
             out[f"icrl/{key}"] = icrl[key]
     if report.get("scenario") == "stitching":
+        for key, value in (icrl.get("stitching") or {}).items():
+            if value is not None:
+                out[f"icrl/{key}"] = value
         for agent in ("icrl", "no_context"):
             if agents.get(agent, {}).get("per_map"):
                 out[f"{agent}/successes"] = float(sum(max(r) > 0 for r in agents[agent]["per_map"]))

@@ -156,3 +156,23 @@ def test_many_layouts_through_the_evaluator(tiny_model, repo_root, tmp_path):
     assert [t[0][0] for t in report["trajectories"]] == starts
     assert report["agents"]["q_learning"]["per_map"] == [[1.0]] * 12
     assert report["agents"]["oracle"]["per_map"] == [[1.0]] * 12
+    # Where the model's trials went, against each trial's own context.
+    paths = report["agents"]["icrl"]["stitching"]
+    assert set(paths) == {"reached_success_path", "success_if_reached", "known_hole"}
+    assert 0.0 <= paths["reached_success_path"] <= 1.0 and 0.0 <= paths["known_hole"] <= 1.0
+
+
+def test_stitching_paths_on_the_papers_layout():
+    """The paper's context: 2-6-10-14-18-22 reaches the goal, 8-9-10-11 ends in the hole at 11."""
+    from icrl_lightning.evaluation.report import stitching_paths
+
+    success = {"observations": [2, 6, 10, 14, 18, 22], "actions": [1] * 5, "rewards": [0, 0, 0, 0, 1.0],
+               "terminated": True, "truncated": False}
+    failed = {"observations": [8, 9, 10, 11], "actions": [2] * 3, "rewards": [0.0] * 3, "terminated": True,
+              "truncated": False}
+    paths = [[[8, 9, 10, 14, 18, 22]], [[8, 12]], [[8, 9, 10, 11]], [[8, 4, 5, 4]]]
+    returns = np.array([[1.0], [0.0], [0.0], [0.0]])
+    got = stitching_paths(returns, paths, [[success, failed]] * 4)
+    # Stitched; into an unknown hole; back into the known hole over the path's tile 10; a time-out.
+    assert got == {"reached_success_path": 0.5, "success_if_reached": 0.5, "known_hole": 0.25}
+    assert stitching_paths(returns[1:2], paths[1:2], [[success, failed]])["success_if_reached"] is None

@@ -126,6 +126,12 @@ def test_report_metrics_and_summary(tmp_path):
     m = report_metrics(_report(0.4, 0.1, "stitching"))
     assert m["icrl/successes"] == 1.0 and m["icrl/trials"] == 2.0 and m["icrl/context_ratio"] == pytest.approx(4.0)
     assert m["no_context/successes"] == 0.0
+    with_paths = _report(0.4, 0.1, "stitching")
+    with_paths["agents"]["icrl"]["stitching"] = {"reached_success_path": 0.5, "success_if_reached": None,
+                                                 "known_hole": 0.25}
+    m = report_metrics(with_paths)
+    assert m["icrl/reached_success_path"] == 0.5 and m["icrl/known_hole"] == 0.25
+    assert "icrl/success_if_reached" not in m
     assert "icrl/greedy_after_failure" not in m  # None values are left out
     rows = summarize(sweep)["rows"]
     assert [(r["scenario"], r["seeds"]) for r in rows] == [("heldout", [0, 1, 2]), ("stitching", [0, 1, 2])]

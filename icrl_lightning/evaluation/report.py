@@ -76,6 +76,29 @@ def repeated_failures(returns: np.ndarray, trajectories: list[list[list[int]]], 
     return repeats / fails if fails else None
 
 
+def stitching_paths(returns: np.ndarray, trajectories: list[list[list[int]]],
+                    contexts: list[list[dict]]) -> dict:
+    """Where a stitching trial's episodes go, against each trial's context episodes (``steps()``
+    dicts): ``reached_success_path``, the share of episodes that step on a tile of a successful
+    context episode (its goal excluded); ``success_if_reached``, the share of those that reach a
+    goal (``None`` when none reached the path); ``known_hole``, the share that end in a hole a
+    context episode ended in. A model that joins paths but cannot find its way to the successful
+    one shows a high ``success_if_reached`` and a low ``reached_success_path``."""
+    reached = solved = holes = n = 0
+    for r, paths, context in zip(returns, trajectories, contexts, strict=True):
+        path_tiles = {t for e in context if sum(e["rewards"]) > 0 for t in e["observations"][:-1]}
+        known = {e["observations"][-1] for e in context if e["terminated"] and sum(e["rewards"]) <= 0}
+        for k, tiles in enumerate(paths):
+            n += 1
+            on_path = bool(path_tiles.intersection(tiles))
+            reached += on_path
+            solved += on_path and r[k] > 0
+            holes += r[k] <= 0 and tiles[-1] in known
+    return {"reached_success_path": reached / n if n else None,
+            "success_if_reached": solved / reached if reached else None,
+            "known_hole": holes / n if n else None}
+
+
 def summarize_phases(returns: np.ndarray, schedule: list[float], phases: int, last_k: int) -> list[dict]:
     """Headline numbers of each phase (episodes ``p * len(schedule) ...``) of a non-stationary trial."""
     n = len(schedule)

@@ -12,7 +12,7 @@ from icrl_lightning.agent import InContextAgent
 from icrl_lightning.envs.family import ProblemFamily
 from icrl_lightning.envs.frozen_lake import FrozenLake
 from icrl_lightning.evaluation.protocol import BASELINES, EvalProtocol, run_baseline
-from icrl_lightning.evaluation.report import repeated_failures, summarize, summarize_phases
+from icrl_lightning.evaluation.report import repeated_failures, stitching_paths, summarize, summarize_phases
 from icrl_lightning.evaluation.scenarios import context_tokens, make_plan
 
 
@@ -121,6 +121,10 @@ class Evaluator:
             metrics["val/icrl_greedy_after_failure"] = icrl["greedy_after_failure"]
         timings = [o["timings"] for o in outputs]
         contexts = [c for o in outputs for c in (o["plan"].context or [])]
+        if plan.context:
+            icrl["stitching"] = stitching_paths(returns["icrl"], [flat["trajectories"][i] for i in order],
+                                                [[e.steps() for e in contexts[i]] for i in order])
+            metrics.update({f"val/icrl_{k}": v for k, v in icrl["stitching"].items() if v is not None})
         report = {
             "scenario": p.scenario,
             "n_maps": len(order), "n_episodes": len(schedule), "last_k": k, "schedule": schedule,
