@@ -84,12 +84,12 @@ def make_layout(terrain: Map, rng: np.random.Generator, min_hops: int = 4, min_l
     ``None`` when the draw finds none.
 
     A start tile ``s`` and a goal ``g`` at least ``min_hops`` moves apart (the map family's
-    ``min_hops``: 4) are drawn, with a
-    shortest path ``s .. g``. A split tile ``t`` on it (not ``s``, not ``g``) with a hole ``h``
-    beside it off the path gives the failed episode ``s .. t, h``. The successful episode starts at
-    a tile off the path, ``min_lead`` or more moves from ``t`` without crossing the path, and follows
-    a shortest such way to ``t``, then the path on to ``g``. The map keeps one start (``s``) and one goal
-    (``g``); other starts and goals become frozen.
+    ``min_hops``: 4) are drawn, with a shortest path ``s .. g``. A split tile ``t`` on it (not
+    ``s``, not ``g``) with a hole ``h`` beside it off the path gives the failed episode
+    ``s .. t, h``. The successful episode starts at a tile off the path, ``min_lead`` or more moves
+    from ``t`` without crossing the path, and follows a shortest such way to ``t``, then the path
+    on to ``g``. The map keeps one start (``s``) and one goal (``g``); other starts and goals
+    become frozen.
     """
     ncol = len(terrain[0])
     cells = "".join(terrain)
@@ -102,9 +102,9 @@ def make_layout(terrain: Map, rng: np.random.Generator, min_hops: int = 4, min_l
         grid[s // ncol][s % ncol], grid[g // ncol][g % ncol] = "S", "G"
         rows = tuple("".join(r) for r in grid)
         parent = _bfs(rows, s, set())
-        if g not in parent or len(_path(parent, g)) - 1 < min_hops:
+        path = _path(parent, g) if g in parent else []
+        if len(path) - 1 < min_hops:
             continue
-        path = _path(parent, g)
         splits = list(range(1, len(path) - 1))
         rng.shuffle(splits)
         for k in splits:

@@ -34,7 +34,11 @@ class Evaluator:
         """Returns of every agent on this batch of ``(index, rows)`` maps."""
         p = self.protocol
         plan = make_plan(p, batch, self.env.schedule())
-        prefill = [context_tokens(agent.s, c) for c in plan.context] if plan.context else None
+        prefill = None
+        if plan.context:
+            # A layout's trials share one context list: tokenize each distinct context once.
+            tokens = {id(c): context_tokens(agent.s, c) for c in plan.context}
+            prefill = [tokens[id(c)] for c in plan.context]
         timings: dict = {}
         started = time.perf_counter()
         # Draws are keyed by the map's index in the evaluation set, not its place in this rank's batch,
@@ -121,9 +125,10 @@ class Evaluator:
             metrics["val/icrl_greedy_after_failure"] = icrl["greedy_after_failure"]
         timings = [o["timings"] for o in outputs]
         contexts = [c for o in outputs for c in (o["plan"].context or [])]
-        if plan.context:
+        context_steps = [[e.steps() for e in contexts[i]] for i in order] if plan.context else None
+        if context_steps:
             icrl["stitching"] = stitching_paths(returns["icrl"], [flat["trajectories"][i] for i in order],
-                                                [[e.steps() for e in contexts[i]] for i in order])
+                                                context_steps)
             metrics.update({f"val/icrl_{k}": v for k, v in icrl["stitching"].items() if v is not None})
         report = {
             "scenario": p.scenario,
@@ -132,7 +137,7 @@ class Evaluator:
             "global_step": global_step, "protocol": asdict(p),
             "maps": [list(flat["maps"][i]) for i in order],
             "switch_to": [list(switch[i]) for i in order] if switch else None,
-            "context": [[e.steps() for e in contexts[i]] for i in order] if plan.context else None,
+            "context": context_steps,
             "agents": summaries,
             "trajectories": [flat["trajectories"][i] for i in order],
             "actions": [flat["actions"][i] for i in order],
