@@ -144,3 +144,28 @@ def test_noisy_demonstrations_anneal_from_random_to_the_shortest_path():
         assert last.success and len(last.actions) == shortest
     assert b.settings() == {"learner": "noisy_oracle", "history": 10, "max_perf": 1.0}
     assert b.history_length == 10
+
+
+def test_random_starts_move_the_start_and_share_one_table():
+    from icrl_lightning.envs.dark_room import DarkRoom
+    from icrl_lightning.experimental.behaviour import RandomStarts, with_start
+
+    rows = ("SFFF", "FHFH", "FFFH", "HFFG")
+    assert with_start(rows, 6) == ("FFFF", "FHSH", "FFFH", "HFFG")
+    eps = RandomStarts(start_share=0.5).run(FrozenLake(), rows, 4, 300, [2])
+    firsts = [e.observations[0] for e in eps]
+    moved = [e for e in eps if e.observations[0] != 0]
+    # About half start elsewhere (a random start may draw the map's own start), on frozen tiles only,
+    # and each record names the map as played.
+    assert 0.3 < len(moved) / len(eps) < 0.6
+    assert set(firsts) <= {0, 1, 2, 3, 4, 6, 8, 9, 10, 13, 14} and len(set(firsts)) > 6
+    assert all(e.map_rows == with_start(rows, e.observations[0]) for e in moved)
+    assert all(e.map_rows == rows for e in eps if e.observations[0] == 0)
+    # One table for the map: late episodes from the map's start reach the goal (the learner also
+    # learned from the other starts).
+    assert sum(e.success for e in eps[-50:] if e.map_rows == rows) >= 15
+    assert RandomStarts(start_share=0.0).run(FrozenLake(), rows, 4, 20, [2])[0].map_rows == rows
+    with pytest.raises(InputError, match="RandomStarts moves Frozen Lake's start"):
+        RandomStarts().run(DarkRoom(), DarkRoom().splits(0, 1).train[0], 0, 2, [0])
+    with pytest.raises(InputError, match="data.behaviour.start_share"):
+        RandomStarts(start_share=1.5)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from icrl_lightning.behaviour import Behaviour, play_episode
-from icrl_lightning.checks import check_range
+from icrl_lightning.behaviour import Behaviour, TabularQLearner, play_episode
+from icrl_lightning.checks import InputError, check_range
 from icrl_lightning.envs.family import ProblemFamily, Task
+from icrl_lightning.envs.frozen_lake import FrozenLake
 from icrl_lightning.episodes import Episode
 
 
@@ -56,3 +57,65 @@ class NoisyDemonstrations(Behaviour):
             out.append(play_episode(game, choose, rng, map_id=map_id, map_rows=tuple(task), learner_episode=k))
         game.close()
         return out
+
+
+def with_start(rows: Task, cell: int) -> Task:
+    """Frozen Lake map ``rows`` with its start tile(s) made frozen and a single start at ``cell``."""
+    width = len(rows[0])
+    text = [ch if ch != "S" else "F" for ch in "".join(rows)]
+    text[cell] = "S"
+    return tuple("".join(text[r * width:(r + 1) * width]) for r in range(len(rows)))
+
+
+class RandomStarts(Behaviour):
+    """Frozen Lake's Q-learning (``icrl_lightning.behaviour.QLearning``, one run per map) in which
+    a share of the episodes start on a uniformly drawn frozen or start tile instead of the map's
+    start(s): a training context then holds paths that begin elsewhere than the episode the model
+    acts in, as the stitching scenarios' contexts do (their successful episode starts off the
+    trial's way). The table is the map's, so what one start teaches the learner carries to the
+    others. Each record's ``map_rows`` is the map as played (its start moved).
+
+    Args:
+        start_share: probability that an episode starts on a random tile.
+        epsilon, lr, gamma: as ``QLearning``.
+    """
+
+    def __init__(self, start_share: float = 0.3, epsilon: float = 0.1, lr: float = 0.5, gamma: float = 0.9):
+        check_range("data.behaviour.start_share", start_share, 0, 1)
+        check_range("data.behaviour.epsilon", epsilon, 0, 1)
+        check_range("data.behaviour.lr", lr, 0, 1, lo_open=True)
+        check_range("data.behaviour.gamma", gamma, 0, 1)
+        self.start_share, self.epsilon, self.lr, self.gamma = start_share, epsilon, lr, gamma
+
+    def settings(self) -> dict:
+        return {"learner": "tabular_q_random_starts", "start_share": self.start_share,
+                "behaviour_epsilon": self.epsilon, "behaviour_lr": self.lr, "behaviour_gamma": self.gamma}
+
+    def run(self, env: ProblemFamily, task: Task, map_id: int, episodes: int, seed: list[int]) -> list[Episode]:
+        if not isinstance(env, FrozenLake):
+            raise InputError(f"data.behaviour RandomStarts moves Frozen Lake's start tile; data.env is "
+                             f"{type(env).__name__}")
+        rng = np.random.default_rng(seed)
+        text = "".join(task)
+        cells = [i for i, ch in enumerate(text) if ch in "SF"]
+        games: dict[Task, object] = {}
+        learner = TabularQLearner(env.n_observations(task), lr=self.lr, gamma=self.gamma, rng=rng,
+                                  n_actions=env.n_actions)
+
+        def choose(obs: int) -> int:
+            return int(rng.integers(env.n_actions)) if rng.random() < self.epsilon else learner.greedy(obs)
+
+        out = []
+        for k in range(episodes):
+            rows = with_start(task, int(rng.choice(cells))) if rng.random() < self.start_share else tuple(task)
+            if rows not in games:
+                games[rows] = env.make_env(rows)
+            out.append(play_episode(games[rows], choose, rng, learner, map_id=map_id, map_rows=rows,
+                                    learner_episode=k))
+        for game in games.values():
+            game.close()
+        return out
+
+    def __repr__(self) -> str:
+        return (f"RandomStarts(start_share={self.start_share}, epsilon={self.epsilon}, lr={self.lr}, "
+                f"gamma={self.gamma})")
