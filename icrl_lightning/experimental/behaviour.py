@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from icrl_lightning.behaviour import Behaviour, TabularQLearner, play_episode
+from icrl_lightning.behaviour import Behaviour, QLearning, TabularQLearner, play_episode
 from icrl_lightning.checks import InputError, check_range
 from icrl_lightning.envs.family import ProblemFamily, Task
 from icrl_lightning.envs.frozen_lake import FrozenLake
@@ -67,7 +67,7 @@ def with_start(rows: Task, cell: int) -> Task:
     return tuple("".join(text[r * width:(r + 1) * width]) for r in range(len(rows)))
 
 
-class RandomStarts(Behaviour):
+class RandomStarts(QLearning):
     """Frozen Lake's Q-learning (``icrl_lightning.behaviour.QLearning``, one run per map) in which
     a share of the episodes start on a uniformly drawn frozen or start tile instead of the map's
     start(s): a training context then holds paths that begin elsewhere than the episode the model
@@ -81,11 +81,9 @@ class RandomStarts(Behaviour):
     """
 
     def __init__(self, start_share: float = 0.3, epsilon: float = 0.1, lr: float = 0.5, gamma: float = 0.9):
+        super().__init__(epsilon=epsilon, lr=lr, gamma=gamma)
         check_range("data.behaviour.start_share", start_share, 0, 1)
-        check_range("data.behaviour.epsilon", epsilon, 0, 1)
-        check_range("data.behaviour.lr", lr, 0, 1, lo_open=True)
-        check_range("data.behaviour.gamma", gamma, 0, 1)
-        self.start_share, self.epsilon, self.lr, self.gamma = start_share, epsilon, lr, gamma
+        self.start_share = start_share
 
     def settings(self) -> dict:
         return {"learner": "tabular_q_random_starts", "start_share": self.start_share,
