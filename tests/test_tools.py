@@ -60,3 +60,21 @@ def test_hole_move_probe_untried_against_tried():
     assert out["before goal"] == {"gap": [-4.0], "argmax": [0.0], "uniform": [0.75]}
     with pytest.raises(ValueError, match="4 Q rows for 5 actions"):
         probe.untried_against_tried(episodes, q[:4])
+
+
+def test_probe_copy_context_episodes():
+    """``tools/probe_copy.py``'s contexts: one oracle episode with the oracle's return, one rewarded
+    random episode, and none where the tries run out."""
+    import numpy as np
+
+    from icrl_lightning.envs import DarkKeyToDoor
+    from icrl_lightning.envs.key_to_door import key_door_task
+
+    probe = _load_tool("probe_copy")
+    fam, task = DarkKeyToDoor(), key_door_task(9, 4 * 9 + 6, 0)  # key 2 right of the start, door top left
+    ctx = probe.context_episodes(fam, task, np.random.default_rng(0))
+    assert ctx["none"] == [] and len(ctx["oracle"]) == 1 and len(ctx["random"]) == 1
+    assert ctx["oracle"][0].ret == 1 + 50 - 2 - (4 + 6) + 1  # key after 2 steps, the door 10 later
+    assert ctx["random"][0].ret > 0 and len(ctx["random"][0].actions) == 50
+    far = key_door_task(9, 0, 80)  # the key in a corner: no random walk of 1 try finds it
+    assert probe.context_episodes(fam, far, np.random.default_rng(0), tries=1)["random"] == []
