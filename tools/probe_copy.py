@@ -98,7 +98,9 @@ def probe(agent: InContextAgent, env: ProblemFamily, tasks: list[Task], episodes
             opt = np.concatenate([st["optimal"] for st in steps])
             before = np.concatenate([st["before"] for st in steps])
             door = [d for st in steps for d in st["towards_door"]]
-            out[name].update(optimal_before=float(opt[before].mean()), optimal_after=float(opt[~before].mean()),
+            # None where no step comes after the first reward (Frozen Lake: the goal ends the episode).
+            out[name].update(optimal_before=float(opt[before].mean()),
+                             optimal_after=float(opt[~before].mean()) if (~before).any() else None,
                              towards_door_before=float(np.mean(door)) if door else None)
     return out
 
@@ -133,8 +135,9 @@ def run(args: argparse.Namespace) -> None:
           + (f" {'to door':>8s}" if door else "") + "  return per greedy episode")
     for name in CONTEXTS:
         r = result[name]
+        after = "-" if r["optimal_after"] is None else f"{r['optimal_after']:.2f}"
         print(f"{name:8s} {r['mean_return']:12.2f} {r['rewarded']:9.2f} {r['optimal_before']:11.2f} "
-              f"{r['optimal_after']:10.2f}" + (f" {r['towards_door_before']:8.2f}" if door else "")
+              f"{after:>10s}" + (f" {r['towards_door_before']:8.2f}" if door else "")
               + f"  {r['return_per_episode']}")
     if args.json:
         with open(args.json, "w") as f:
