@@ -72,7 +72,8 @@ def along_oracle(module, env: ProblemFamily, task: Task, context: list[Episode],
     mask[0, len(ids) + torch.as_tensor(enc.q_pos)] = True
     greedy = diagnostics.q_values(module, {"input_ids": x, "q_mask": mask}).argmax(-1).tolist()
     best = env.optimal_actions(task)
-    first = next(i for i, r in enumerate(path.rewards) if r > 0)
+    # The first rewarded step (an oracle episode without reward, a bandit's unlucky pull: all "before").
+    first = next((i for i, r in enumerate(path.rewards) if r > 0), len(path.rewards))
     out = {"optimal": [bool(best[o, a]) for o, a in zip(path.tiles, greedy, strict=True)],
            "before": [i <= first for i in range(len(greedy))], "towards_door": []}
     if isinstance(env, DarkKeyToDoor):
