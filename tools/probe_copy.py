@@ -60,13 +60,13 @@ def context_episodes(env: ProblemFamily, task: Task, rng: np.random.Generator, t
     return {"none": [], "oracle": [oracle], "random": random}
 
 
-def along_oracle(module, env: ProblemFamily, task: Task, context: list[Episode], path: Episode) -> dict:
-    """Teacher-forced along ``path`` (an oracle episode) after ``context``: per step, whether the
-    greedy action is optimal, whether the path's first reward is still ahead, and (Dark
-    Key-to-Door, steps without the key) whether the greedy action moves towards the door."""
-    s = module.serializer
-    ids = [t for ep in context for t in s.encode(ep).ids.tolist()]
-    enc = s.encode(path)
+def along_oracle(module, env: ProblemFamily, task: Task, context: list[list[int]], path: Episode) -> dict:
+    """Teacher-forced along ``path`` (an oracle episode) after ``context`` (token ids of whole
+    episodes, as the agent's prefill): per step, whether the greedy action is optimal, whether the
+    path's first reward is still ahead, and (Dark Key-to-Door, steps without the key) whether the
+    greedy action moves towards the door."""
+    ids = [t for episode_ids in context for t in episode_ids]
+    enc = module.serializer.encode(path)
     x = torch.tensor([ids + enc.ids.tolist()])
     mask = torch.zeros_like(x, dtype=torch.bool)
     mask[0, len(ids) + torch.as_tensor(enc.q_pos)] = True
@@ -95,7 +95,8 @@ def probe(agent: InContextAgent, env: ProblemFamily, tasks: list[Task], episodes
         out[name] = {"return_per_episode": trial.returns.mean(axis=0).round(3).tolist(),
                      "mean_return": float(trial.returns.mean()), "rewarded": float(np.mean(rewarded))}
         if module is not None:
-            steps = [along_oracle(module, env, t, c[name], c["oracle"][0]) for t, c in zip(tasks, ctx, strict=True)]
+            steps = [along_oracle(module, env, t, ids, c["oracle"][0])
+                     for t, ids, c in zip(tasks, prefill, ctx, strict=True)]
             opt = np.concatenate([st["optimal"] for st in steps])
             before = np.concatenate([st["before"] for st in steps])
             door = [d for st in steps for d in st["towards_door"]]

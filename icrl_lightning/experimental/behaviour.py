@@ -86,8 +86,7 @@ class RandomStarts(QLearning):
         self.start_share = start_share
 
     def settings(self) -> dict:
-        return {"learner": "tabular_q_random_starts", "start_share": self.start_share,
-                "behaviour_epsilon": self.epsilon, "behaviour_lr": self.lr, "behaviour_gamma": self.gamma}
+        return {**super().settings(), "learner": "tabular_q_random_starts", "start_share": self.start_share}
 
     def run(self, env: ProblemFamily, task: Task, map_id: int, episodes: int, seed: list[int]) -> list[Episode]:
         if not isinstance(env, FrozenLake):
