@@ -87,7 +87,7 @@ class _RaggedCache(Cache):
     """A KV cache whose rows have their own lengths (see the module docstring).
 
     Per call: ``prepare(new)`` returns each row's positions for ``new`` columns (its length onwards)
-    and makes room; the decoder's layers then ``update`` (scatter the new keys/values at
+    and makes room; the decoder's layers then ``update`` (write the new keys/values at
     those columns); ``commit(counts)`` advances each row by its count of real tokens. Columns past a
     row's length (padding written by a wider row's call, or stale after a reset) are never visible:
     the agent's 4-D mask lets query ``j`` of row ``i`` see columns ``<= length[i] + j`` only."""
@@ -125,11 +125,15 @@ class _RaggedCache(Cache):
             self.v.append(value_states.new_zeros((b, h, self.capacity, d)))
         dev = key_states.device
         if dev not in self._index:
-            self._index[dev] = self._positions.to(dev)[:, None, :, None]
-        index = self._index[dev].expand_as(key_states)
+            rows = torch.arange(len(self._positions), device=dev)[:, None]
+            self._index[dev] = (rows, slice(None), self._positions.to(dev))
+        # Advanced indexing writes [rows, new, heads, dim] at (row, :, position): the same values as
+        # scatter_ along dim 2, which on CPU costs about 30 ms per call in bf16 (it walks the whole
+        # cache) against well under 1 ms here.
+        index = self._index[dev]
         k, v = self.k[layer_idx], self.v[layer_idx]
-        k.scatter_(2, index, key_states)
-        v.scatter_(2, index, value_states)
+        k[index] = key_states.transpose(1, 2)
+        v[index] = value_states.transpose(1, 2)
         return k[:, :, : self.width], v[:, :, : self.width]
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:

@@ -341,3 +341,21 @@ def test_non_stationary_episodes_name_the_map_they_were_played_on(tiny_model):
             played_on = MAPS[i] if k < len(schedule) else switch[i]
             assert (e.map_id, e.map_rows, e.learner_episode) == (keys[i], played_on, k)
             assert _replay(e, MAX_STEPS) == result.returns[i, k]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ragged_cache_writes_each_rows_new_columns_at_its_own_length(dtype):
+    from icrl_lightning.agent import _RaggedCache
+
+    cache = _RaggedCache(rows=3, capacity=8)
+    cache.commit(torch.tensor([0, 2, 5]))
+    positions = cache.prepare(2)
+    assert positions.tolist() == [[0, 1], [2, 3], [5, 6]]
+    keys = torch.randn(3, 2, 2, 4).to(dtype)  # [rows, kv_heads, new, head_dim]
+    k, v = cache.update(keys, -keys, layer_idx=0)
+    assert k.dtype == dtype and k.shape == (3, 2, 7, 4)  # the widest row's length plus the new columns
+    for row, start in enumerate([0, 2, 5]):
+        assert torch.equal(k[row, :, start:start + 2], keys[row]) and torch.equal(v[row, :, start:start + 2], -keys[row])
+        rest = torch.ones(7, dtype=torch.bool)
+        rest[start:start + 2] = False
+        assert not k[row, :, rest].any()  # nothing else written
