@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,20 +35,6 @@ from icrl_lightning.serialize import Serializer
 
 Q_HEADS = ("tokens", "linear")
 OBJECTIVES = ("dqn", "dpt")
-LR_SCHEDULES = ("constant", "cosine")
-# The checkpoint key that holds the step where a cosine decay ends (see ICRLModule.on_load_checkpoint).
-SCHEDULE_END_KEY = "icrl_lr_schedule_end"
-
-
-def lr_factor(step: int, warm: int, total: int, schedule: str, min_ratio: float) -> float:
-    """The learning rate at optimizer step ``step`` as a fraction of ``model.lr``: a linear warm-up
-    over ``warm`` steps, then 1 (``constant``) or a half cosine from 1 to ``min_ratio`` at ``total``."""
-    if step + 1 < warm:
-        return (step + 1) / warm
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step + 1 - warm) / max(1, total - warm))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class ICRLModule(L.LightningModule):
@@ -72,16 +56,9 @@ class ICRLModule(L.LightningModule):
         q_head: ``tokens`` (paper): Q = the LM logits of the action words (Frozen Lake's four) at
             the action position; ``linear``: a trainable ``hidden -> actions`` layer (online +
             target), initialised from those output-embedding rows (SPEC's alternative readout).
-        lr: AdamW learning rate after warm-up.
+        lr: AdamW learning rate after warm-up (constant afterwards).
         weight_decay: AdamW weight decay.
         warmup_steps: linear learning-rate warm-up, in optimizer steps.
-        lr_schedule: after warm-up, ``constant`` (default) keeps ``lr``; ``cosine`` lowers it along a
-            half cosine to ``lr * lr_min_ratio`` at ``trainer.max_steps`` (which must then be set), so
-            the last updates are small and the final weights are an average of recent ones rather
-            than one noisy step (the Key-to-Door quickstart uses it: its constant-rate checkpoints
-            swing from one to the next). With ``cosine``, step N of a longer fit is not the N-step
-            run, and a fit resumes only to the ``trainer.max_steps`` it was started with.
-        lr_min_ratio: the final learning rate of ``cosine`` as a fraction of ``lr``.
         objective: ``dqn`` (paper): double DQN with ``td``, ``target`` and ``cql``. ``dpt``: the
             Decision-Pretrained Transformer's supervised objective (Lee et al. 2023) instead, the
             published in-context baseline of the bandit literature: at every action position the
@@ -108,8 +85,6 @@ class ICRLModule(L.LightningModule):
         lr: float = 5e-4,
         weight_decay: float = 0.01,
         warmup_steps: int = 10,
-        lr_schedule: str = "constant",
-        lr_min_ratio: float = 0.1,
         objective: str = "dqn",
         td: TD = TD(),  # noqa: B008 - dataclass defaults: copied below, never shared
         target: Target = Target(),  # noqa: B008
@@ -123,8 +98,6 @@ class ICRLModule(L.LightningModule):
         check_range("model.lr", lr, 0, None, lo_open=True)
         check_range("model.weight_decay", weight_decay, 0, None)
         check_range("model.warmup_steps", warmup_steps, 0, None)
-        check_choice("model.lr_schedule", lr_schedule, LR_SCHEDULES)
-        check_range("model.lr_min_ratio", lr_min_ratio, 0, 1)
         check_range("model.seq_len", seq_len, 1, None)
         check_choice("model.q_head", q_head, Q_HEADS)
         check_choice("model.objective", objective, OBJECTIVES)
@@ -320,13 +293,7 @@ class ICRLModule(L.LightningModule):
         h = self.hparams
         opt = torch.optim.AdamW([p for _, p in self._online], lr=h.lr, weight_decay=h.weight_decay)
         warm = max(1, h.warmup_steps)
-        total = self._trainer.max_steps if self._trainer is not None else -1
-        if h.lr_schedule == "cosine" and (total is None or total < 1):
-            raise InputError(f"model.lr_schedule=cosine needs trainer.max_steps (the step where the decay ends); "
-                             f"got {total}")
-        self._schedule_end = total if h.lr_schedule == "cosine" else None
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, partial(lr_factor, warm=warm, total=total, schedule=h.lr_schedule, min_ratio=h.lr_min_ratio))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # --- checkpoints: only what was trained ----------------------------------------------------------
@@ -342,8 +309,6 @@ class ICRLModule(L.LightningModule):
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if getattr(self, "_schedule_end", None) is not None:
-            checkpoint[SCHEDULE_END_KEY] = self._schedule_end
         state = checkpoint.get("state_dict", {})
         for key in self._frozen_keys:
             state.pop(key, None)
@@ -351,19 +316,6 @@ class ICRLModule(L.LightningModule):
         folder = getattr(callback, "dirpath", None)
         if self._peft and folder and self.trainer.is_global_zero:
             self.save_adapter(Path(folder) / "adapter")
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse to resume a ``cosine`` fit to another ``trainer.max_steps``: its decay was planned to
-        end at the saved step, and a new end would restart it part-way (the sweep resumes fits to a
-        larger step; with ``constant`` that is the longer run, with ``cosine`` it is not)."""
-        end = checkpoint.get(SCHEDULE_END_KEY)
-        trainer = self._trainer
-        if end is None or trainer is None or trainer.state.fn is None or trainer.state.fn.value != "fit":
-            return
-        if trainer.max_steps != end:
-            raise InputError(f"this checkpoint's cosine learning-rate decay ends at step {end}; resuming it with "
-                             f"trainer.max_steps={trainer.max_steps} would restart the decay part-way: "
-                             f"give --trainer.max_steps {end}, or start a fresh fit")
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """As ``nn.Module.load_state_dict``, but the frozen base may be absent (Lightning checkpoints

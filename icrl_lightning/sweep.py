@@ -75,10 +75,9 @@ class Sweep:
         settings: setting name -> overrides (``{"data.num_train_maps": 2500}``), applied after the
             configs; ``{}`` is the configs alone. A setting's ``steps`` key (a list) replaces the
             sweep's ``steps`` for that setting. Runs go out in this order (settings, then seeds).
-        steps: optimizer steps whose checkpoints are evaluated; ``fit`` runs to the largest (with
-            the default constant learning rate, step ``N`` of a longer run is the ``N``-step run; with
-            ``model.lr_schedule: cosine`` it is not, and a finished fit is not resumed to a larger
-            step). Empty: the configs' ``trainer.max_steps`` (per setting).
+        steps: optimizer steps whose checkpoints are evaluated; ``fit`` runs to the largest (the
+            learning rate is constant after warm-up, so step ``N`` of a longer run is the ``N``-step
+            run). Empty: the configs' ``trainer.max_steps`` (per setting).
         scenarios: evaluation overlays, ``conf/experiment/eval_<name>.yaml`` or a YAML path.
         eval_overrides: overrides for ``validate`` only (e.g. ``{"data.eval_maps": 20}``).
         out_dir: where sweeps are written.

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import lightning as L
 import pytest
 import torch
@@ -12,7 +10,7 @@ from icrl_lightning.behaviour import QLearning
 from icrl_lightning.checks import InputError
 from icrl_lightning.envs.frozen_lake import FrozenLake
 from icrl_lightning.evaluation import EvalProtocol
-from icrl_lightning.module import SCHEDULE_END_KEY, ICRLModule
+from icrl_lightning.module import ICRLModule
 from icrl_lightning.objective import CQL, TD, Target, without_removed
 
 # training_step is also called directly, outside a Trainer, where self.log only warns.
@@ -392,62 +390,6 @@ def test_configure_optimizers_warmup(make_module):
     assert lrs[9] == pytest.approx(1e-2)
     assert lrs[11] == pytest.approx(1e-2)
     assert all(a < b for a, b in zip(lrs[:9], lrs[1:10], strict=True))
-
-
-def test_cosine_schedule_falls_to_the_min_ratio_at_max_steps(make_module):
-    module = make_module(lr=1e-2, warmup_steps=10, lr_schedule="cosine", lr_min_ratio=0.1)
-    module._trainer = SimpleNamespace(max_steps=110)
-    conf = module.configure_optimizers()
-    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
-    lrs = []
-    for _ in range(115):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert lrs[0] == pytest.approx(1e-3)
-    assert lrs[9] == pytest.approx(1e-2)  # the end of the warm-up: the full rate
-    assert lrs[59] == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5))  # half way: the mean of lr and its floor
-    assert lrs[109] == pytest.approx(1e-3)  # the last step of the fit
-    assert lrs[114] == pytest.approx(1e-3)  # stays at the floor past max_steps
-    assert all(a > b for a, b in zip(lrs[9:109], lrs[10:110], strict=True))
-
-
-@pytest.mark.parametrize("max_steps", [-1, None])
-def test_cosine_schedule_needs_max_steps(make_module, max_steps):
-    module = make_module(lr_schedule="cosine", warmup_steps=10)
-    module._trainer = SimpleNamespace(max_steps=max_steps)
-    with pytest.raises(InputError, match="model.lr_schedule=cosine needs trainer.max_steps"):
-        module.configure_optimizers()
-
-
-def test_cosine_schedule_shorter_than_the_warmup_is_the_warmup(make_module):
-    module = make_module(lr=1e-2, lr_schedule="cosine", warmup_steps=10)
-    module._trainer = SimpleNamespace(max_steps=2)
-    conf = module.configure_optimizers()
-    assert conf["optimizer"].param_groups[0]["lr"] == pytest.approx(1e-3)
-
-
-def test_a_cosine_fit_resumes_only_to_its_own_max_steps(tmp_path, tiny_data_dir, make_module, module_data):
-    def fit(max_steps, ckpt_path=None):
-        module = make_module(lr_schedule="cosine")
-        trainer = _trainer(tmp_path, max_steps=max_steps)
-        trainer.fit(module, datamodule=module_data(module, tiny_data_dir), ckpt_path=ckpt_path)
-        return trainer
-
-    first = fit(2)
-    path = tmp_path / "two.ckpt"
-    first.save_checkpoint(path)
-    assert torch.load(path, weights_only=True)[SCHEDULE_END_KEY] == 2
-    with pytest.raises(InputError, match="decay ends at step 2.*trainer.max_steps=4"):
-        fit(4, ckpt_path=path)
-    assert fit(2, ckpt_path=path).global_step == 2  # the same end: resumes (already finished)
-
-
-@pytest.mark.parametrize(("kwargs", "key"), [({"lr_schedule": "linear"}, "model.lr_schedule"),
-                                             ({"lr_min_ratio": 1.5}, "model.lr_min_ratio")])
-def test_bad_schedule_values_name_the_key(make_module, kwargs, key):
-    with pytest.raises(InputError, match=key):
-        make_module(**kwargs)
 
 
 def test_too_small_evaluation_window_fails_before_training(tmp_path, tiny_data_dir, make_module, module_data):
