@@ -355,7 +355,8 @@ def test_ragged_cache_writes_each_rows_new_columns_at_its_own_length(dtype):
     k, v = cache.update(keys, -keys, layer_idx=0)
     assert k.dtype == dtype and k.shape == (3, 2, 7, 4)  # the widest row's length plus the new columns
     for row, start in enumerate([0, 2, 5]):
-        assert torch.equal(k[row, :, start:start + 2], keys[row]) and torch.equal(v[row, :, start:start + 2], -keys[row])
+        assert torch.equal(k[row, :, start:start + 2], keys[row])
+        assert torch.equal(v[row, :, start:start + 2], -keys[row])
         rest = torch.ones(7, dtype=torch.bool)
         rest[start:start + 2] = False
         assert not k[row, :, rest].any()  # nothing else written
