@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from icrl_lightning.agent import InContextAgent, TrialResult, draw_action
+from icrl_lightning.agent import InContextAgent, TrialResult, _RaggedCache, draw_action
 from icrl_lightning.checks import InputError
 from icrl_lightning.envs import make_env, make_splits
 from icrl_lightning.episodes import Episode
@@ -345,8 +345,6 @@ def test_non_stationary_episodes_name_the_map_they_were_played_on(tiny_model):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ragged_cache_writes_each_rows_new_columns_at_its_own_length(dtype):
-    from icrl_lightning.agent import _RaggedCache
-
     cache = _RaggedCache(rows=3, capacity=8)
     cache.commit(torch.tensor([0, 2, 5]))
     positions = cache.prepare(2)
