@@ -13,6 +13,17 @@ are dropped from the batch, so late calls cost only the maps still playing, and 
 most one ordinary step's tokens per map (a map that also closes an episode and opens the next
 finishes writing in the next call), so no call is widened by the few maps at an episode boundary.
 
+Drafted steps (speculative decoding, exact): after a map acts, the agent drafts its next moves
+without the model, on a copy of its environment and random generator: a random move where the
+exploration rule will draw one, and where it will act greedily, the action the map last took from
+that observation (a loop or the previous episode replayed). The next call appends the drafts' tokens
+behind the step's and reads the Q-values after each; a draft is kept while the model's greedy
+action equals it, and at the first that differs the row's cache is cut back and play goes on from
+there, so the actions are those of playing one step per call. A looping greedy episode then costs a
+few calls instead of one per step. Drafts stop before an episode's last step and never overrun the
+window, and a call's rows x width stays within ``draft_budget`` tokens, so the many-row calls
+early in a trial stay one step wide.
+
 Context window policy: before a map's new tokens are appended, if its context would exceed
 ``max_context`` tokens, its oldest *whole* episodes are dropped until it fits and only that map
 is re-encoded (positions restart at 0). The episode being played is never cut; a window too small
@@ -30,7 +41,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from icrl_lightning.checks import InputError
-from icrl_lightning.envs.family import ProblemFamily, Task
+from icrl_lightning.envs.family import ProblemFamily, Task, copy_generator
 from icrl_lightning.envs.frozen_lake import FrozenLake
 from icrl_lightning.episodes import Episode
 from icrl_lightning.qlearning import action_q_values
@@ -43,7 +54,8 @@ class TrialResult:
     map's key, ``map_rows`` = the map it was played on), ``returns[map, episode]``,
     ``reencodes`` (whole contexts encoded afresh: the context window), ``retags`` (failed episodes
     re-appended with outcome tags), ``longest_context`` (the most tokens any map had in its context
-    when it acted) and
+    when it acted), ``drafted`` / ``drafts_kept`` (drafted steps sent to the model / kept because
+    the model chose them: the module docstring) and
     ``q_values`` (per map, the Q row of every decision; only with ``play(..., record_q=True)``)."""
 
     returns: np.ndarray
@@ -52,6 +64,8 @@ class TrialResult:
     reencodes: int = 0
     retags: int = 0
     longest_context: int = 0
+    drafted: int = 0
+    drafts_kept: int = 0
     q_values: list[list[np.ndarray]] | None = None
 
     @property
@@ -144,11 +158,52 @@ class _RaggedCache(Cache):
         return DynamicCache(ddp_cache_data=[(k[row:row + 1, :, :length], v[row:row + 1, :, :length])
                                             for k, v in zip(self.k, self.v, strict=True)])
 
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Keep only ``rows`` of the batch (in that order)."""
-        self.k = [t[rows.to(t.device)] for t in self.k]
-        self.v = [t[rows.to(t.device)] for t in self.v]
-        self.lengths = self.lengths[rows]
+    def gather(self, rows: list[int], lengths: list[int], width: int) -> _RaggedCache:
+        """A cache of ``rows`` (copies of their first ``lengths[j]`` columns, room for ``width``)."""
+        sub = _RaggedCache(len(rows), width)
+        index = torch.as_tensor(rows)
+        sub.k = [t[index.to(t.device), :, :width] for t in self.k]
+        sub.v = [t[index.to(t.device), :, :width] for t in self.v]
+        sub.lengths = torch.as_tensor(lengths, dtype=torch.long)
+        return sub
+
+    def scatter(self, sub: _RaggedCache, rows: list[int], starts: list[int]) -> None:
+        """Write back what calls on ``sub`` (from ``gather(rows, starts, ...)``) appended to each row."""
+        for j, (row, start) in enumerate(zip(rows, starts, strict=True)):
+            end = int(sub.lengths[j])
+            for t, u in zip(self.k + self.v, sub.k + sub.v, strict=True):
+                t[row, :, start:end] = u[j, :, start:end]
+            self.lengths[row] = end
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keep only ``rows`` of the batch (in that order). Where every row that moves comes from past
+        the new batch's end (``fill_order``), it is copied into its place and the batch is a view of
+        its first rows: the cost is the rows moved, not the whole cache."""
+        n = len(rows)
+        if all(src == dst or src >= n for dst, src in enumerate(rows)):
+            for t in self.k + self.v:
+                for dst, src in enumerate(rows):
+                    if src != dst:
+                        t[dst] = t[src]
+            self.k = [t[:n] for t in self.k]
+            self.v = [t[:n] for t in self.v]
+        else:
+            index = torch.as_tensor(rows)
+            self.k = [t[index.to(t.device)] for t in self.k]
+            self.v = [t[index.to(t.device)] for t in self.v]
+        self.lengths = self.lengths[torch.as_tensor(rows, dtype=torch.long)]
+
+    @staticmethod
+    def fill_order(keep: list[bool]) -> list[int]:
+        """The rows to keep (``keep[r]``), each dropped row's place taken by a kept row from the end, so
+        that ``keep_rows`` moves as few rows as there are places to fill."""
+        n = sum(keep)
+        order = list(range(n))
+        holes = [r for r in range(n) if not keep[r]]
+        movers = [r for r in range(n, len(keep)) if keep[r]]
+        for hole, mover in zip(holes, movers, strict=True):
+            order[hole] = mover
+        return order
 
     def write_row(self, row: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Replace ``row`` by one sequence's keys and values (``[1, kv_heads, length, head_dim]`` per
@@ -208,6 +263,11 @@ class _Context:
         self.pending += ids
         self.length += len(ids)
 
+    def add_cached(self, ids) -> None:
+        """Tokens already in the KV cache (a checked draft)."""
+        self.episodes[-1] += ids
+        self.length += len(ids)
+
     def close_episode(self) -> None:
         self.episodes.append([])
 
@@ -235,11 +295,14 @@ class InContextAgent:
         max_episode_steps: episode time limit (to refuse a window smaller than two episodes).
         env: the problem family whose tasks are played (default Frozen Lake); its actions are the
             serializer's.
+        draft_budget: most tokens (rows x width) of a call with drafted steps (module docstring);
+            0 plays one step per call. The actions are the same either way.
     """
 
     def __init__(self, model, serializer: Serializer, max_context: int, max_episode_steps: int = 100,
-                 env: ProblemFamily | None = None):
+                 env: ProblemFamily | None = None, draft_budget: int = 256):
         self.model, self.s = model, serializer
+        self.draft_budget = draft_budget
         self.env = env or FrozenLake()
         self.n_actions = len(serializer.actions)
         if self.n_actions != self.env.n_actions:
@@ -271,8 +334,8 @@ class InContextAgent:
         return torch.zeros(hidden.shape, dtype=dtype).masked_fill_(hidden, torch.finfo(dtype).min)
 
     def _decode(self, chunks: list[list[int]], cache: _RaggedCache, head: torch.Tensor) -> torch.Tensor:
-        """Append ``chunks[i]`` to row ``i`` of ``cache``; Q-values ``[rows, actions]`` at each row's last new
-        token (rows with an empty chunk get meaningless values)."""
+        """Append ``chunks[i]`` to row ``i`` of ``cache``; Q-values ``[rows, width, actions]`` at every new
+        token (padding and rows with an empty chunk get meaningless values)."""
         dev = head.device
         counts = torch.as_tensor([len(c) for c in chunks])
         width = max(1, int(counts.max()))
@@ -284,20 +347,29 @@ class InContextAgent:
         out = decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
                       use_cache=True, **{_cache_keyword(decoder): cache})
         cache.commit(counts)
-        last = (counts - 1).clamp(min=0).to(dev)
-        hidden = out.last_hidden_state[torch.arange(len(chunks), device=dev), last]
-        return action_q_values(hidden, head).cpu()
+        return action_q_values(out.last_hidden_state, head).cpu()
 
     def _reencode(self, tails: list[list[int]], head: torch.Tensor, cache: _RaggedCache, rows: list[int],
                   starts: list[int]) -> torch.Tensor:
         """Encode ``tails[j]`` into row ``rows[j]`` of ``cache`` from column ``starts[j]`` on, reading
         the row's first ``starts[j]`` columns as they are (0: the whole context afresh, positions from
-        0); their Q-values at each tail's last token. One map at a time: no padding, and the model's
-        own causal attention."""
+        0); their Q-values at each tail's last token. Whole contexts one map at a time with the
+        model's own causal attention (no padding); tails (retagged episodes) all in one call on a
+        copy of their rows, whose new columns are then written back."""
         q = torch.empty((len(rows), self.n_actions))
         decoder, dev = self.model.get_decoder(), head.device
+        part = [j for j, start in enumerate(starts) if start and cache.k]
+        whole = [j for j in range(len(rows)) if j not in part]
+        if part:
+            width = max(starts[j] + len(tails[j]) for j in part)
+            sub = cache.gather([rows[j] for j in part], [starts[j] for j in part], width)
+            q_all = self._decode([tails[j] for j in part], sub, head)
+            for n, j in enumerate(part):
+                q[j] = q_all[n, len(tails[j]) - 1]
+            cache.scatter(sub, [rows[j] for j in part], [starts[j] for j in part])
         with _last_position_only(decoder):
-            for j, (row, ids, start) in enumerate(zip(rows, tails, starts, strict=True)):
+            for j in whole:
+                row, ids, start = rows[j], tails[j], starts[j]
                 extra = {}
                 if start:
                     extra = {"position_ids": torch.arange(start, start + len(ids), device=dev)[None],
@@ -385,12 +457,77 @@ class InContextAgent:
                 cache.lengths[row] = 0
             ctx[i].add(self.s.begin(int(o)))
 
+        # Drafted steps (module docstring): per map, (action, tokens) of the moves drafted behind its
+        # pending tokens, and per map the action it last took from each observation.
+        drafts: dict[int, list[tuple[int, list[int]]]] = {}
+        last_action: list[dict[int, int]] = [{} for _ in range(n_maps)]
+
+        def take(i: int, row: int, a: int, drafted: list[int] | None = None) -> None:
+            """Map ``i`` (batch row ``row``) plays ``a``; its tokens are new, or already in the cache
+            (``drafted``: a checked draft's tokens, which they must equal)."""
+            o2, rew, term, trunc, _ = envs[i].step(a)
+            last_action[i][tiles[i][-1]] = a
+            done = term or trunc
+            ep_return[i] += rew
+            tiles[i].append(int(o2))
+            moves[i].append(a)
+            gains[i].append(float(rew))
+            ids = self.s.after_action(a, int(o2), float(rew), done, bool(trunc and not term))
+            if drafted is not None:
+                if done or ids != drafted:
+                    raise RuntimeError(f"{type(self.env).__name__}.fork_env: a drafted step on a copy of the "
+                                       "environment differs from the same step on the environment itself")
+                ctx[i].add_cached(ids)
+                return
+            ctx[i].add(ids)
+            if done:
+                k = episode[i]
+                returns[i, k] = ep_return[i]
+                result.episodes[i].append(Episode(
+                    tiles[i], moves[i], gains[i], bool(term), bool(trunc and not term), map_id=keys[i],
+                    map_rows=tuple(played_on[i]), learner_episode=int(k)))
+                if ep_return[i] <= 0 and keep_context and self.s.outcome_tags:
+                    self.s.mark_failed(ctx[i].episodes[-1])
+                    retag_from[i] = sum(len(e) for e in ctx[i].episodes[:-1])
+                ctx[i].close_episode()
+                episode[i] += 1
+                if episode[i] == total:
+                    active[i] = False
+                else:
+                    start_episode(i, row)
+
+        def draft(i: int) -> None:
+            """Draft map ``i``'s next moves behind its pending tokens, on copies of its environment and
+            generator, within its share of the call's budget and the window; none before a retag."""
+            room = min(self.draft_budget // len(slots) - len(ctx[i].pending), self.max_context - len(ctx[i]))
+            if room < step or retag_from[i] >= 0:
+                return
+            rng, env, memory = copy_generator(rngs[i]), None, dict(last_action[i])
+            p, o, steps = schedule[episode[i] % n_eps], tiles[i][-1], []
+            while room >= step:
+                if rng.random() < p:  # draw_action's order: greedy, or a uniform action
+                    a = memory.get(o)
+                    if a is None:
+                        break
+                else:
+                    a = int(rng.integers(self.n_actions))
+                env = env or self.env.fork_env(envs[i])
+                o2, rew, term, trunc, _ = env.step(a)
+                ids = self.s.after_action(a, int(o2), float(rew), False, False)
+                if term or trunc or len(ids) > room:
+                    break
+                steps.append((a, ids))
+                room -= len(ids)
+                memory[o], o = a, int(o2)
+            if steps:
+                drafts[i] = steps
+
         for i in range(n_maps):
             start_episode(i, i)
         while active.any():
-            live = [r for r, i in enumerate(slots) if active[i]]
-            if len(live) < len(slots):  # drop finished maps' rows from the batch (a copy of the live rows)
-                cache.keep_rows(torch.as_tensor(live))
+            if not all(active[i] for i in slots):  # drop finished maps' rows from the batch
+                live = cache.fill_order([bool(active[i]) for i in slots])
+                cache.keep_rows(live)
                 slots = [slots[r] for r in live]
             # Re-encoded rows: a context over the window (its oldest episodes dropped, all of it encoded
             # afresh), or one whose last episode was just retagged as failed (outcome-tagged formats:
@@ -402,10 +539,11 @@ class InContextAgent:
             starts = {r: (0 if r in over else int(retag_from[slots[r]])) for r in over + tails}
             for r in starts:
                 retag_from[slots[r]] = -1
-            # A call appends at most one step's worth of tokens per row: the few rows that also close
-            # an episode and open the next finish writing in the next call(s) instead of widening
-            # every row's call with padding. A row acts once all its tokens are in.
+            # A call appends at most one step's worth of tokens per row (plus its drafts): the few rows
+            # that also close an episode and open the next finish writing in the next call(s) instead of
+            # widening every row's call with padding. A row acts once all its tokens are in.
             chunks: list[list[int]] = []
+            read_at: dict[int, int] = {}  # drafted row -> column of the chunk whose Q-values decide next
             for r, i in enumerate(slots):
                 c = ctx[i]
                 if not active[i] or r in starts:
@@ -413,9 +551,21 @@ class InContextAgent:
                     if active[i]:
                         c.pending = []  # written by the re-encoding
                     continue
+                if i in drafts:
+                    result.drafted += len(drafts[i])
+                    read_at[r] = len(c.pending) - 1
+                    chunks.append(c.pending + [t for _, ids in drafts[i] for t in ids])
+                    c.pending = []
+                    continue
                 chunks.append(c.pending[:step])
                 c.pending = c.pending[step:]
-            q = self._decode(chunks, cache, head) if any(chunks) else torch.zeros((len(slots), self.n_actions))
+            base = cache.lengths.clone()
+            if any(chunks):
+                q_all = self._decode(chunks, cache, head)
+                last = torch.as_tensor([max(len(c) - 1, 0) for c in chunks])
+                q = q_all[torch.arange(len(chunks)), last]
+            else:
+                q = torch.zeros((len(slots), self.n_actions))
             if starts:
                 rows = list(starts)
                 q[rows] = self._reencode([ctx[slots[r]].tokens()[starts[r]:] for r in rows], head, cache, rows,
@@ -427,31 +577,25 @@ class InContextAgent:
             for r, i in enumerate(slots):
                 if not active[i] or ctx[i].pending:
                     continue
-                k = episode[i]
-                if record_q:
-                    result.q_values[i].append(q[r].numpy().copy())
-                a = draw_action(rngs[i], schedule[k % n_eps], lambda: q[r].argmax(), self.n_actions)
-                o2, rew, term, trunc, _ = envs[i].step(a)
-                done = term or trunc
-                ep_return[i] += rew
-                tiles[i].append(int(o2))
-                moves[i].append(a)
-                gains[i].append(float(rew))
-                ctx[i].add(self.s.after_action(a, int(o2), float(rew), done, bool(trunc and not term)))
-                if done:
-                    returns[i, k] = ep_return[i]
-                    result.episodes[i].append(Episode(
-                        tiles[i], moves[i], gains[i], bool(term), bool(trunc and not term), map_id=keys[i],
-                        map_rows=tuple(played_on[i]), learner_episode=int(k)))
-                    if ep_return[i] <= 0 and keep_context and self.s.outcome_tags:
-                        self.s.mark_failed(ctx[i].episodes[-1])
-                        retag_from[i] = sum(len(e) for e in ctx[i].episodes[:-1])
-                    ctx[i].close_episode()
-                    episode[i] += 1
-                    if episode[i] == total:
-                        active[i] = False
-                    else:
-                        start_episode(i, r)
+                steps, at = drafts.pop(i, []), read_at.get(r)
+                q_row = q[r] if at is None else q_all[r, at]
+                while True:
+                    if record_q:
+                        result.q_values[i].append(q_row.numpy().copy())
+                    a = draw_action(rngs[i], schedule[episode[i] % n_eps], lambda: q_row.argmax(), self.n_actions)
+                    if steps and a == steps[0][0]:  # the draft holds: its tokens are in the cache
+                        drafted = steps.pop(0)[1]
+                        take(i, r, a, drafted)
+                        result.drafts_kept += 1
+                        at += len(drafted)
+                        q_row = q_all[r, at]
+                        continue
+                    if at is not None:  # cut the row back behind the last token read
+                        cache.lengths[r] = base[r] + at + 1
+                    take(i, r, a)
+                    if active[i] and self.draft_budget and self.max_episode_steps > 1:  # (bandits: one pull)
+                        draft(i)
+                    break
         for e in envs:
             e.close()
         return result

@@ -174,7 +174,8 @@ class ICRLModule(L.LightningModule):
         if limit and window > limit:
             raise InputError(f"evaluation max_context={window} tokens (0 = data.seq_len) exceeds the model's "
                              f"max_position_embeddings={limit}")
-        return InContextAgent(self.acting_network(), self.serializer, window, p.max_episode_steps, self.env)
+        return InContextAgent(self.acting_network(), self.serializer, window, p.max_episode_steps, self.env,
+                              draft_budget=p.draft_budget)
 
     def acting_network(self):
         """What the in-context agent plays with: ``get_decoder()`` is the online network and

@@ -8,8 +8,9 @@ import torch
 
 from icrl_lightning.agent import InContextAgent, TrialResult, _RaggedCache, draw_action
 from icrl_lightning.checks import InputError
-from icrl_lightning.envs import make_env, make_splits
+from icrl_lightning.envs import DarkKeyToDoor, DarkRoom, make_env, make_splits
 from icrl_lightning.episodes import Episode
+from icrl_lightning.serialize import Serializer
 
 MAPS = [
     ("SFFF", "FHFH", "FFFH", "HFFG"),  # 4x4
@@ -114,16 +115,23 @@ def _replay(episode: Episode, max_steps: int) -> float:
 
 
 @pytest.mark.parametrize(("fmt", "attn"), [("compact", "sdpa"), ("llama3", "sdpa"), ("compact", "eager")])
-def test_kv_cache_equals_full_recompute(tiny_model, fmt, attn):
+@pytest.mark.parametrize("draft_budget", [0, 256])
+def test_kv_cache_equals_full_recompute(tiny_model, fmt, attn, draft_budget):
     model, _, s = tiny_model(fmt, seed=1, attn_implementation=attn, max_position_embeddings=4096)
-    agent = InContextAgent(model, s, max_context=4096, max_episode_steps=MAX_STEPS)
+    agent = InContextAgent(model, s, max_context=4096, max_episode_steps=MAX_STEPS, draft_budget=draft_budget)
     result = agent.play(MAPS, SCHEDULE, seed=7, record_q=True)
     assert result.returns.shape == (len(MAPS), len(SCHEDULE))
     assert result.reencodes == 0
-    # Lock-step: one forward call per decision of the longest-playing map, plus at most two per
-    # episode boundary (a call appends at most one step's tokens per map).
     decisions = max(len(r) for r in result.q_values)
-    assert decisions <= result.forward_calls <= decisions + 2 * len(SCHEDULE)
+    if draft_budget:
+        # Drafted steps: random moves and repeated greedy ones are checked several to a call; some
+        # greedy drafts were wrong, so the cut-back path ran too.
+        assert result.forward_calls < decisions / 2
+        assert 0 < result.drafts_kept < result.drafted
+    else:
+        # Lock-step: one forward call per decision of the longest-playing map, plus at most two per
+        # episode boundary (a call appends at most one step's tokens per map).
+        assert decisions <= result.forward_calls <= decisions + 2 * len(SCHEDULE)
     ref = reference_play(model, s, MAPS, SCHEDULE, seed=7, max_steps=MAX_STEPS)
     _assert_same_play(result, ref)
     # Greedy decisions happened (the comparison exercised the Q-values, not just the rng).
@@ -358,3 +366,48 @@ def test_ragged_cache_writes_each_rows_new_columns_at_its_own_length(dtype):
         rest = torch.ones(7, dtype=torch.bool)
         rest[start:start + 2] = False
         assert not k[row, :, rest].any()  # nothing else written
+
+
+def test_ragged_cache_keeps_rows_by_moving_the_fewest():
+    cache = _RaggedCache(rows=5, capacity=4)
+    cache.commit(torch.tensor([1, 2, 3, 4, 0]))
+    cache.prepare(1)
+    keys = torch.arange(5.0)[:, None, None, None].expand(5, 1, 1, 2).clone()  # row r holds r
+    cache.update(keys, keys, layer_idx=0)
+    order = cache.fill_order([True, False, True, False, True])
+    assert order == [0, 4, 2]  # row 1's place taken by the last row; rows 0 and 2 stay
+    cache.keep_rows(order)
+    assert cache.k[0].shape[0] == 3 and cache.lengths.tolist() == [1, 0, 3]
+    assert cache.k[0][:, 0, :, 0].amax(1).tolist() == [0.0, 4.0, 2.0]
+    cache.keep_rows([2, 0])  # any other order: a gathered copy
+    assert cache.lengths.tolist() == [3, 1] and cache.v[0][:, 0, :, 0].amax(1).tolist() == [2.0, 0.0]
+
+
+@pytest.mark.parametrize("family", ["key_to_door", "dark_room"])
+def test_drafted_steps_play_as_one_step_per_call_in_other_families(tiny_backbone, family):
+    """Dark Key-to-Door pays inside an episode (reward tokens in a drafted step) and, like Dark Room,
+    copies its environments with the default ``fork_env``: drafted play takes the same actions,
+    returns and Q-values as one step per call, in fewer calls."""
+    fam = DarkKeyToDoor(size=5, horizon=20) if family == "key_to_door" else DarkRoom(size=5, train_goals=20, horizon=20)
+    tasks = fam.splits(seed=0, n_train=4).heldout[:3]
+    torch.manual_seed(2)
+    spec = tiny_backbone("compact_outcome", max_tiles=fam.largest_observations("heldout"),
+                         max_position_embeddings=2048)
+    model, tok = spec.build(fam.actions, fam.reward_values)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.2)
+    model.eval()
+    s = Serializer(tok, "compact_outcome", spec.max_tiles, fam.actions, fam.reward_values)
+    schedule = [0.0, 0.5, 1.0, 1.0, 1.0]
+    plays = [InContextAgent(model, s, max_context=1024, max_episode_steps=20, env=fam, draft_budget=budget)
+             .play(tasks, schedule, seed=3, record_q=True) for budget in (0, 256)]
+    one, drafted = plays
+    assert np.array_equal(one.returns, drafted.returns) and one.actions == drafted.actions
+    assert one.episodes == drafted.episodes
+    for a, b in zip(one.q_values, drafted.q_values, strict=True):
+        torch.testing.assert_close(torch.as_tensor(np.stack(b)), torch.as_tensor(np.stack(a)), rtol=0, atol=1e-4)
+    assert drafted.forward_calls < one.forward_calls / 2 and drafted.drafts_kept > 0
+    if family == "key_to_door":
+        assert (one.returns > 0).any()  # some drafted or played step paid inside an episode

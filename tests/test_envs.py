@@ -589,3 +589,27 @@ def test_load_stitching_file_file_errors(tmp_path, content, match):
     with pytest.raises(InputError, match=match) as err:
         load_stitching_file(path)
     _one_line_error(err, "model.evaluation.stitching_file", path)
+
+
+@pytest.mark.parametrize("family", ["frozen_lake", "slippery", "dark_room", "key_to_door", "bandit"])
+def test_fork_env_steps_independently_and_alike(family):
+    """``ProblemFamily.fork_env``: the copy plays on from the same state and draws (a slippery lake and
+    a bandit draw from the environment's generator), and stepping it leaves the original alone."""
+    from icrl_lightning.envs import BernoulliBandit, DarkKeyToDoor, DarkRoom, FrozenLake
+
+    fam = {"frozen_lake": FrozenLake(), "slippery": FrozenLake(), "dark_room": DarkRoom(size=5, train_goals=20),
+           "key_to_door": DarkKeyToDoor(size=5), "bandit": BernoulliBandit()}[family]
+    task = fam.splits(seed=0, n_train=4).heldout[0]
+    env = fam.make_env(task)
+    if family == "slippery":
+        env = gym.make("FrozenLake-v1", desc=list(task), is_slippery=True, max_episode_steps=100,
+                       disable_env_checker=True)
+    env.reset(seed=3)
+    rng = np.random.default_rng(0)
+    moves = [int(rng.integers(fam.n_actions)) for _ in range(12)]
+    env.step(moves[0])
+    twin = fam.fork_env(env)
+    ahead = [twin.step(a)[:4] for a in moves[1:]]
+    fresh = fam.fork_env(env)  # the original has not moved since the first fork
+    assert [fresh.step(a)[:4] for a in moves[1:]] == ahead
+    assert [env.step(a)[:4] for a in moves[1:]] == ahead

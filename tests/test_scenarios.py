@@ -46,6 +46,9 @@ def test_protocol_rejects_unknown_scenario(stitching_file):
         EvalProtocol(scenario="sideways").check()
     with pytest.raises(InputError, match="model.evaluation.stitching_trials"):
         _stitching(stitching_file, stitching_trials=0).check()
+    with pytest.raises(InputError, match=r"model.evaluation.draft_budget=-1 is out of range"):
+        EvalProtocol(draft_budget=-1).check()
+    EvalProtocol(draft_budget=0).check()
     _stitching(stitching_file).check()
     EvalProtocol(scenario="nonstationary").check()
     assert _stitching(stitching_file).greedy_probs() == [1.0]

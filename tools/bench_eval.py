@@ -4,7 +4,8 @@ Plays the paper protocol (50 held-out maps x 30 episodes, the paper's schedule, 
 limit, the trained ``seq_len`` as context window) on a checkpoint twice:
 
 * **fast**: ``InContextAgent``, all maps in lock-step, KV cache, re-encoding a map only when its
-  context must drop its oldest episodes;
+  context must drop its oldest episodes, drafted steps checked several to a call
+  (``--draft-budget``; 0: one step per call);
 * **reference** (written here, independent of the agent): one map at a time, and before every
   action the whole context is encoded from scratch with a plain forward pass (no cache, no
   padding). It applies the same context-window policy: while the context is longer than the
@@ -126,6 +127,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--max-steps", type=int, default=100)
     ap.add_argument("--max-context", type=int, default=0, help="context window; 0 = the trained seq_len")
+    ap.add_argument("--draft-budget", type=int, default=None,
+                    help="the agent's draft_budget: most tokens (rows x width) of a call with drafted steps; "
+                         "0 = one step per call (default: the agent's)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS or torch's)")
     ap.add_argument("--min-speedup", type=float, default=20.0, help="fail below this speed-up")
     ap.add_argument("--out", default=None, help="write the result as JSON here")
@@ -141,7 +145,8 @@ def main() -> int:
         network, serializer = module.acting_network(), module.serializer
         window = args.max_context or module.hparams.seq_len
         schedule = paper_schedule()
-        agent = InContextAgent(network, serializer, window, args.max_steps)
+        drafts = {} if args.draft_budget is None else {"draft_budget": args.draft_budget}
+        agent = InContextAgent(network, serializer, window, args.max_steps, **drafts)
     except InputError as err:  # a missing or unreadable checkpoint, a too-small window: one line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -152,7 +157,8 @@ def main() -> int:
     fast_wall, fast_cpu = time.perf_counter() - wall, time.process_time() - cpu
     decisions = [sum(len(e.actions) for e in m) for m in fast.episodes]
     print(f"fast: {fast_wall:.1f} s wall, {fast_cpu:.1f} s CPU, {sum(decisions)} decisions, "
-          f"{fast.forward_calls} calls, {fast.reencodes} re-encodings")
+          f"{fast.forward_calls} calls, {fast.reencodes} re-encodings, {fast.drafts_kept} of {fast.drafted} "
+          f"drafted steps kept")
 
     n_ref = min(args.ref_maps or len(maps), len(maps))
     wall, cpu = time.perf_counter(), time.process_time()
@@ -173,7 +179,9 @@ def main() -> int:
         "seed": args.seed, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(), "torch": torch.__version__,
         "fast": {"wall_s": fast_wall, "cpu_s": fast_cpu, "decisions": sum(decisions), "calls": fast.forward_calls,
-                 "reencodes": fast.reencodes, "mean_return": float(fast.returns.mean()),
+                 "reencodes": fast.reencodes, "retags": fast.retags,
+                 "draft_budget": agent.draft_budget, "drafted": fast.drafted, "drafts_kept": fast.drafts_kept,
+                 "mean_return": float(fast.returns.mean()),
                  "last10": float(fast.returns[:, -10:].mean())},
         "reference": {"maps": n_ref, "wall_s": ref_wall, "cpu_s": ref_cpu, "decisions": ref_decisions,
                       "context_tokens": sum(tokens[:n_ref]), "mean_return": float(ref_returns.mean())},

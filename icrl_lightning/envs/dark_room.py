@@ -21,7 +21,7 @@ import numpy as np
 from gymnasium import spaces
 
 from icrl_lightning.checks import InputError, check_range
-from icrl_lightning.envs.family import ProblemFamily, Task, TaskSplits
+from icrl_lightning.envs.family import ProblemFamily, Task, TaskSplits, fork_rebinding_env
 
 ACTIONS = ("left", "down", "right", "up", "stay")
 _MOVES = ((0, -1), (1, 0), (0, 1), (-1, 0), (0, 0))
@@ -142,6 +142,10 @@ class DarkRoom(ProblemFamily):
 
     def make_env(self, task: Task, max_episode_steps: int | None = None) -> gym.Env:
         return gym.make(ENV_ID, task=tuple(task), max_episode_steps=max_episode_steps or self.max_episode_steps)
+
+    def fork_env(self, env: gym.Env) -> gym.Env:
+        """The environment's ``step`` rebinds ``pos`` only."""
+        return fork_rebinding_env(env)
 
     def n_observations(self, task: Task) -> int:
         return len(task) * len(task)

@@ -13,6 +13,7 @@ the serializer writes observation ``i`` as tile token ``i`` and action ``a`` as
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -21,6 +22,26 @@ import numpy as np
 from icrl_lightning.checks import InputError
 
 Task = tuple[str, ...]
+
+
+def copy_generator(rng: np.random.Generator) -> np.random.Generator:
+    """An independent generator in ``rng``'s state (a third of ``copy.deepcopy``'s cost)."""
+    twin = np.random.Generator(type(rng.bit_generator)())
+    twin.bit_generator.state = rng.bit_generator.state
+    return twin
+
+
+def fork_rebinding_env(env: gym.Env) -> gym.Env:
+    """``ProblemFamily.fork_env`` for an environment whose ``step`` rebinds its state attributes and
+    changes nothing in place (Frozen Lake's ``s``, Dark Room's ``pos``): shallow copies of each
+    wrapper and of the environment, with its own copy of the random generator. A fraction of a deep
+    copy's cost, which also copies constant tables (Frozen Lake's transitions)."""
+    twin = copy.copy(env)
+    if isinstance(env, gym.Wrapper):
+        twin.env = fork_rebinding_env(env.env)
+    elif env._np_random is not None:
+        twin._np_random = copy_generator(env._np_random)
+    return twin
 
 
 def paper_schedule() -> list[float]:
@@ -98,6 +119,13 @@ class ProblemFamily:
         """Per observation, the oracle's action: the first optimal one (0 where none is)."""
         best = self.optimal_actions(task)
         return np.where(best.any(axis=1), best.argmax(axis=1), 0)
+
+    def fork_env(self, env: gym.Env) -> gym.Env:
+        """An independent copy of a running environment of this family (its state and random
+        generator): the in-context agent steps the copy to draft moves it then checks against the
+        model. Default ``copy.deepcopy``; a family whose environments hold large constant tables
+        may share them."""
+        return copy.deepcopy(env)
 
     def schedule(self) -> list[float]:
         """The evaluation's default greedy probability per episode of a trial (SPEC's protocol)."""

@@ -18,6 +18,7 @@ from icrl_lightning.envs.family import (
     ProblemFamily,
     Task,
     TaskSplits,
+    fork_rebinding_env,
     paper_schedule,  # noqa: F401 - imported from here before families
 )
 
@@ -263,6 +264,10 @@ class FrozenLake(ProblemFamily):
 
     def make_env(self, rows: Map, max_episode_steps: int | None = None) -> gym.Env:
         return make_env(rows, max_episode_steps or self.max_episode_steps)
+
+    def fork_env(self, env: gym.Env) -> gym.Env:
+        """gymnasium's ``FrozenLakeEnv.step`` rebinds ``s`` and ``lastaction`` and leaves its tables alone."""
+        return fork_rebinding_env(env)
 
     def n_observations(self, rows: Map) -> int:
         return len(rows) * len(rows[0])

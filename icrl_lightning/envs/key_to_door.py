@@ -25,7 +25,7 @@ from gymnasium import spaces
 
 from icrl_lightning.checks import InputError, check_range
 from icrl_lightning.envs.dark_room import ACTIONS, mark_toward, move
-from icrl_lightning.envs.family import ProblemFamily, Task, TaskSplits
+from icrl_lightning.envs.family import ProblemFamily, Task, TaskSplits, fork_rebinding_env
 
 ENV_ID = "icrl_lightning/DarkKeyToDoor-v0"
 RESERVED_OOD_TASKS = 200
@@ -142,6 +142,10 @@ class DarkKeyToDoor(ProblemFamily):
 
     def make_env(self, task: Task, max_episode_steps: int | None = None) -> gym.Env:
         return gym.make(ENV_ID, task=tuple(task), max_episode_steps=max_episode_steps or self.max_episode_steps)
+
+    def fork_env(self, env: gym.Env) -> gym.Env:
+        """The environment's ``step`` rebinds ``pos`` and ``has_key`` only."""
+        return fork_rebinding_env(env)
 
     def n_observations(self, task: Task) -> int:
         return 2 * len(task) * len(task)

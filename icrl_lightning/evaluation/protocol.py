@@ -53,6 +53,13 @@ class EvalProtocol:
             same way on held-out maps no run is scored on (``tools/make_stitching_layouts.py``).
         stitching_trials: trials of the ``stitching`` scenario on each layout (SPEC: 5 on its one
             layout; greedy from a single start, every trial of a layout plays alike).
+        draft_budget: speed only. After each action the agent drafts a map's next moves (its
+            random ones, and greedy ones that repeat what it did before from the same observation)
+            and checks them against the model in the next call, keeping those the model would have
+            chosen; this is the most tokens (maps x width) such a call may hold. 0 plays one step
+            per call. The actions are those of one step per call (in float32; under bf16 autocast a
+            near tie between two Q-values can round either way, as with any change of batch shape).
+            A GPU, where a wide call costs about what a narrow one does, may take more.
     """
 
     scenario: str = "standard"
@@ -65,12 +72,14 @@ class EvalProtocol:
     last_k: int = 10
     stitching_file: str | None = None
     stitching_trials: int = 5
+    draft_budget: int = 256
 
     def check(self) -> None:
         check_choice("model.evaluation.scenario", self.scenario, SCENARIOS)
         check_range("model.evaluation.stitching_trials", self.stitching_trials, 1, None)
         check_range("model.evaluation.last_k", self.last_k, 1, None)
         check_range("model.evaluation.max_context", self.max_context, 0, None)
+        check_range("model.evaluation.draft_budget", self.draft_budget, 0, None, why="0 = one step per call")
         check_range("model.evaluation.max_episode_steps", self.max_episode_steps, 0, None,
                     why="0 = the problem family's time limit")
         if self.scenario == "stitching":

@@ -46,7 +46,8 @@ class Evaluator:
         trial = agent.play(plan.maps, plan.schedule, p.seed, switch_to=plan.switch_to, prefill=prefill,
                            keys=plan.index)
         timings.update(icrl_s=time.perf_counter() - started, forward_calls=trial.forward_calls,
-                       reencodes=trial.reencodes, longest_context=trial.longest_context)
+                       reencodes=trial.reencodes, longest_context=trial.longest_context,
+                       drafted=trial.drafted, drafts_kept=trial.drafts_kept)
         out = {"index": plan.index, "maps": plan.maps, "switch_to": plan.switch_to, "icrl": trial.returns,
                "trajectories": trial.trajectories, "actions": trial.actions, "timings": timings}
         if p.no_context:
