@@ -547,6 +547,7 @@ class InContextAgent:
             for r, i in enumerate(slots):
                 c = ctx[i]
                 if not active[i] or r in starts:
+                    drafts.pop(i, None)  # none are made for these rows; never send stale ones
                     chunks.append([])
                     if active[i]:
                         c.pending = []  # written by the re-encoding
@@ -573,13 +574,13 @@ class InContextAgent:
                 result.reencodes += len(over)
                 result.retags += len(tails)
             result.forward_calls += 1
-            result.longest_context = max(result.longest_context, int(cache.lengths.max()))
             for r, i in enumerate(slots):
                 if not active[i] or ctx[i].pending:
                     continue
                 steps, at = drafts.pop(i, []), read_at.get(r)
                 q_row = q[r] if at is None else q_all[r, at]
                 while True:
+                    result.longest_context = max(result.longest_context, len(ctx[i]))
                     if record_q:
                         result.q_values[i].append(q_row.numpy().copy())
                     a = draw_action(rngs[i], schedule[episode[i] % n_eps], lambda: q_row.argmax(), self.n_actions)
