@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 
 from icrl_lightning.checks import InputError
 from icrl_lightning.envs.family import ProblemFamily, Task, copy_generator
@@ -152,11 +152,6 @@ class _RaggedCache(Cache):
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         return self.width
-
-    def prefix(self, row: int, length: int) -> DynamicCache:
-        """The first ``length`` columns of ``row`` as a one-row cache that a decoder call extends."""
-        return DynamicCache(ddp_cache_data=[(k[row:row + 1, :, :length], v[row:row + 1, :, :length])
-                                            for k, v in zip(self.k, self.v, strict=True)])
 
     def gather(self, rows: list[int], lengths: list[int], width: int) -> _RaggedCache:
         """A cache of ``rows`` (copies of their first ``lengths[j]`` columns, room for ``width``)."""
@@ -358,8 +353,8 @@ class InContextAgent:
         copy of their rows, whose new columns are then written back."""
         q = torch.empty((len(rows), self.n_actions))
         decoder, dev = self.model.get_decoder(), head.device
-        part = [j for j, start in enumerate(starts) if start and cache.k]
-        whole = [j for j in range(len(rows)) if j not in part]
+        part = [j for j, start in enumerate(starts) if start]  # a retag follows a call: the row has columns
+        whole = [j for j, start in enumerate(starts) if not start]
         if part:
             width = max(starts[j] + len(tails[j]) for j in part)
             sub = cache.gather([rows[j] for j in part], [starts[j] for j in part], width)
@@ -369,13 +364,8 @@ class InContextAgent:
             cache.scatter(sub, [rows[j] for j in part], [starts[j] for j in part])
         with _last_position_only(decoder):
             for j in whole:
-                row, ids, start = rows[j], tails[j], starts[j]
-                extra = {}
-                if start:
-                    extra = {"position_ids": torch.arange(start, start + len(ids), device=dev)[None],
-                             _cache_keyword(decoder): cache.prefix(row, start)}
-                out = decoder(input_ids=torch.as_tensor([ids], device=dev), use_cache=True, **extra)
-                cache.write_row(row, [(layer.keys, layer.values) for layer in _output_cache(out).layers])
+                out = decoder(input_ids=torch.as_tensor([tails[j]], device=dev), use_cache=True)
+                cache.write_row(rows[j], [(layer.keys, layer.values) for layer in _output_cache(out).layers])
                 q[j] = action_q_values(out.last_hidden_state[0, -1:], head)[0].cpu()
         return q
 
@@ -502,11 +492,11 @@ class InContextAgent:
             room = min(self.draft_budget // len(slots) - len(ctx[i].pending), self.max_context - len(ctx[i]))
             if room < step or retag_from[i] >= 0:
                 return
-            rng, env, memory = copy_generator(rngs[i]), None, dict(last_action[i])
+            rng, env, seen, memory = copy_generator(rngs[i]), None, last_action[i], {}
             p, o, steps = schedule[episode[i] % n_eps], tiles[i][-1], []
             while room >= step:
                 if rng.random() < p:  # draw_action's order: greedy, or a uniform action
-                    a = memory.get(o)
+                    a = memory.get(o, seen.get(o))
                     if a is None:
                         break
                 else:
