@@ -7,9 +7,12 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.utilities import rank_zero_info
 from torch.func import functional_call
 
 from icrl_lightning.agent import InContextAgent
@@ -75,6 +78,13 @@ class ICRLModule(L.LightningModule):
         evaluation: the in-context evaluation protocol run by ``validate`` and at the end of ``fit``.
         env: the problem family (linked from ``data.env``): its action words are the Q readout, its
             tasks are what the evaluation plays.
+        compile: run the training forward passes (online and target network) through
+            ``torch.compile``; the evaluation agent plays the eager model (its shapes change at
+            every call). ``auto``: compile where ``fit`` runs bf16 autocast on the CPU
+            (``trainer.precision: bf16-mixed``, as ``--cpu_bf16 auto`` chooses on a CPU with AMX),
+            where it was measured faster; eager elsewhere (on a CPU without AMX it was slower in
+            float32). The first step pays the compilation (about 40 s on 2 cores); the log says
+            which was chosen. Results and timings: docs/results.md, "Speed and memory".
     """
 
     def __init__(
@@ -92,6 +102,7 @@ class ICRLModule(L.LightningModule):
         seq_len: int = 1024,
         evaluation: EvalProtocol | None = None,
         env: ProblemFamily | None = None,
+        compile: bool | Literal["auto"] = False,
     ):
         super().__init__()
         self.env = FrozenLake() if env is None else config_object(env, ProblemFamily, "model.env")
@@ -101,6 +112,7 @@ class ICRLModule(L.LightningModule):
         check_range("model.seq_len", seq_len, 1, None)
         check_choice("model.q_head", q_head, Q_HEADS)
         check_choice("model.objective", objective, OBJECTIVES)
+        check_choice("model.compile", compile, (False, True, "auto"))
         self.td, self.target, self.cql = _group(td, TD), _group(target, Target), _group(cql, CQL, optional=True)
         for group in (self.td, self.target, self.cql):
             if group is not None:
@@ -149,6 +161,7 @@ class ICRLModule(L.LightningModule):
         self._frozen_keys = {k for k, v in self.state_dict(keep_vars=True).items()
                              if isinstance(v, torch.nn.Parameter) and not v.requires_grad and id(v) not in targets}
         self._step_clock: float | None = None
+        self._compiled: tuple | None = None  # (compiled decoder,) in a tuple: not a submodule, not saved
         self._eval_outputs: list[dict] = []
         self.evaluator = Evaluator(self.protocol, self.env)
         self.eval_report: dict | None = None
@@ -162,6 +175,21 @@ class ICRLModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.check_agent()
+        if stage == "fit" and self._compiled is None and self.resolve_compile():
+            self._compiled = (torch.compile(self.model.get_decoder()),)
+
+    def resolve_compile(self) -> bool:
+        """``compile`` resolved for this fit (``auto``: bf16 autocast on the CPU); logged."""
+        choice = self.hparams.get("compile", False)
+        if choice != "auto":
+            return bool(choice)
+        trainer = self._trainer
+        on_cpu = trainer is not None and isinstance(trainer.accelerator, CPUAccelerator)
+        precision = str(trainer.precision) if trainer is not None else ""
+        use = on_cpu and precision == "bf16-mixed"
+        rank_zero_info(f"model.compile auto: {'torch.compile' if use else 'eager'} training forward passes "
+                       f"({'CPU' if on_cpu else 'not a CPU run'}, precision {precision or 'unknown'})")
+        return use
 
     def check_agent(self) -> None:
         """Refuse a context window too small for the evaluation (``InputError``) before any work."""
@@ -201,16 +229,19 @@ class ICRLModule(L.LightningModule):
 
     def _hidden(self, input_ids: torch.Tensor, target: bool) -> torch.Tensor:
         decoder = self.model.get_decoder()
+        # In training, the compiled decoder where `compile` chose it; in eval mode the eager one.
+        run = self._compiled[0] if self._compiled is not None and self.training else decoder
         kwargs = {"input_ids": input_ids, "use_cache": False}
         if not target:
-            return decoder(**kwargs).last_hidden_state
+            return run(**kwargs).last_hidden_state
         with _eval_mode(self.model):  # the target is a fixed function: no (LoRA) dropout
             if self._peft:
                 with active_adapter(self.model, TARGET):
-                    return decoder(**kwargs).last_hidden_state
+                    return run(**kwargs).last_hidden_state
             swap = self._swap()
+            # The compiled wrapper resolves the decoder's own names (its attributes are the decoder's).
             params = {n: swap[id(p)] for n, p in decoder.named_parameters() if id(p) in swap}
-            return functional_call(decoder, params, (), kwargs, strict=False).last_hidden_state
+            return functional_call(run, params, (), kwargs, strict=False).last_hidden_state
 
     def _head_rows(self, target: bool) -> torch.Tensor:
         """``[actions, d]``: the rows whose products with a hidden state are Q(., action) (Frozen

@@ -503,3 +503,49 @@ def test_data_settings_drop_a_removed_data_option_when_it_was_off(tmp_path, make
             data_settings(tmp_path / "old.ckpt")
         return
     assert data_settings(tmp_path / "old.ckpt") == {"data_dir": "data", "num_train_maps": 4}
+
+
+def test_compiled_training_forward_matches_eager_and_reads_the_target(tiny_data_dir, make_module, make_batch):
+    torch._dynamo.reset()
+    module = make_module(compile=True)
+    module.setup("fit")
+    assert module._compiled is not None
+    assert not any("_orig_mod" in k or "_compiled" in k for k in module.state_dict())
+    batch = make_batch(module, tiny_data_dir)
+    ids, mask = batch["input_ids"], batch["q_mask"]
+    names = [n for n, _ in module._online]
+    layer_k = names.index("model.layers.0.self_attn.v_proj.weight")
+    with torch.no_grad():
+        module.target_params()[layer_k].mul_(3.0)  # the target now differs from the online network
+
+        def both():
+            module.eval()  # eager: the compiled decoder runs in training only
+            eager = module.q_values(ids, mask), module.q_values(ids, mask, target=True)
+            module.train()
+            return eager, (module.q_values(ids, mask), module.q_values(ids, mask, target=True))
+
+        (online, target), (c_online, c_target) = both()
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the compiled decoder ran
+        assert (target - online).abs().max() > 1e-3
+        torch.testing.assert_close(c_online, online, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(c_target, target, rtol=1e-4, atol=1e-4)
+        # A later change of the target's weights reaches the compiled target forward too.
+        module.target_params()[layer_k].mul_(-1.0)
+        (online2, target2), (c_online2, c_target2) = both()
+        assert (target2 - target).abs().max() > 1e-3
+        torch.testing.assert_close(c_target2, target2, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(c_online2, online, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("choice", "precision", "compiled"), [
+    ("auto", "bf16-mixed", True), ("auto", "32-true", False), (False, "bf16-mixed", False), (True, "32-true", True),
+])
+def test_compile_choice(tmp_path, make_module, choice, precision, compiled):
+    module = make_module(compile=choice)
+    module.trainer = _trainer(tmp_path, max_steps=1, precision=precision)
+    assert module.resolve_compile() is compiled
+
+
+def test_compile_value_checked(make_module):
+    with pytest.raises(InputError, match="model.compile"):
+        make_module(compile="yes")

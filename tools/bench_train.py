@@ -8,7 +8,9 @@ replay stream.
 * ``bare``: a plain PyTorch loop written here: the same model (built from the same config and
   seed), the same batches (the same replay stream, the same DataLoader), the same optimizer and
   schedule, the same online + target forward, the same objective (double-DQN loss with the
-  config's ``model.td`` settings, conflict weights and ``model.cql`` penalty) and Polyak update.
+  config's ``model.td`` settings, conflict weights and ``model.cql`` penalty) and Polyak update,
+  at the trainer's precision (bf16 autocast where it is ``bf16-mixed``) and with the decoder
+  compiled where the config's ``model.compile`` resolves to it, as ``fit`` does.
 
 Each measurement runs in its own process (peak memory is per process) and the two are interleaved
 (fit, bare, fit, bare, ...) with the same thread count, so that load from other work on the machine
@@ -20,6 +22,7 @@ step); the packing efficiency (non-pad share) converts them to episode tokens.
 
     python tools/bench_train.py                      # quickstart model, 3 x (fit, bare), 1 thread
     python tools/bench_train.py --steps 20 --repeats 5 --threads 2 --out bench_train.json
+    python tools/bench_train.py --fit-args="--model.compile false"   # the quickstart without compile
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -38,7 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _cli(config: str, tmp: str, data_dir: str, max_steps: int):
+def _cli(config: str, tmp: str, data_dir: str, max_steps: int, fit_args: str = ""):
     """Model, data module and trainer exactly as ``fit -c config`` builds them (not run)."""
     from icrl_lightning.cli import ICRLCLI
     from icrl_lightning.data import ReplayDataModule
@@ -52,6 +56,7 @@ def _cli(config: str, tmp: str, data_dir: str, max_steps: int):
         "--trainer.default_root_dir", tmp,
         "--trainer.logger.init_args.save_dir", tmp,
         "--data.data_dir", data_dir,
+        *shlex.split(fit_args),
     ])
 
 
@@ -63,7 +68,7 @@ def worker_fit(args) -> dict:
     import lightning as L
 
     with tempfile.TemporaryDirectory() as tmp:
-        cli = _cli(args.config, tmp, args.data_dir, args.warmup + args.steps)
+        cli = _cli(args.config, tmp, args.data_dir, args.warmup + args.steps, args.fit_args)
         marks: list[float] = []
 
         class Clock(L.Callback):
@@ -104,8 +109,9 @@ def worker_bare(args) -> dict:
     )
 
     with tempfile.TemporaryDirectory() as tmp:
-        cli = _cli(args.config, tmp, args.data_dir, args.warmup + args.steps)
+        cli = _cli(args.config, tmp, args.data_dir, args.warmup + args.steps, args.fit_args)
     module, dm, trainer = cli.model, cli.datamodule, cli.trainer  # the CLI handed the serializer over
+    module.trainer = trainer  # so that model.compile resolves as in fit
     h, hd = module.hparams, dm.hparams
     if h.q_head != "tokens":
         raise InputError(f"model.q_head={h.q_head!r}: the bare loop reads Q from the output embeddings "
@@ -118,6 +124,8 @@ def worker_bare(args) -> dict:
     model = module.model
     model.train()
     decoder, head = model.get_decoder(), model.get_output_embeddings().weight
+    # model.compile as fit resolves it: the same torch.compile of the decoder (online and target).
+    run = torch.compile(decoder) if module.resolve_compile() else decoder
     action_ids = torch.as_tensor(module.serializer.action_token_ids)
     online = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     target = [p.detach().clone() for _, p in online]
@@ -138,20 +146,24 @@ def worker_bare(args) -> dict:
         kwargs = {"input_ids": input_ids, "use_cache": False}
         if use_target:
             model.eval()
-            hidden = functional_call(decoder, target_decoder, (), kwargs, strict=False).last_hidden_state
+            hidden = functional_call(run, target_decoder, (), kwargs, strict=False).last_hidden_state
             model.train()
             rows = target_head[action_ids]
         else:
-            hidden = decoder(**kwargs).last_hidden_state
+            hidden = run(**kwargs).last_hidden_state
             rows = head[action_ids]
         return action_q_values(hidden[q_mask], rows)
+
+    # The trainer's precision, as fit runs it: bf16-mixed is bf16 autocast around the forward passes.
+    bf16 = str(trainer.precision) == "bf16-mixed"
 
     marks: list[float] = []
     for i, batch in enumerate(loader):
         q_mask = batch["q_mask"]
-        q = q_values(batch["input_ids"], q_mask, False)
-        with torch.no_grad():
-            q_target = q_values(batch["input_ids"], q_mask, True)
+        with torch.autocast(trainer.strategy.root_device.type, dtype=torch.bfloat16, enabled=bf16):
+            q = q_values(batch["input_ids"], q_mask, False)
+            with torch.no_grad():
+                q_target = q_values(batch["input_ids"], q_mask, True)
         action, reward, done = batch["action"][q_mask], batch["reward"][q_mask], batch["done"][q_mask]
         q_taken = q.gather(1, action[:, None]).squeeze(1)
         y = double_dqn_targets(reward, done, next_step(q.detach()), next_step(q_target), td.gamma, td.reward_scale)
@@ -201,6 +213,9 @@ def run() -> None:
     p.add_argument("--repeats", type=int, default=3, help="(fit, bare) pairs, interleaved")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each measurement process")
     p.add_argument("--packing-sequences", type=int, default=2400, help="sequences drawn for the packing measure")
+    p.add_argument("--fit-args", default="", help="extra fit options for both measurements, one string, "
+                   "e.g. --fit-args=\"--model.compile false\" (the bare loop compiles its decoder where the "
+                   "config's model.compile resolves to it, as fit does)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     p.add_argument("--worker", choices=["fit", "bare"], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -218,8 +233,10 @@ def run() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false"}
     base = [sys.executable, __file__, "--config", args.config, "--data-dir", args.data_dir, "--steps",
-            str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-    results: dict = {"config": args.config, "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
+            str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+            f"--fit-args={args.fit_args}"]
+    results: dict = {"config": args.config, "fit_args": args.fit_args, "steps": args.steps,
+                     "warmup": args.warmup, "threads": args.threads,
                      "load_before": _load(), "runs": []}
     print(results["load_before"], flush=True)
     results["packing"] = packing(args)
