@@ -161,7 +161,10 @@ class ICRLModule(L.LightningModule):
         self._frozen_keys = {k for k, v in self.state_dict(keep_vars=True).items()
                              if isinstance(v, torch.nn.Parameter) and not v.requires_grad and id(v) not in targets}
         self._step_clock: float | None = None
-        self._compiled: tuple | None = None  # (compiled decoder,) in a tuple: not a submodule, not saved
+        # fit's resolved `compile`, and the compiled decoder, made at the first training forward (after
+        # the strategy has wrapped the model); kept in a tuple: not a submodule, not saved.
+        self._compile = False
+        self._compiled: tuple | None = None
         self._eval_outputs: list[dict] = []
         self.evaluator = Evaluator(self.protocol, self.env)
         self.eval_report: dict | None = None
@@ -175,8 +178,8 @@ class ICRLModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.check_agent()
-        if stage == "fit" and self._compiled is None and self.resolve_compile():
-            self._compiled = (torch.compile(self.model.get_decoder()),)
+        if stage == "fit":
+            self._compile = self.resolve_compile()
 
     def resolve_compile(self) -> bool:
         """``compile`` resolved for this fit (``auto``: bf16 autocast on the CPU); logged."""
@@ -230,7 +233,11 @@ class ICRLModule(L.LightningModule):
     def _hidden(self, input_ids: torch.Tensor, target: bool) -> torch.Tensor:
         decoder = self.model.get_decoder()
         # In training, the compiled decoder where `compile` chose it; in eval mode the eager one.
-        run = self._compiled[0] if self._compiled is not None and self.training else decoder
+        run = decoder
+        if self._compile and self.training:
+            if self._compiled is None:
+                self._compiled = (torch.compile(decoder),)
+            run = self._compiled[0]
         kwargs = {"input_ids": input_ids, "use_cache": False}
         if not target:
             return run(**kwargs).last_hidden_state

@@ -509,8 +509,6 @@ def test_compiled_training_forward_matches_eager_and_reads_the_target(tiny_data_
     torch._dynamo.reset()
     module = make_module(compile=True)
     module.setup("fit")
-    assert module._compiled is not None
-    assert not any("_orig_mod" in k or "_compiled" in k for k in module.state_dict())
     batch = make_batch(module, tiny_data_dir)
     ids, mask = batch["input_ids"], batch["q_mask"]
     names = [n for n, _ in module._online]
@@ -526,6 +524,8 @@ def test_compiled_training_forward_matches_eager_and_reads_the_target(tiny_data_
 
         (online, target), (c_online, c_target) = both()
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the compiled decoder ran
+        assert module._compiled is not None
+        assert not any("_orig_mod" in k or "_compiled" in k for k in module.state_dict())
         assert (target - online).abs().max() > 1e-3
         torch.testing.assert_close(c_online, online, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(c_target, target, rtol=1e-4, atol=1e-4)
@@ -549,3 +549,13 @@ def test_compile_choice(tmp_path, make_module, choice, precision, compiled):
 def test_compile_value_checked(make_module):
     with pytest.raises(InputError, match="model.compile"):
         make_module(compile="yes")
+
+
+def test_fit_with_compile_trains_through_the_compiled_decoder(tmp_path, tiny_data_dir, make_module, module_data):
+    module = make_module(compile=True)
+    dm = module_data(module, tiny_data_dir)
+    before = [p.detach().clone() for _, p in module._online]
+    _trainer(tmp_path, max_steps=2).fit(module, datamodule=dm)
+    assert module.global_step == 2 and module._compiled is not None
+    assert all(not torch.equal(b, p) for b, (_, p) in zip(before, module._online, strict=True) if p.ndim == 2)
+    assert not any("_orig_mod" in k for k in module.state_dict())
