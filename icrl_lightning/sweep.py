@@ -448,56 +448,68 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summary_figure(summary: dict):
+def summary_figure(summary: dict, metrics: list[str] | None = None):
     """One panel per scenario: in-context last-10 (solid) and no-context (dashed) by training step,
     a line per setting, error bars = 95 % intervals over seeds; tabular baselines as grey lines.
     When every row is at one step, the settings are the x axis instead (a point each: in context,
-    and no context beside it)."""
+    and no context beside it). ``metrics``: one row of panels per report metric instead (e.g.
+    ``icrl/goal_found_before_greedy``); ``icrl/last10`` keeps its no-context line and baselines."""
     from icrl_lightning.evaluation.figures import new_figure
 
     rows = summary["rows"]
     scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
     one_step = len({r["step"] for r in rows}) == 1
-    fig = new_figure(5.2 * max(1, len(scenarios)), 4.0)
-    for n, scenario in enumerate(scenarios):
-        ax = fig.add_subplot(1, len(scenarios), n + 1)
-        sub = [r for r in rows if r["scenario"] == scenario]
-        stitching = any("icrl/successes" in r["metrics"] for r in sub)
-        metric = "icrl/successes" if stitching else "icrl/last10"
-        settings = list(dict.fromkeys(r["setting"] for r in sub))
-        for c, setting in enumerate(settings):
-            pts = sorted((r["step"], r) for r in sub if r["setting"] == setting)
-            colour = f"C{c % 10}"
-            for key, style in ((metric, "-o"), ("no_context/successes" if stitching else "no_context/last10", "--")):
-                if one_step:
-                    style = "o" if key == metric else "x"
-                xs = [(c + (0.15 if key != metric else 0.0)) if one_step else s for s, r in pts if key in r["metrics"]]
-                if not xs:
-                    continue
-                ys = [r["metrics"][key]["mean"] for _, r in pts if key in r["metrics"]]
-                es = [r["metrics"][key]["ci95"] or 0.0 for _, r in pts if key in r["metrics"]]  # one seed: no bar
-                label = setting if key == metric else None
-                ax.errorbar(xs, ys, yerr=es, fmt=style, color=colour, capsize=3, label=label, ms=4)
-        if metric == "icrl/last10":
-            for base, colour in (("q_learning/last10", "0.35"), ("q_optimistic/last10", "0.7")):
-                vals = [r["metrics"][base]["mean"] for r in sub if base in r["metrics"]]
-                if vals:
-                    ax.axhline(float(np.mean(vals)), color=colour, lw=1, ls=":", label=base.split("/")[0])
-        if one_step:
-            ax.set_xticks(range(len(settings)), settings, rotation=20, fontsize=8)
-            ax.set_xlabel(f"setting, step {sub[0]['step']}")
-        else:
-            if len({r["step"] for r in sub}) > 1:
-                ax.set_xscale("log")
-            ax.set_xlabel("optimizer step")
-        no_ctx = "x: no context" if one_step else "dashed: no context"
-        ax.set_ylabel(f"successes ({no_ctx})" if stitching else f"last-10 return ({no_ctx})")
-        ax.set_title(scenario)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    grid = metrics or [None]
+    fig = new_figure(5.2 * max(1, len(scenarios)), 4.0 * len(grid))
+    for m, wanted in enumerate(grid):
+        for n, scenario in enumerate(scenarios):
+            ax = fig.add_subplot(len(grid), len(scenarios), m * len(scenarios) + n + 1)
+            _summary_panel(ax, [r for r in rows if r["scenario"] == scenario], scenario, one_step, wanted)
     fig.suptitle(f"sweep {summary['sweep']['name']}: mean and 95 % interval over seeds")
     fig.tight_layout()
     return fig
+
+
+def _summary_panel(ax, sub: list[dict], scenario: str, one_step: bool, wanted: str | None) -> None:
+    stitching = any("icrl/successes" in r["metrics"] for r in sub)
+    metric = wanted or ("icrl/successes" if stitching else "icrl/last10")
+    no_context = {"icrl/successes": "no_context/successes", "icrl/last10": "no_context/last10"}.get(metric)
+    settings = list(dict.fromkeys(r["setting"] for r in sub))
+    for c, setting in enumerate(settings):
+        pts = sorted((r["step"], r) for r in sub if r["setting"] == setting)
+        colour = f"C{c % 10}"
+        for key, style in ((metric, "-o"), (no_context, "--")):
+            if key is None:
+                continue
+            if one_step:
+                style = "o" if key == metric else "x"
+            xs = [(c + (0.15 if key != metric else 0.0)) if one_step else s for s, r in pts if key in r["metrics"]]
+            if not xs:
+                continue
+            ys = [r["metrics"][key]["mean"] for _, r in pts if key in r["metrics"]]
+            es = [r["metrics"][key]["ci95"] or 0.0 for _, r in pts if key in r["metrics"]]  # one seed: no bar
+            label = setting if key == metric else None
+            ax.errorbar(xs, ys, yerr=es, fmt=style, color=colour, capsize=3, label=label, ms=4)
+    if metric == "icrl/last10":
+        for base, colour in (("q_learning/last10", "0.35"), ("q_optimistic/last10", "0.7")):
+            vals = [r["metrics"][base]["mean"] for r in sub if base in r["metrics"]]
+            if vals:
+                ax.axhline(float(np.mean(vals)), color=colour, lw=1, ls=":", label=base.split("/")[0])
+    if one_step:
+        ax.set_xticks(range(len(settings)), settings, rotation=20, fontsize=8)
+        ax.set_xlabel(f"setting, step {sub[0]['step']}")
+    else:
+        if len({r["step"] for r in sub}) > 1:
+            ax.set_xscale("log")
+        ax.set_xlabel("optimizer step")
+    if no_context is None:
+        ax.set_ylabel(metric)
+    else:
+        no_ctx = "x: no context" if one_step else "dashed: no context"
+        ax.set_ylabel(f"successes ({no_ctx})" if stitching else f"last-10 return ({no_ctx})")
+    ax.set_title(scenario)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def write_summary(sweep: Sweep) -> dict:

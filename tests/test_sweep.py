@@ -189,3 +189,30 @@ def test_summary_figure_puts_settings_on_the_x_axis_when_all_rows_share_one_step
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"] and ax.get_xlabel() == "setting, step 100"
     many = summary_figure({"sweep": {"name": "s"}, "rows": [row("a", 100, 0.5), row("a", 400, 0.6)]})
     assert many.axes[0].get_xlabel() == "optimizer step" and many.axes[0].get_xscale() == "log"
+
+
+def test_summary_figure_draws_one_row_of_panels_per_metric(tmp_path):
+    from icrl_lightning.sweep import summary_figure
+
+    def row(scenario, step, found):
+        return {"setting": "a", "step": step, "scenario": scenario, "seeds": [0, 1],
+                "metrics": {"icrl/last10": {"mean": 0.5, "ci95": 0.1}, "no_context/last10": {"mean": 0.1, "ci95": 0.0},
+                            "icrl/goal_found_before_greedy": {"mean": found, "ci95": 0.05}}}
+
+    rows = [row(sc, st, f) for sc in ("heldout", "ood") for st, f in ((100, 0.7), (400, 0.8))]
+    fig = summary_figure({"sweep": {"name": "s"}, "rows": rows}, ["icrl/last10", "icrl/goal_found_before_greedy"])
+    assert len(fig.axes) == 4
+    assert [ax.get_title() for ax in fig.axes] == ["heldout", "ood", "heldout", "ood"]
+    # last-10 keeps its no-context line (two lines); the other metric is drawn alone, by step.
+    assert len(fig.axes[0].lines) > len(fig.axes[2].lines)
+    assert fig.axes[2].get_ylabel() == "icrl/goal_found_before_greedy"
+    (line,) = [ln for ln in fig.axes[2].lines if ln.get_linestyle() == "-"]
+    assert list(line.get_ydata()) == [0.7, 0.8] and list(line.get_xdata()) == [100, 400]
+    # tools/sweep_figure.py: --metrics draws them, and names an unknown one.
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps({"sweep": {"name": "s"}, "rows": rows}))
+    tool = [sys.executable, str(REPO / "tools/sweep_figure.py"), str(path), "--out", str(tmp_path / "f.png")]
+    ok = subprocess.run([*tool, "--metrics", "icrl/goal_found_before_greedy"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run([*tool, "--metrics", "icrl/nope"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--metrics icrl/nope: not in the summary's rows" in bad.stderr

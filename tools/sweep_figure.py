@@ -5,7 +5,12 @@
 
 One panel per scenario: the in-context last-10 return (solid, or stitching successes) and the
 same model without context (dashed) by training step, one line per setting, error bars = 95 %
-intervals over seeds; the tabular baselines as dotted lines.
+intervals over seeds; the tabular baselines as dotted lines. ``--metrics``: one row of panels per
+report metric instead, e.g. where the return comes from (goal found before the greedy phase, and
+greedy return where it was):
+
+    python tools/sweep_figure.py runs/sweeps/long/summary.json --scenarios heldout,ood \
+        --metrics icrl/last10,icrl/goal_found_before_greedy,icrl/greedy_return_if_found --out fig.png
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("summary", help="a sweep's summary.json")
     ap.add_argument("--settings", default="", help="comma-separated settings to draw (default: all)")
     ap.add_argument("--scenarios", default="", help="comma-separated scenarios (default: all)")
+    ap.add_argument("--metrics", default="",
+                    help="comma-separated report metrics, one row of panels each (default: last-10, or stitching "
+                         "successes, with the no-context line); the names are the summary's, e.g. icrl/last10")
     ap.add_argument("--title", default=None)
     ap.add_argument("--out", required=True, help="the PNG to write")
     args = ap.parse_args(argv)
@@ -43,8 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print("error: no row of the summary matches --settings / --scenarios", file=sys.stderr)
         return 2
+    metrics = [m for m in args.metrics.split(",") if m]
+    unknown = [m for m in metrics if not any(m in r["metrics"] for r in rows)]
+    if unknown:
+        print(f"error: --metrics {','.join(unknown)}: not in the summary's rows (e.g. {sorted(rows[0]['metrics'])[:4]})",
+              file=sys.stderr)
+        return 2
     picked = {**summary, "rows": rows}
-    fig = summary_figure(picked)
+    fig = summary_figure(picked, metrics or None)
     if args.title:
         fig.suptitle(args.title)
     save(fig, Path(args.out))
