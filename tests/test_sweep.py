@@ -212,7 +212,8 @@ def test_summary_figure_draws_one_row_of_panels_per_metric(tmp_path):
     path = tmp_path / "summary.json"
     path.write_text(json.dumps({"sweep": {"name": "s"}, "rows": rows}))
     tool = [sys.executable, str(REPO / "tools/sweep_figure.py"), str(path), "--out", str(tmp_path / "f.png")]
-    ok = subprocess.run([*tool, "--metrics", "icrl/goal_found_before_greedy"], capture_output=True, text=True, timeout=120)
+    ok = subprocess.run([*tool, "--metrics", "icrl/goal_found_before_greedy"], capture_output=True, text=True,
+                        timeout=120)
     assert ok.returncode == 0, ok.stderr
     bad = subprocess.run([*tool, "--metrics", "icrl/nope"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--metrics icrl/nope: not in the summary's rows" in bad.stderr

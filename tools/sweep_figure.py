@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics = [m for m in args.metrics.split(",") if m]
     unknown = [m for m in metrics if not any(m in r["metrics"] for r in rows)]
     if unknown:
-        print(f"error: --metrics {','.join(unknown)}: not in the summary's rows (e.g. {sorted(rows[0]['metrics'])[:4]})",
-              file=sys.stderr)
+        known = sorted(rows[0]["metrics"])[:4]
+        print(f"error: --metrics {','.join(unknown)}: not in the summary's rows (e.g. {known})", file=sys.stderr)
         return 2
     picked = {**summary, "rows": rows}
     fig = summary_figure(picked, metrics or None)
