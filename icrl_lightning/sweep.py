@@ -506,7 +506,7 @@ def _summary_panel(ax, sub: list[dict], scenario: str, one_step: bool, wanted: s
         ax.set_ylabel(metric)
     else:
         no_ctx = "x: no context" if one_step else "dashed: no context"
-        ax.set_ylabel(f"successes ({no_ctx})" if stitching else f"last-10 return ({no_ctx})")
+        ax.set_ylabel(f"successes ({no_ctx})" if metric == "icrl/successes" else f"last-10 return ({no_ctx})")
     ax.set_title(scenario)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
