@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 TB_SCALARS = TOOLS / "tb_scalars.py"
 
@@ -78,3 +80,20 @@ def test_probe_copy_context_episodes():
     assert ctx["random"][0].ret > 0 and len(ctx["random"][0].actions) == 50
     far = key_door_task(9, 0, 80)  # the key in a corner: no random walk of 1 try finds it
     assert probe.context_episodes(fam, far, np.random.default_rng(0), tries=1)["random"] == []
+
+
+def test_gym_maps_are_deterministic_and_load_as_eval_maps(tmp_path):
+    from icrl_lightning.checks import InputError
+    from icrl_lightning.envs.frozen_lake import FrozenLake
+
+    gym_maps = _load_tool("gym_maps")
+    maps = gym_maps.gym_maps(n=12, sizes=(3, 5), seed=3)
+    assert maps == gym_maps.gym_maps(n=12, sizes=(3, 5), seed=3) != gym_maps.gym_maps(n=12, sizes=(3, 5), seed=4)
+    assert {len(m) for m in maps} <= {3, 4, 5} and all(len(row) == len(m) for m in maps for row in m)
+    assert all(m[0][0] == "S" and m[-1][-1] == "G" for m in maps)
+    out = tmp_path / "maps.json"
+    assert gym_maps.main(["--n", "12", "--sizes", "6-7", "--out", str(out)]) == 0
+    tasks = FrozenLake().load_task_file(str(out))
+    assert len(tasks) == 12
+    with pytest.raises(InputError, match=r"--sizes=5-3"):
+        gym_maps.gym_maps(sizes=(5, 3))
