@@ -318,7 +318,8 @@ def tiny_checkpoints(tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize("overlay", ["eval_heldout", "eval_ood", "eval_nonstationary", "eval_stitching",
-                                     "eval_stitching_layouts", "eval_user_maps", "eval_selection"])
+                                     "eval_stitching_layouts", "eval_user_maps", "eval_selection", "eval_gym",
+                                     "eval_gym_ood"])
 def test_scenario_overlay_validates(tiny_checkpoints, overlay, tmp_path):
     ckpt = tiny_checkpoints["ckpt"]["high"]
     extra = ["--data.data_dir", str(tiny_checkpoints["data"]), "--data.eval_maps", "3"]
@@ -332,6 +333,9 @@ def test_scenario_overlay_validates(tiny_checkpoints, overlay, tmp_path):
     if overlay == "eval_user_maps":
         (tmp_path / "my_maps.json").write_text(json.dumps(user_maps))
         extra += ["--data.eval_map_file", str(tmp_path / "my_maps.json")]
+    gym_file = REPO / "data" / ("gym_maps_ood.json" if overlay == "eval_gym_ood" else "gym_maps.json")
+    if overlay.startswith("eval_gym"):  # the overlay's own file, from wherever the test runs
+        extra += ["--data.eval_map_file", str(gym_file)]
     main(["validate", *_tiny_args(tmp_path, (f"{overlay}.yaml",)), *extra, "--ckpt_path", ckpt])
     (path,) = (tmp_path / "logs" / overlay).rglob("report.json")  # the overlay names the run
     report = json.loads(path.read_text())
@@ -349,6 +353,9 @@ def test_scenario_overlay_validates(tiny_checkpoints, overlay, tmp_path):
         assert all(6 <= h <= 7 and 6 <= w <= 7 for h, w in sizes)
     elif overlay == "eval_user_maps":
         assert report["maps"] == user_maps and report["n_maps"] == 2
+    elif overlay.startswith("eval_gym"):
+        assert report["maps"] == json.loads(gym_file.read_text()) and report["n_maps"] == 50
+        assert report["config"]["data"]["eval_map_file"] == str(gym_file)
     elif overlay == "eval_stitching":
         assert report["n_maps"] == 5 and report["n_episodes"] == 1
         assert report["agents"]["oracle"]["per_map"] == [[1.0]] * 5

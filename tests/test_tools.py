@@ -95,5 +95,9 @@ def test_gym_maps_are_deterministic_and_load_as_eval_maps(tmp_path):
     assert gym_maps.main(["--n", "12", "--sizes", "6-7", "--out", str(out)]) == 0
     tasks = FrozenLake().load_task_file(str(out))
     assert len(tasks) == 12
+    # the committed files of conf/experiment/eval_gym*.yaml are the tool's defaults
+    data = TOOLS.parent / "data"
+    assert (data / "gym_maps.json").read_text() == gym_maps.dumps(gym_maps.gym_maps(sizes=(3, 5)))
+    assert (data / "gym_maps_ood.json").read_text() == gym_maps.dumps(gym_maps.gym_maps(sizes=(6, 7)))
     with pytest.raises(InputError, match=r"--sizes=5-3"):
         gym_maps.gym_maps(sizes=(5, 3))

@@ -8,7 +8,8 @@ in the top-left corner, the goal in the bottom-right one, each other tile a hole
         -c conf/experiment/eval_user_maps.yaml --data.eval_map_file /tmp/gym_3_5.json --ckpt_path ...
 
 Every map has a path from start to goal (the generator's own check). The output is deterministic
-in the arguments. Its report carries the tabular baselines on the same maps.
+in the arguments; the defaults wrote ``data/gym_maps.json`` (sides 3-5) and ``data/gym_maps_ood.json``
+(sides 6-7), which ``conf/experiment/eval_gym.yaml`` and ``eval_gym_ood.yaml`` play.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ def gym_maps(n: int = 50, sizes: tuple[int, int] = (3, 5), holes: float = 0.2, s
     return [list(generate_random_map(size=int(s), p=1.0 - holes, seed=int(k))) for s, k in pairs]
 
 
+def dumps(maps: list[list[str]]) -> str:
+    """One map per line, so that a diff of the file reads map by map."""
+    return "[\n" + ",\n".join(json.dumps(m) for m in maps) + "\n]\n"
+
+
 def _sizes(text: str) -> tuple[int, int]:
     try:
         lo, _, hi = text.partition("-")
@@ -59,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("[\n" + ",\n".join(json.dumps(m) for m in maps) + "\n]\n")
+    args.out.write_text(dumps(maps))
     print(f"wrote {len(maps)} maps of sides {args.sizes[0]}..{args.sizes[1]} to {args.out}")
     return 0
 
