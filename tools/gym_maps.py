@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from gymnasium.envs.toy_text.frozen_lake import generate_random_map
 
-from icrl_lightning.checks import InputError, check_range
+from icrl_lightning.checks import InputError, check_range, exit_on_input_error
 
 
 def gym_maps(n: int = 50, sizes: tuple[int, int] = (3, 5), holes: float = 0.2, seed: int = 0) -> list[list[str]]:
@@ -59,11 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seeds the sides and the generator (default 0)")
     ap.add_argument("--out", type=Path, required=True, help="the JSON file to write (a list of maps, rows as strings)")
     args = ap.parse_args(argv)
-    try:
-        maps = gym_maps(args.n, args.sizes, args.holes, args.seed)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    maps = exit_on_input_error(gym_maps, args.n, args.sizes, args.holes, args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(dumps(maps))
     print(f"wrote {len(maps)} maps of sides {args.sizes[0]}..{args.sizes[1]} to {args.out}")
