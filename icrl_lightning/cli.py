@@ -254,19 +254,23 @@ def check_config_files(args: list[str]) -> None:
                              f"got {type(doc).__name__}")
 
 
-def main(args: list[str] | None = None) -> ICRLCLI:
+def main(args: list[str] | None = None, model_class: type[ICRLModule] = ICRLModule,
+         datamodule_class: type[ReplayDataModule] = ReplayDataModule,
+         prog: str = "python -m icrl_lightning") -> ICRLCLI:
     """Run the command line. A bad configuration value or input file (``InputError``, raised before
     any work starts) and the parser's own errors (unknown keys, wrong types) are printed as
-    ``error: ...`` on one line, without a traceback or the usage text, and exit with status 2."""
+    ``error: ...`` on one line, without a traceback or the usage text, and exit with status 2.
+    ``model_class`` / ``datamodule_class``: subclasses of the two (what ``icrl_lightning.experimental``
+    studies), with ``prog`` their command's name."""
     torch.set_float32_matmul_precision("high")
     quiet_known_warnings()
     argv = list(sys.argv[1:] if args is None else args)
     try:
         check_config_files(argv)
         return ICRLCLI(
-            ICRLModule,
-            ReplayDataModule,
-            parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False, "prog": "python -m icrl_lightning"},
+            model_class,
+            datamodule_class,
+            parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False, "prog": prog},
             save_config_kwargs={"overwrite": True},
             args=args,
         )
@@ -277,7 +281,7 @@ def main(args: list[str] | None = None) -> ICRLCLI:
             if err is None:
                 raise
         message = " ".join(line.strip() for line in str(err).strip().splitlines())
-        hint = "" if isinstance(err, InputError) else "  (python -m icrl_lightning fit --help lists every option)"
+        hint = "" if isinstance(err, InputError) else f"  ({prog} fit --help lists every option)"
         print(f"error: {message}{hint}", file=sys.stderr)
         raise SystemExit(2) from err
 

@@ -22,6 +22,8 @@ running at once; ``inline`` runs them one after the other in this process (no su
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import math
 import os
@@ -37,6 +39,7 @@ import yaml
 from icrl_lightning.checks import InputError
 
 SEED_KEYS = ("seed_everything", "data.seed")
+DEFAULT_CLI = "icrl_lightning.cli"  # the module whose main(args) runs a fit or validate
 CLUSTERS = ("local", "slurm", "inline")
 # Student's t quantile (0.975) by degrees of freedom: the 95 % interval of a mean over few seeds.
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -74,7 +77,10 @@ class Sweep:
             evaluation maps stay the same: ``data.split_seed``).
         settings: setting name -> overrides (``{"data.num_train_maps": 2500}``), applied after the
             configs; ``{}`` is the configs alone. A setting's ``steps`` key (a list) replaces the
-            sweep's ``steps`` for that setting. Runs go out in this order (settings, then seeds).
+            sweep's ``steps`` for that setting; its ``cli`` key names the module whose ``main``
+            runs its ``fit`` and ``validate`` (default ``icrl_lightning.cli``; e.g. an
+            ``icrl_lightning.experimental`` module under study). Runs go out in this order
+            (settings, then seeds).
         steps: optimizer steps whose checkpoints are evaluated; ``fit`` runs to the largest (the
             learning rate is constant after warm-up, so step ``N`` of a longer run is the ``N``-step
             run). Empty: the configs' ``trainer.max_steps`` (per setting).
@@ -143,6 +149,11 @@ def _check(s: Sweep, path: Path) -> None:
             raise InputError(f"{where}: settings.{name} must be a mapping of overrides, got {over!r}")
         if "/" in str(name):
             raise InputError(f"{where}: setting name {name!r} must be a folder name")
+        cli = (over or {}).get("cli")
+        if cli is not None and (not isinstance(cli, str) or importlib.util.find_spec(cli) is None
+                                or not hasattr(importlib.import_module(cli), "main")):
+            raise InputError(f"{where}: settings.{name}.cli={cli!r} must name a module with a main(args), "
+                             f"e.g. {DEFAULT_CLI}")
         own = (over or {}).get("steps")
         if own is not None and (not isinstance(own, list) or not own
                                 or not all(isinstance(x, int) and x >= 1 for x in own)):
@@ -193,6 +204,12 @@ class Job:
     scenarios: list[str]
     eval_overrides: dict
     threads: int
+    cli: str = DEFAULT_CLI
+
+    @property
+    def command(self) -> str:
+        """The shell command that runs this job's ``cli``."""
+        return "python -m " + ("icrl_lightning" if self.cli == DEFAULT_CLI else self.cli)
 
     def fit_args(self) -> list[str]:
         every = math.gcd(*self.steps)
@@ -245,10 +262,11 @@ def plan(sweep: Sweep) -> list[Job]:
     for setting, over in sweep.settings.items():
         over = dict(over or {})
         own = over.pop("steps", None)
+        cli = over.pop("cli", None) or DEFAULT_CLI
         steps = sorted(set(own or sweep.steps)) or [_configured_max_steps(sweep.configs, over)]
         for seed in sweep.seeds:
             jobs.append(Job(setting, seed, str(sweep.root / setting / f"seed{seed}"), list(sweep.configs), over,
-                            steps, list(sweep.scenarios), dict(sweep.eval_overrides), sweep.launcher.threads))
+                            steps, list(sweep.scenarios), dict(sweep.eval_overrides), sweep.launcher.threads, cli))
     return jobs
 
 
@@ -257,8 +275,7 @@ def run_job(job: Job) -> str:
     launcher's process; a failure is written to ``run_dir/error.txt`` and raised."""
     import torch
 
-    from icrl_lightning.cli import main
-
+    main = importlib.import_module(job.cli).main
     torch.set_num_threads(job.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run_dir = Path(job.run_dir)
@@ -555,10 +572,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         for j in jobs:
             state = "done" if j.finished() else "todo"
-            print(f"[{state}] {j.setting} seed {j.seed}: python -m icrl_lightning {' '.join(j.fit_args())}")
+            print(f"[{state}] {j.setting} seed {j.seed}: {j.command} {' '.join(j.fit_args())}")
             for st in j.steps:
                 for sc in j.scenarios:
-                    print(f"        python -m icrl_lightning {' '.join(j.validate_args(sc, st))}")
+                    print(f"        {j.command} {' '.join(j.validate_args(sc, st))}")
         return 0
     failed = []
     if todo and not args.summary:

@@ -102,6 +102,9 @@ class ReplayDataModule(L.LightningDataModule):
     skips the ``global_step x accumulate_grad_batches`` batches this rank already trained on.
     """
 
+    # The replay stream's class: a subclass adds batch fields of its own (icrl_lightning.experimental).
+    stream_class: type[ReplayStream] = ReplayStream
+
     def __init__(
         self,
         data_dir: str = "data",
@@ -288,7 +291,7 @@ class ReplayDataModule(L.LightningDataModule):
         quality settings; ``fields``: the batch fields (default: those the objective reads)."""
         h = self.hparams
         fields = self.batch_fields if fields is None else fields
-        return ReplayStream(episodes, weights, h.seq_len, self._serializer().pad_id, num_sequences,
+        return self.stream_class(episodes, weights, h.seq_len, self._serializer().pad_id, num_sequences,
                             (h.set_size_min, h.set_size_max), h.seed, rank, world_size, h.batch_size, h.set_order,
                             skip_batches, fields=fields, history=self.behaviour.history_length,
                             optimal_actions=self.optimal_actions() if "optimal" in fields else None,

@@ -2,6 +2,6 @@
 recommended recipe. The core never imports this package; a config selects what is here by class
 path (e.g. ``data.behaviour: {class_path: icrl_lightning.experimental.<module>.<Class>}``).
 What helps moves into the core; what does not is deleted and its result kept in docs/results.md
-("Options removed, with their results"). Nothing is under study at present: the last two
-behaviours measured here (noise-annealed demonstrations and random starts) were removed in
-session 26."""
+("Options removed, with their results"). Under study at present: ``teacher`` (an optimistic
+tabular learner's greedy actions as a large-margin loss beside double DQN; its own command
+``python -m icrl_lightning.experimental.teacher``, or a sweep setting's ``cli``)."""
