@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import math
 import os
@@ -150,8 +149,7 @@ def _check(s: Sweep, path: Path) -> None:
         if "/" in str(name):
             raise InputError(f"{where}: setting name {name!r} must be a folder name")
         cli = (over or {}).get("cli")
-        if cli is not None and (not isinstance(cli, str) or importlib.util.find_spec(cli) is None
-                                or not hasattr(importlib.import_module(cli), "main")):
+        if cli is not None and not _has_main(cli):
             raise InputError(f"{where}: settings.{name}.cli={cli!r} must name a module with a main(args), "
                              f"e.g. {DEFAULT_CLI}")
         own = (over or {}).get("steps")
@@ -168,6 +166,14 @@ def _check(s: Sweep, path: Path) -> None:
         raise InputError(f"{where}: launcher.cluster={lc.cluster!r}: choose one of {list(CLUSTERS)}")
     if lc.jobs < 1 or lc.threads < 1 or lc.timeout_min < 1:
         raise InputError(f"{where}: launcher.jobs, threads and timeout_min must be >= 1")
+
+
+def _has_main(module) -> bool:
+    """Whether ``module`` names an importable module with a ``main``."""
+    try:
+        return isinstance(module, str) and hasattr(importlib.import_module(module), "main")
+    except ImportError:
+        return False
 
 
 def scenario_config(name: str) -> str:

@@ -99,7 +99,7 @@ def test_a_sweep_setting_runs_the_teachers_command(tmp_path, capsys):
     assert saved["teacher_weight"] == 3.0
     report = json.loads(job.report("heldout", 2).read_text())
     assert report["checkpoint_step"] == 2 and not report["untrained"]
-    doc["settings"]["teacher"]["cli"] = "icrl_lightning.nope"
+    doc["settings"]["teacher"]["cli"] = "nope.teacher"
     path.write_text(yaml.safe_dump(doc))
-    with pytest.raises(InputError, match=r"settings.teacher.cli='icrl_lightning.nope' must name a module"):
+    with pytest.raises(InputError, match=r"settings.teacher.cli='nope.teacher' must name a module"):
         load_sweep(path)
