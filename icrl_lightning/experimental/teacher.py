@@ -144,7 +144,7 @@ class TeacherModule(ICRLModule):
 
     def q_values(self, input_ids, q_mask, target: bool = False) -> torch.Tensor:
         q = super().q_values(input_ids, q_mask, target)
-        if not target and self.training:
+        if self.teacher_weight and not target and self.training:
             self._online_q = q  # the training step's online Q-values, for the margin loss
         return q
 
