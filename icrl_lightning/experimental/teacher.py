@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from icrl_lightning.behaviour import TabularQLearner
 from icrl_lightning.checks import InputError, check_range
 from icrl_lightning.cli import main as core_main
 from icrl_lightning.data.module import ReplayDataModule
@@ -45,7 +46,7 @@ def teacher_actions(chunk: list[EncodedEpisode], n_actions: int, q_init: float =
     for an episode of an unknown map (``map_id < 0``). Every episode end is terminal (the
     double-DQN loss does not bootstrap across one either)."""
     size = max((int(e.tiles.max()) + 1 for e in chunk if len(e.tiles)), default=1)
-    tables: dict[int, np.ndarray] = {}
+    learners: dict[int, TabularQLearner] = {}
     found: set[int] = set()
     out = []
     for e in chunk:
@@ -53,15 +54,17 @@ def teacher_actions(chunk: list[EncodedEpisode], n_actions: int, q_init: float =
         out.append(labels)
         if e.map_id < 0:
             continue
-        q = tables.setdefault(e.map_id, np.full((size, n_actions), float(q_init)))
+        if e.map_id not in learners:
+            learners[e.map_id] = TabularQLearner(size, lr=lr, gamma=gamma, q_init=q_init, n_actions=n_actions)
+        learner = learners[e.map_id]
         tiles, actions, rewards = e.tiles, e.actions, e.rewards
         for t in range(len(actions)):
-            s, a, r = int(tiles[t]), int(actions[t]), float(rewards[t])
+            s, r = int(tiles[t]), float(rewards[t])
             if e.map_id not in found:
-                labels[t] = q[s] == q[s].max()
+                row = learner.q[s]
+                labels[t] = row == row.max()
             last = t + 1 == len(actions)
-            target = r if last else r + gamma * q[int(tiles[t + 1])].max()
-            q[s, a] += lr * (target - q[s, a])
+            learner.update(s, int(actions[t]), r, s if last else int(tiles[t + 1]), terminated=last)
             if r > 0:
                 found.add(e.map_id)
     return out
