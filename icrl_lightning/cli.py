@@ -256,12 +256,13 @@ def check_config_files(args: list[str]) -> None:
 
 def main(args: list[str] | None = None, model_class: type[ICRLModule] = ICRLModule,
          datamodule_class: type[ReplayDataModule] = ReplayDataModule,
-         prog: str = "python -m icrl_lightning") -> ICRLCLI:
+         prog: str = "python -m icrl_lightning", run: bool = True) -> ICRLCLI:
     """Run the command line. A bad configuration value or input file (``InputError``, raised before
     any work starts) and the parser's own errors (unknown keys, wrong types) are printed as
     ``error: ...`` on one line, without a traceback or the usage text, and exit with status 2.
     ``model_class`` / ``datamodule_class``: subclasses of the two (what ``icrl_lightning.experimental``
-    studies), with ``prog`` their command's name."""
+    studies), with ``prog`` their command's name. ``run=False``: build the model, data module and
+    trainer from ``args`` (no subcommand) without running anything (``tools/bench_train.py``)."""
     torch.set_float32_matmul_precision("high")
     quiet_known_warnings()
     argv = list(sys.argv[1:] if args is None else args)
@@ -273,6 +274,7 @@ def main(args: list[str] | None = None, model_class: type[ICRLModule] = ICRLModu
             parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False, "prog": prog},
             save_config_kwargs={"overwrite": True},
             args=args,
+            run=run,
         )
     except (InputError, ArgumentError, ValueError) as err:
         if not isinstance(err, (InputError, ArgumentError)):

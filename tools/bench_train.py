@@ -11,6 +11,9 @@ replay stream.
   config's ``model.td`` settings, conflict weights and ``model.cql`` penalty) and Polyak update,
   at the trainer's precision (bf16 autocast where it is ``bf16-mixed``) and with the decoder
   compiled where the config's ``model.compile`` resolves to it, as ``fit`` does.
+* ``--cli MODULE`` builds both through an experimental command (``icrl_lightning.experimental``;
+  a sweep setting's ``cli``): ``fit`` then runs that module's objective and data, the bare loop the
+  core objective on the same batches. Comparing ``fit`` with and without it gives the module's cost.
 
 Each measurement runs in its own process (peak memory is per process) and the two are interleaved
 (fit, bare, fit, bare, ...) with the same thread count, so that load from other work on the machine
@@ -23,6 +26,7 @@ step); the packing efficiency (non-pad share) converts them to episode tokens.
     python tools/bench_train.py                      # quickstart model, 3 x (fit, bare), 1 thread
     python tools/bench_train.py --steps 20 --repeats 5 --threads 2 --out bench_train.json
     python tools/bench_train.py --fit-args="--model.compile false"   # the quickstart without compile
+    python tools/bench_train.py --cli icrl_lightning.experimental.teacher --fit-args="--model.teacher_weight 3"
 """
 
 from __future__ import annotations
@@ -42,13 +46,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _cli(config: str, tmp: str, data_dir: str, max_steps: int, fit_args: str = ""):
-    """Model, data module and trainer exactly as ``fit -c config`` builds them (not run)."""
-    from icrl_lightning.cli import ICRLCLI
-    from icrl_lightning.data import ReplayDataModule
-    from icrl_lightning.module import ICRLModule
+def _cli(config: str, tmp: str, data_dir: str, max_steps: int, fit_args: str = "", command: str | None = None):
+    """Model, data module and trainer exactly as ``fit -c config`` builds them (not run), through
+    ``icrl_lightning.cli.main`` or, with ``command``, that module's ``main`` (a sweep setting's
+    ``cli``, e.g. ``icrl_lightning.experimental.teacher``)."""
+    import importlib
 
-    return ICRLCLI(ICRLModule, ReplayDataModule, parser_kwargs={"parser_mode": "omegaconf"}, run=False, args=[
+    main = importlib.import_module(command or "icrl_lightning.cli").main
+    return main(run=False, args=[
         "-c", config,
         "--trainer.max_steps", str(max_steps),
         "--trainer.limit_val_batches", "0",
@@ -68,7 +73,7 @@ def worker_fit(args) -> dict:
     import lightning as L
 
     with tempfile.TemporaryDirectory() as tmp:
-        cli = _cli(args.config, tmp, args.data_dir, args.warmup + args.steps, args.fit_args)
+        cli = _cli(args.config, tmp, args.data_dir, args.warmup + args.steps, args.fit_args, args.cli)
         marks: list[float] = []
 
         class Clock(L.Callback):
@@ -109,7 +114,7 @@ def worker_bare(args) -> dict:
     )
 
     with tempfile.TemporaryDirectory() as tmp:
-        cli = _cli(args.config, tmp, args.data_dir, args.warmup + args.steps, args.fit_args)
+        cli = _cli(args.config, tmp, args.data_dir, args.warmup + args.steps, args.fit_args, args.cli)
     module, dm, trainer = cli.model, cli.datamodule, cli.trainer  # the CLI handed the serializer over
     module.trainer = trainer  # so that model.compile resolves as in fit
     h, hd = module.hparams, dm.hparams
@@ -216,6 +221,11 @@ def run() -> None:
     p.add_argument("--fit-args", default="", help="extra fit options for both measurements, one string, "
                    "e.g. --fit-args=\"--model.compile false\" (the bare loop compiles its decoder where the "
                    "config's model.compile resolves to it, as fit does)")
+    p.add_argument("--cli", default=None, help="build both measurements through this module's command instead "
+                   "of the core's (a module with main, as a sweep setting's cli key, e.g. "
+                   "icrl_lightning.experimental.teacher; its options go in --fit-args): fit runs the module's "
+                   "objective, the bare loop the core objective on the module's batches, so fit over bare then "
+                   "includes the module's extra loss")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     p.add_argument("--worker", choices=["fit", "bare"], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -234,8 +244,8 @@ def run() -> None:
            "TOKENIZERS_PARALLELISM": "false"}
     base = [sys.executable, __file__, "--config", args.config, "--data-dir", args.data_dir, "--steps",
             str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-            f"--fit-args={args.fit_args}"]
-    results: dict = {"config": args.config, "fit_args": args.fit_args, "steps": args.steps,
+            f"--fit-args={args.fit_args}", *(["--cli", args.cli] if args.cli else [])]
+    results: dict = {"config": args.config, "fit_args": args.fit_args, "cli": args.cli, "steps": args.steps,
                      "warmup": args.warmup, "threads": args.threads,
                      "load_before": _load(), "runs": []}
     print(results["load_before"], flush=True)

@@ -52,21 +52,21 @@ def teacher_actions(chunk: list[EncodedEpisode], n_actions: int, q_init: float =
     for e in chunk:
         labels = np.zeros((len(e.actions), n_actions), dtype=bool)
         out.append(labels)
-        if e.map_id < 0:
-            continue
+        if e.map_id < 0 or e.map_id in found:
+            continue  # no labels, and the learner is no longer needed
         if e.map_id not in learners:
             learners[e.map_id] = TabularQLearner(size, lr=lr, gamma=gamma, q_init=q_init, n_actions=n_actions)
         learner = learners[e.map_id]
         tiles, actions, rewards = e.tiles, e.actions, e.rewards
         for t in range(len(actions)):
             s, r = int(tiles[t]), float(rewards[t])
-            if e.map_id not in found:
-                row = learner.q[s]
-                labels[t] = row == row.max()
-            last = t + 1 == len(actions)
-            learner.update(s, int(actions[t]), r, s if last else int(tiles[t + 1]), terminated=last)
+            row = learner.q[s]
+            labels[t] = row == row.max()
             if r > 0:
                 found.add(e.map_id)
+                break
+            last = t + 1 == len(actions)
+            learner.update(s, int(actions[t]), r, s if last else int(tiles[t + 1]), terminated=last)
     return out
 
 
@@ -167,10 +167,11 @@ class TeacherModule(ICRLModule):
         return loss
 
 
-def main(args: list[str] | None = None):
+def main(args: list[str] | None = None, run: bool = True):
     """``python -m icrl_lightning.experimental.teacher fit|validate ...``: the core CLI with the
-    teacher's module and data module."""
-    return core_main(args, TeacherModule, TeacherDataModule, prog="python -m icrl_lightning.experimental.teacher")
+    teacher's module and data module (``run=False``: built, not run, as ``cli.main``)."""
+    return core_main(args, TeacherModule, TeacherDataModule, prog="python -m icrl_lightning.experimental.teacher",
+                     run=run)
 
 
 if __name__ == "__main__":
