@@ -57,6 +57,8 @@ def test_margin_loss_by_hand():
     assert q.grad[[0, 2, 3]].abs().sum().item() == 0
     zero, _ = margin_loss(q, torch.zeros_like(labels), 2.0)
     assert zero.item() == 0
+    # Averaged over the labelled rows (0, 1 and 2) instead of all four.
+    assert margin_loss(q, labels, 2.0, average="labelled")[0].item() == pytest.approx(1 / 3)
 
 
 def test_stream_puts_the_labels_at_the_action_positions(compact, synthetic):
@@ -77,6 +79,8 @@ def test_stream_puts_the_labels_at_the_action_positions(compact, synthetic):
 def test_bad_teacher_settings_are_input_errors(tiny_backbone):
     with pytest.raises(InputError, match="model.teacher_weight=-1"):
         TeacherModule(teacher_weight=-1, backbone=tiny_backbone())
+    with pytest.raises(InputError, match="model.teacher_average='rows'"):
+        TeacherModule(teacher_average="rows", backbone=tiny_backbone())
     with pytest.raises(InputError, match="dqn objective"):
         TeacherModule(teacher_weight=1, objective="dpt", backbone=tiny_backbone())
 
