@@ -12,6 +12,7 @@ import lightning as L
 import torch
 import yaml
 from jsonargparse import ArgumentError
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
@@ -258,7 +259,8 @@ def main(args: list[str] | None = None, model_class: type[ICRLModule] = ICRLModu
          datamodule_class: type[ReplayDataModule] = ReplayDataModule,
          prog: str = "python -m icrl_lightning", run: bool = True) -> ICRLCLI:
     """Run the command line. A bad configuration value or input file (``InputError``, raised before
-    any work starts) and the parser's own errors (unknown keys, wrong types) are printed as
+    any work starts), the parser's own errors (unknown keys, wrong types) and Lightning's
+    ``MisconfigurationException`` (trainer settings that contradict each other) are printed as
     ``error: ...`` on one line, without a traceback or the usage text, and exit with status 2.
     ``model_class`` / ``datamodule_class``: subclasses of the two (what ``icrl_lightning.experimental``
     studies), with ``prog`` their command's name. ``run=False``: build the model, data module and
@@ -276,8 +278,8 @@ def main(args: list[str] | None = None, model_class: type[ICRLModule] = ICRLModu
             args=args,
             run=run,
         )
-    except (InputError, ArgumentError, ValueError) as err:
-        if not isinstance(err, (InputError, ArgumentError)):
+    except (InputError, ArgumentError, MisconfigurationException, ValueError) as err:
+        if not isinstance(err, (InputError, ArgumentError, MisconfigurationException)):
             # jsonargparse wraps what a class raises while it checks a linked value (model.env).
             err = _input_error(err)
             if err is None:

@@ -374,6 +374,17 @@ def test_scenario_overlay_validates(tiny_checkpoints, overlay, tmp_path):
         assert report["agents"]["oracle"]["mean_return"][2] == 1.0 == report["agents"]["oracle"]["mean_return"][5]
 
 
+def test_contradicting_trainer_settings_are_one_line(tmp_path, capsys):
+    # Lightning's MisconfigurationException (here: no progress bar, but the quickstart's
+    # RichProgressBar callback) is a configuration error: one line, no traceback, status 2.
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", *_tiny_args(tmp_path), "--trainer.enable_progress_bar", "false"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: Trainer was configured with `enable_progress_bar=False`")
+    assert not (tmp_path / "data").exists()  # refused before any work
+
+
 @pytest.mark.parametrize("cross_gamma", [0.0, 0.5])
 def test_validate_a_checkpoint_that_saved_a_removed_option(tiny_checkpoints, tmp_path, capsys, cross_gamma):
     # Checkpoints of older versions save model.td.cross_gamma (removed, docs/results.md); off, they
