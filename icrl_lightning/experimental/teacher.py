@@ -79,7 +79,8 @@ def margin_loss(q: torch.Tensor, labels: torch.Tensor, margin: float,
     over the labelled rows only (``"labelled"``, as DPT's ``qlearning.optimal_action_loss``; about
     six times the pull at the quickstart's 16 % labelled share). Also returns the share of ranked
     rows whose argmax is labelled."""
-    ranked = labels.any(dim=-1) & ~labels.all(dim=-1)
+    labelled = labels.any(dim=-1)
+    ranked = labelled & ~labels.all(dim=-1)
     if not bool(ranked.any()):
         zero = q.sum() * 0
         return zero, zero.detach()
@@ -87,7 +88,7 @@ def margin_loss(q: torch.Tensor, labels: torch.Tensor, margin: float,
     best_other = q.masked_fill(labels, float("-inf")).amax(dim=-1)
     gap = torch.where(ranked, torch.relu(best_other + margin - best_expert), torch.zeros_like(best_expert))
     hit = labels.gather(1, q.argmax(dim=-1, keepdim=True)).squeeze(1)[ranked].float().mean()
-    return (gap.mean() if average == "all" else gap[labels.any(dim=-1)].mean()), hit
+    return (gap.mean() if average == "all" else gap[labelled].mean()), hit
 
 
 class TeacherStream(ReplayStream):
