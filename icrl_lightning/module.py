@@ -22,12 +22,13 @@ from icrl_lightning.envs.family import ProblemFamily
 from icrl_lightning.envs.frozen_lake import FrozenLake
 from icrl_lightning.evaluation.protocol import EvalProtocol
 from icrl_lightning.evaluation.runner import Evaluator
-from icrl_lightning.objective import CQL, REMOVED, TD, Target, without_removed_options
+from icrl_lightning.objective import CQL, REMOVED, TD, Target, Teacher, without_removed_options
 from icrl_lightning.qlearning import (
     action_q_values,
     bellman_loss,
     conservative_penalty,
     double_dqn_targets,
+    margin_loss,
     next_step,
     optimal_action_loss,
     polyak_,
@@ -73,6 +74,8 @@ class ICRLModule(L.LightningModule):
         td: the double-DQN loss: ``gamma``, ``reward_scale``, ``loss``, ``conflict_weight``.
         target: the Polyak target network: ``alpha``.
         cql: the conservative penalty (``weight``, ``episodes``); ``null`` (default, paper) = none.
+        teacher: the optimistic teacher's large-margin loss (``weight``, ``margin``) beside the TD
+            loss, for in-context exploration; ``null`` (default, paper) = none.
         seq_len: trained sequence length (linked from ``data.seq_len``); the default context window
             of the in-context agent.
         evaluation: the in-context evaluation protocol run by ``validate`` and at the end of ``fit``.
@@ -99,6 +102,7 @@ class ICRLModule(L.LightningModule):
         td: TD = TD(),  # noqa: B008 - dataclass defaults: copied below, never shared
         target: Target = Target(),  # noqa: B008
         cql: CQL | None = None,
+        teacher: Teacher | None = None,
         seq_len: int = 1024,
         evaluation: EvalProtocol | None = None,
         env: ProblemFamily | None = None,
@@ -114,14 +118,18 @@ class ICRLModule(L.LightningModule):
         check_choice("model.objective", objective, OBJECTIVES)
         check_choice("model.compile", compile, (False, True, "auto"))
         self.td, self.target, self.cql = _group(td, TD), _group(target, Target), _group(cql, CQL, optional=True)
-        for group in (self.td, self.target, self.cql):
+        self.teacher = _group(teacher, Teacher, optional=True)
+        for group in (self.td, self.target, self.cql, self.teacher):
             if group is not None:
                 group.check()
         if objective == "dpt" and self.cql is not None:
             raise InputError("model.cql: the dpt objective has no TD loss to add a penalty to; set model.cql: null")
+        if objective == "dpt" and self.teacher is not None:
+            raise InputError("model.teacher: the teacher's margin loss sits beside the dqn objective, not dpt; "
+                             "set model.teacher: null")
         # Specs are kept as plain dicts in the hyper-parameters (as LightningCLI writes them), so a
         # checkpoint loads with torch.load(weights_only=True); load_from_checkpoint passes them back.
-        backbone, pretrained, td, target, cql = map(_as_dict, (backbone, pretrained, td, target, cql))
+        backbone, pretrained, td, target, cql, teacher = map(_as_dict, (backbone, pretrained, td, target, cql, teacher))
         # The evaluation protocol is not a property of the trained weights: leaving it out of the
         # checkpoint's hyper-parameters lets `validate --ckpt_path ... --model.evaluation.*` change
         # it (LightningCLI applies checkpoint hyper-parameters over the command line).
@@ -272,7 +280,8 @@ class ICRLModule(L.LightningModule):
         """The extra batch fields (``data.stream.BATCH_FIELDS``) this objective reads."""
         if self.hparams.objective == "dpt":
             return frozenset({"optimal"})
-        return frozenset({"conflict"} if self.td.conflict_weight != 1 else ())
+        return frozenset(({"conflict"} if self.td.conflict_weight != 1 else set())
+                         | ({"teacher"} if self.teacher is not None else set()))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         td, cql, q_mask = self.td, self.cql, batch["q_mask"]
@@ -298,11 +307,19 @@ class ICRLModule(L.LightningModule):
             where = successful_episode(reward, done) if cql.episodes == "successful" else None
             penalty = conservative_penalty(q, action, where, weight)
             loss = td_loss + cql.weight * penalty
+        if self.teacher is not None:
+            labels = batch["teacher"][q_mask]
+            margin, hit = margin_loss(q, labels, self.teacher.margin * td.reward_scale)
+            loss = loss + self.teacher.weight * margin
         self._check_finite(loss, "TD")
         self._log_step(batch)
         self.log("train/td_loss", td_loss, prog_bar=True, batch_size=bs)
         if cql is not None:
             self.log("train/cql_penalty", penalty.detach(), batch_size=bs)
+        if self.teacher is not None:
+            self.log("train/teacher_loss", margin.detach(), batch_size=bs)
+            self.log("train/teacher_accuracy", hit, batch_size=bs)
+            self.log("train/teacher_share", labels.any(dim=-1).float().mean(), batch_size=bs)
         self.log("train/q_mean", q_taken.detach().mean(), batch_size=bs)
         self.log("train/target_mean", y.mean(), batch_size=bs)
         if "conflict" in batch:

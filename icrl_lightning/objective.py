@@ -1,5 +1,5 @@
-"""The training objective's settings, as three small typed groups of ``ICRLModule``
-(``model.td.*``, ``model.target.*``, ``model.cql.*`` on the command line). The math they select
+"""The training objective's settings, as four small typed groups of ``ICRLModule``
+(``model.td.*``, ``model.target.*``, ``model.cql.*``, ``model.teacher.*`` on the command line). The math they select
 is in ``qlearning.py``; ``ICRLModule.training_step`` reads it in one screen."""
 
 from __future__ import annotations
@@ -99,3 +99,33 @@ class CQL:
         check_range("model.cql.weight", self.weight, 0, None, lo_open=True,
                     why="model.cql: null turns the penalty off")
         check_choice("model.cql.episodes", self.episodes, CQL_EPISODES)
+
+
+@dataclass
+class Teacher:
+    """An optimistic teacher for in-context exploration, beside the TD loss; not in the paper.
+    At every training action position the project's optimistic tabular learner (the
+    ``q_optimistic`` baseline's: every entry starts at 1, the largest return; lr 0.5, gamma 0.9)
+    replays that position's own context (the earlier steps of the same map in the sequence, in
+    order), and a large-margin loss (DQfD, Hester et al. 2018) puts its greedy actions' Q-values
+    above the others' by ``margin x td.reward_scale``, averaged over the positions it labels
+    (``data.context.teacher_actions``, ``qlearning.margin_loss``). Where a tile has a move the
+    context has not tried, that move is among the teacher's greedy ones, so the labels say "try
+    what your context has not tried"; they stop once the context has reached a goal on that map,
+    where the TD loss alone teaches the model to exploit what it found. Offline double DQN learns
+    from its context what worked, not what is left to try: the share of maps whose goal is found
+    before the greedy phase stays at what the protocol's random actions find (docs/results.md,
+    sessions 32-35). ``model.teacher: null`` (the default) is the paper's objective.
+
+    Args:
+        weight: the margin loss's weight against the TD loss (> 0).
+        margin: the margin, as a share of ``td.reward_scale`` (> 0).
+    """
+
+    weight: float = 3.0
+    margin: float = 0.1
+
+    def check(self) -> None:
+        check_range("model.teacher.weight", self.weight, 0, None, lo_open=True,
+                    why="model.teacher: null turns the teacher off")
+        check_range("model.teacher.margin", self.margin, 0, None, lo_open=True)

@@ -104,6 +104,26 @@ def optimal_action_loss(q: torch.Tensor, optimal: torch.Tensor) -> tuple[torch.T
     return loss.mean(), hit
 
 
+def margin_loss(q: torch.Tensor, labels: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DQfD's large-margin loss (Hester et al. 2018) with a set of expert actions: per row,
+    ``relu(max over the other actions of Q + margin - max over the labelled actions of Q)``, zero
+    on rows labelled with every action (nothing to rank), averaged over the labelled rows (DQfD's
+    convention and that of ``optimal_action_loss``; averaging over all rows instead, about a sixth
+    of the pull at the quickstart's 16 % labelled share, did worse: docs/results.md, sessions
+    34-35). ``labels``: bool ``[N, actions]``. Also returns the share of ranked rows whose argmax
+    is labelled."""
+    labelled = labels.any(dim=-1)
+    ranked = labelled & ~labels.all(dim=-1)
+    if not bool(ranked.any()):
+        zero = q.sum() * 0
+        return zero, zero.detach()
+    best_expert = q.masked_fill(~labels, float("-inf")).amax(dim=-1)
+    best_other = q.masked_fill(labels, float("-inf")).amax(dim=-1)
+    gap = torch.where(ranked, torch.relu(best_other + margin - best_expert), torch.zeros_like(best_expert))
+    hit = labels.gather(1, q.argmax(dim=-1, keepdim=True)).squeeze(1)[ranked].float().mean()
+    return gap[labelled].mean(), hit
+
+
 def successful_episode(reward: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
     """Per action (rows in sequence order, ``done`` closing each episode): whether its episode
     ends with a nonzero reward, i.e. reached a goal in Frozen Lake."""

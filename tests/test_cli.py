@@ -231,15 +231,16 @@ def test_there_are_configs():
 
 
 QUICKSTART = REPO / "conf/experiment/quickstart.yaml"
-OVERLAY_PREFIXES = ("eval_", "quality_", "long", "permuted")
+OVERLAY_PREFIXES = ("eval_", "quality_", "long", "permuted", "q7")
 _QUICKSTART_CFG: dict[str, dict] = {}
 
 
 def _is_overlay(path: Path) -> bool:
     """Overlays are layered on a full experiment config: conf/experiment/eval_*.yaml, quality_*.yaml,
-    long.yaml and permuted.yaml (evaluation scenarios, data-quality runs, the long recipe, permuted
-    observation tokens) and every YAML with CLI sections outside conf/experiment/ (e.g.
-    conf/model/*.yaml). Everything else in conf/experiment/ is a full experiment."""
+    long.yaml, permuted.yaml and q7.yaml (evaluation scenarios, data-quality runs, the long recipe,
+    permuted observation tokens, the quickstart without its teacher) and every YAML with CLI
+    sections outside conf/experiment/ (e.g. conf/model/*.yaml). Everything else in conf/experiment/
+    is a full experiment."""
     if path.parent.name == "experiment":
         return path.name.startswith(OVERLAY_PREFIXES)
     return True
@@ -284,6 +285,7 @@ def test_model_overlay_composes_with_the_quickstart_recipe(print_config):
     base = print_config(["fit", "-c", str(QUICKSTART), "--print_config"])
     assert cfg["model"]["cql"] == base["model"]["cql"] == {"weight": 10.0, "episodes": "successful"}
     assert cfg["model"]["td"] == base["model"]["td"]
+    assert cfg["model"]["teacher"] == base["model"]["teacher"] == {"weight": 3.0, "margin": 0.1}
     assert cfg["model"]["pretrained"]["adapter"] == "ia3"
 
 

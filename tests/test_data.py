@@ -585,7 +585,7 @@ def test_conflicts_mark_where_the_nearest_visit_failed_and_disagrees_with_the_ne
 
 
 def test_training_batches_mark_conflicts_on_action_positions_only(tiny_data_dir, compact, make_stream):
-    assert BATCH_FIELDS == ("conflict", "optimal")
+    assert BATCH_FIELDS == ("conflict", "optimal", "teacher")
     stream = make_stream(tiny_data_dir, compact, num_sequences=16, batch_fields={"conflict"})
     assert stream.fields == {"conflict"}
     items = list(stream)

@@ -8,7 +8,8 @@ replay stream.
 * ``bare``: a plain PyTorch loop written here: the same model (built from the same config and
   seed), the same batches (the same replay stream, the same DataLoader), the same optimizer and
   schedule, the same online + target forward, the same objective (double-DQN loss with the
-  config's ``model.td`` settings, conflict weights and ``model.cql`` penalty) and Polyak update,
+  config's ``model.td`` settings, conflict weights, ``model.cql`` penalty and ``model.teacher``
+  margin) and Polyak update,
   at the trainer's precision (bf16 autocast where it is ``bf16-mixed``) and with the decoder
   compiled where the config's ``model.compile`` resolves to it, as ``fit`` does.
 * ``--cli MODULE`` builds both through an experimental command (``icrl_lightning.experimental``;
@@ -26,7 +27,7 @@ step); the packing efficiency (non-pad share) converts them to episode tokens.
     python tools/bench_train.py                      # quickstart model, 3 x (fit, bare), 1 thread
     python tools/bench_train.py --steps 20 --repeats 5 --threads 2 --out bench_train.json
     python tools/bench_train.py --fit-args="--model.compile false"   # the quickstart without compile
-    python tools/bench_train.py --cli icrl_lightning.experimental.teacher --fit-args="--model.teacher_weight 3"
+    python tools/bench_train.py --fit-args="--model.teacher null"   # the quickstart without its teacher (Q7)
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _cli(config: str, tmp: str, data_dir: str, max_steps: int, fit_args: str = "", command: str | None = None):
     """Model, data module and trainer exactly as ``fit -c config`` builds them (not run), through
     ``icrl_lightning.cli.main`` or, with ``command``, that module's ``main`` (a sweep setting's
-    ``cli``, e.g. ``icrl_lightning.experimental.teacher``)."""
+    ``cli``)."""
     import importlib
 
     main = importlib.import_module(command or "icrl_lightning.cli").main
@@ -107,6 +108,7 @@ def worker_bare(args) -> dict:
         bellman_loss,
         conservative_penalty,
         double_dqn_targets,
+        margin_loss,
         next_step,
         polyak_,
         position_weights,
@@ -121,7 +123,7 @@ def worker_bare(args) -> dict:
     if h.q_head != "tokens":
         raise InputError(f"model.q_head={h.q_head!r}: the bare loop reads Q from the output embeddings "
                          "(model.q_head: tokens) only")
-    td, cql = module.td, module.cql
+    td, cql, teacher = module.td, module.cql, module.teacher
     accumulate = trainer.accumulate_grad_batches
     n_steps = args.warmup + args.steps
 
@@ -177,6 +179,8 @@ def worker_bare(args) -> dict:
         if cql is not None:
             where = successful_episode(reward, done) if cql.episodes == "successful" else None
             loss = loss + cql.weight * conservative_penalty(q, action, where, weight)
+        if teacher is not None:
+            loss = loss + teacher.weight * margin_loss(q, batch["teacher"][q_mask], teacher.margin * td.reward_scale)[0]
         (loss / accumulate).backward()
         if (i + 1) % accumulate == 0:
             opt.step()
@@ -222,8 +226,8 @@ def run() -> None:
                    "e.g. --fit-args=\"--model.compile false\" (the bare loop compiles its decoder where the "
                    "config's model.compile resolves to it, as fit does)")
     p.add_argument("--cli", default=None, help="build both measurements through this module's command instead "
-                   "of the core's (a module with main, as a sweep setting's cli key, e.g. "
-                   "icrl_lightning.experimental.teacher; its options go in --fit-args): fit runs the module's "
+                   "of the core's (a module with main, as a sweep setting's cli key; its "
+                   "options go in --fit-args): fit runs the module's "
                    "objective, the bare loop the core objective on the module's batches, so fit over bare then "
                    "includes the module's extra loss")
     p.add_argument("--out", default=None, help="also write the results as JSON here")

@@ -292,12 +292,12 @@ class ReplayDataModule(L.LightningDataModule):
         h = self.hparams
         fields = self.batch_fields if fields is None else fields
         return self.stream_class(episodes, weights, h.seq_len, self._serializer().pad_id, num_sequences,
-                            (h.set_size_min, h.set_size_max), h.seed, rank, world_size, h.batch_size, h.set_order,
-                            skip_batches, fields=fields, history=self.behaviour.history_length,
-                            optimal_actions=self.optimal_actions() if "optimal" in fields else None,
-                            set_per_sequence=h.set_per_sequence,
-                            observation_ids=self._observation_ids() if h.permute_observations else None,
-                            permute_share=float(h.permute_observations))
+                                 (h.set_size_min, h.set_size_max), h.seed, rank, world_size, h.batch_size,
+                                 h.set_order, skip_batches, fields=fields, history=self.behaviour.history_length,
+                                 optimal_actions=self.optimal_actions() if "optimal" in fields else None,
+                                 set_per_sequence=h.set_per_sequence,
+                                 observation_ids=self._observation_ids() if h.permute_observations else None,
+                                 permute_share=float(h.permute_observations), n_actions=len(self.env.actions))
 
     def _observation_ids(self) -> np.ndarray:
         try:

@@ -11,13 +11,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from icrl_lightning.checks import InputError
-from icrl_lightning.data.context import conflicts
+from icrl_lightning.data.context import conflicts, teacher_actions
 from icrl_lightning.serialize import EncodedEpisode
 
 log = logging.getLogger(__name__)
 
 SET_ORDERS = ("random", "learning")  # data.set_order
-BATCH_FIELDS = ("conflict", "optimal")  # batch fields computed only when the objective asks for them
+BATCH_FIELDS = ("conflict", "optimal", "teacher")  # batch fields computed only when the objective asks for them
 
 
 class EpisodeTable:
@@ -75,7 +75,9 @@ class ReplayStream(IterableDataset):
     ``fields``: extra batch fields (``BATCH_FIELDS``) to compute; ``conflict`` marks the action
     positions of ``context.conflicts``; ``optimal`` (``[seq_len, actions]`` bool) marks at each
     action position the actions an optimal policy takes from that step's observation, read from ``optimal_actions``
-    (map id -> the family's ``optimal_actions`` table of that task). ``history``: the maps'
+    (map id -> the family's ``optimal_actions`` table of that task); ``teacher`` (``[seq_len,
+    actions]`` bool, ``n_actions`` actions) marks at each action position the greedy actions of
+    ``context.teacher_actions``'s optimistic learner replaying the context. ``history``: the maps'
     episodes are learning histories of that many episodes; a ``learning`` set is then one whole
     history (``set_size`` unused). ``set_per_sequence``: every sequence is one set from its first
     episode on (what does not fit is dropped, the rest is padding), so that no context holds two
@@ -108,6 +110,7 @@ class ReplayStream(IterableDataset):
         set_per_sequence: bool = False,
         observation_ids: np.ndarray | None = None,
         permute_share: float = 1.0,
+        n_actions: int = 4,
     ):
         if set_order not in SET_ORDERS:
             raise InputError(f"data.set_order={set_order!r}: choose one of {', '.join(map(repr, SET_ORDERS))}")
@@ -128,6 +131,7 @@ class ReplayStream(IterableDataset):
         self.history = history
         self.optimal_actions = optimal_actions
         self._n_actions = next(iter(optimal_actions.values())).shape[1] if "optimal" in fields else 0
+        self.n_actions = n_actions  # the teacher field's width
         self.set_per_sequence = set_per_sequence
         self.observation_ids, self.permute_share = observation_ids, permute_share
 
@@ -241,9 +245,11 @@ class ReplayStream(IterableDataset):
         done = np.zeros(n, dtype=bool)
         conflict = np.zeros(n, dtype=bool) if "conflict" in self.fields else None
         optimal = np.zeros((n, self._n_actions), dtype=bool) if "optimal" in self.fields else None
+        teacher = np.zeros((n, self.n_actions), dtype=bool) if "teacher" in self.fields else None
         flags = conflicts(chunk) if conflict is not None else [None] * len(chunk)
+        labels = teacher_actions(chunk, self.n_actions) if teacher is not None else [None] * len(chunk)
         at = 0
-        for e, flag in zip(chunk, flags, strict=True):
+        for e, flag, label in zip(chunk, flags, labels, strict=True):
             ids[at:at + len(e)] = e.ids
             if len(e.q_pos):
                 pos = e.q_pos + at
@@ -253,6 +259,8 @@ class ReplayStream(IterableDataset):
                     conflict[pos] = flag
                 if optimal is not None:
                     optimal[pos] = self.optimal_actions[e.map_id][e.tiles]
+                if teacher is not None:
+                    teacher[pos] = label
             at += len(e)
         batch = {"input_ids": torch.from_numpy(ids), "q_mask": torch.from_numpy(q_mask),
                  "action": torch.from_numpy(action), "reward": torch.from_numpy(reward),
@@ -261,6 +269,8 @@ class ReplayStream(IterableDataset):
             batch["conflict"] = torch.from_numpy(conflict)
         if optimal is not None:
             batch["optimal"] = torch.from_numpy(optimal)
+        if teacher is not None:
+            batch["teacher"] = torch.from_numpy(teacher)
         return batch
 
 
