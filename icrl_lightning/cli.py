@@ -76,6 +76,9 @@ class ICRLCLI(LightningCLI):
                                            if k != "_instantiator"})
         if not hparams:
             return
+        # Saved before model.teacher existed (session 35): trained without it, so the quickstart's
+        # teacher must not join a resumed or evaluated run of it.
+        hparams.setdefault("teacher", None)
         if "_class_path" in hparams:
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         try:

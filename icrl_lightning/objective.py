@@ -115,7 +115,10 @@ class Teacher:
     where the TD loss alone teaches the model to exploit what it found. Offline double DQN learns
     from its context what worked, not what is left to try: the share of maps whose goal is found
     before the greedy phase stays at what the protocol's random actions find (docs/results.md,
-    sessions 32-35). ``model.teacher: null`` (the default) is the paper's objective.
+    sessions 32-35). ``model.teacher: null`` (the default) is the paper's objective. Built and
+    measured on Frozen Lake, whose only reward (1, the largest return) is the goal's; on another
+    family the start value 1 may not be optimistic and the labels stop at its first reward
+    (Key-to-Door's key): untested there.
 
     Args:
         weight: the margin loss's weight against the TD loss (> 0).

@@ -410,6 +410,19 @@ def test_validate_a_checkpoint_that_saved_a_removed_option(tiny_checkpoints, tmp
     assert load_module(tmp_path / "old.ckpt").td == TD()
 
 
+def test_a_checkpoint_saved_before_the_teacher_existed_runs_without_it(tiny_checkpoints, tmp_path):
+    # Hyper-parameters saved before model.teacher existed lack the key; those runs trained without
+    # it, so the quickstart's teacher stays off under them (validate, fit --ckpt_path).
+    ckpt = torch.load(tiny_checkpoints["ckpt"]["high"], map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"].pop("teacher") == {"weight": 3.0, "margin": 0.1}
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    args = ["validate", *_tiny_args(tmp_path), "--data.data_dir", str(tiny_checkpoints["data"]), *SHORT]
+    assert main(args + ["--ckpt_path", tiny_checkpoints["ckpt"]["high"]]).model.teacher is not None
+    cli = main(args + ["--ckpt_path", str(tmp_path / "old.ckpt")])
+    assert cli.model.teacher is None and "teacher" not in cli.model.batch_fields
+    assert load_module(tmp_path / "old.ckpt").teacher is None
+
+
 def test_periodic_evaluation_logs_curve_figure(tiny_checkpoints, tmp_path):
     """``--trainer.val_check_interval N`` evaluates every N training batches; each evaluation logs the
     curve scalars and the curve figure to TensorBoard."""

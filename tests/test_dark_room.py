@@ -157,6 +157,17 @@ def test_fit_then_validate_through_the_cli(tmp_path, capsys):
     assert "was trained on DarkRoom (model.env), but data.env is FrozenLake" in err, err
 
 
+def test_the_teachers_labels_have_one_column_per_action_of_the_family(tmp_path):
+    # Dark Room has five actions; the teacher's batch field is as wide as the family's action set.
+    cli = main([*_tiny(tmp_path), "--model.teacher", "{weight: 3.0}"], run=False)
+    assert cli.model.teacher is not None and "teacher" in cli.model.batch_fields
+    cli.datamodule.prepare_data()
+    cli.datamodule.setup("fit")
+    batch = torch.utils.data.default_collate(list(cli.datamodule.train_stream(num_sequences=4)))
+    assert batch["teacher"].shape == (*batch["q_mask"].shape, 5)
+    assert batch["teacher"].any() and not batch["teacher"][~batch["q_mask"]].any()
+
+
 def test_bad_dark_room_settings_fail_in_one_line(tmp_path, capsys):
     for extra, message in [
         (["--data.eval_maps", "17"], "data.eval_maps=17: the DarkRoom family has only 16 heldout tasks"),
