@@ -65,7 +65,8 @@ class ICRLCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         # Lightning's own step (its code, on the checked file): the checkpoint's hyper-parameters
-        # become the model's config, first of all; less the options removed since it was saved.
+        # become the model's config, first of all; less the options removed since it was saved, with
+        # the groups added since at the value it trained with (objective.ADDED).
         sub = self.config.get("subcommand")
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if not ckpt or ckpt == "last":
@@ -76,9 +77,6 @@ class ICRLCLI(LightningCLI):
                                            if k != "_instantiator"})
         if not hparams:
             return
-        # Saved before model.teacher existed (session 35): trained without it, so the quickstart's
-        # teacher must not join a resumed or evaluated run of it.
-        hparams.setdefault("teacher", None)
         if "_class_path" in hparams:
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         try:

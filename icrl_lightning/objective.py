@@ -14,6 +14,9 @@ CQL_EPISODES = ("all", "successful")
 # Options removed after they did not help (docs/results.md says what was measured), each with the
 # value that meant "off": older checkpoints save them in their hyper-parameters.
 REMOVED = {"td": {"cross_gamma": 0.0, "novelty_bonus": 0.0, "novelty_aux": 0.0}}
+# Settings groups added since older checkpoints were saved, at the value those runs trained with:
+# a checkpoint saved before model.teacher existed (session 35) trained without it.
+ADDED = {"teacher": None}
 
 
 def without_removed(group: str, saved: dict) -> dict:
@@ -31,8 +34,10 @@ def without_removed(group: str, saved: dict) -> dict:
 
 def without_removed_options(hparams: dict) -> dict:
     """A checkpoint's saved hyper-parameters with every settings group less its removed options
-    (``without_removed``); the rest as saved."""
-    return {k: without_removed(k, v) if k in REMOVED and isinstance(v, dict) else v for k, v in hparams.items()}
+    (``without_removed``), and every group added since at the value the run trained with
+    (``ADDED``); the rest as saved. Empty stays empty (nothing saved)."""
+    kept = {k: without_removed(k, v) if k in REMOVED and isinstance(v, dict) else v for k, v in hparams.items()}
+    return ADDED | kept if kept else kept
 
 
 @dataclass
