@@ -147,9 +147,11 @@ def test_teacher_on_the_command_line(print_config):
     quickstart = str(REPO / "conf/experiment/quickstart.yaml")
     assert print_config(["fit", "-c", quickstart, "--print_config"])["model"]["teacher"] == {"weight": 3.0,
                                                                                              "margin": 0.1}
-    for off in (["--model.teacher", "null"], ["-c", str(REPO / "conf/experiment/q7.yaml")],
-                ["-c", str(REPO / "conf/experiment/long.yaml")]):
+    for off in (["--model.teacher", "null"], ["-c", str(REPO / "conf/experiment/q7.yaml")]):
         assert print_config(["fit", "-c", quickstart, *off, "--print_config"])["model"]["teacher"] is None, off
+    long = print_config(["fit", "-c", quickstart, "-c", str(REPO / "conf/experiment/long.yaml"), "--print_config"])
+    assert long["model"]["teacher"] == {"weight": 3.0, "margin": 0.1}  # the long recipe keeps the teacher
+    assert long["data"]["permute_observations"] == 0.5 and long["trainer"]["max_steps"] == 6600
     weight = print_config(["fit", "-c", quickstart, "-c", str(REPO / "conf/experiment/q7.yaml"),
                            "--model.teacher.weight", "1.5", "--print_config"])["model"]["teacher"]
     assert weight == {"weight": 1.5, "margin": 0.1}
