@@ -24,6 +24,10 @@ from icrl_lightning.objective import without_removed_options
 
 log = logging.getLogger(__name__)
 
+# /proc/cpuinfo flags of bf16 matrix instructions under which --cpu_bf16 auto trains in bf16 (checked in
+# this order; measured faster than float32 on a 2-core CPU with each: docs/results.md).
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
 
 class ICRLCLI(LightningCLI):
     """Lightning's CLI for ``ICRLModule`` + ``ReplayDataModule``, with two subcommands: ``fit``
@@ -47,11 +51,12 @@ class ICRLCLI(LightningCLI):
         parser.link_arguments("data.env", "model.env")
         parser.add_argument(
             "--cpu_bf16", type=bool | Literal["auto"], default=False,
-            help="auto: on a CPU with a bf16 matrix unit (Intel AMX, amx_bf16 in /proc/cpuinfo) a "
-                 "float32 trainer.precision becomes bf16-mixed (bf16 autocast; the Q readout stays "
-                 "float32), elsewhere it stays 32-true (bf16 without such a unit is slower); the log "
-                 "says which. true: bf16-mixed for a float32 CPU run on any CPU. false: "
-                 "trainer.precision as written. The saved config.yaml holds the precision that ran.")
+            help="auto: on a CPU with bf16 matrix instructions (Intel AMX or AVX-512 BF16: amx_bf16 or "
+                 "avx512_bf16 in /proc/cpuinfo) a float32 trainer.precision becomes bf16-mixed (bf16 "
+                 "autocast; the Q readout stays float32), elsewhere it stays 32-true (bf16 without "
+                 "them is slower); the log says which. true: bf16-mixed for a float32 CPU run on any "
+                 "CPU. false: trainer.precision as written. The saved config.yaml holds the precision "
+                 "that ran.")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -115,16 +120,18 @@ class ICRLCLI(LightningCLI):
                   "its report says so", file=sys.stderr)
 
 
-def cpu_bf16_unit(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this CPU has a bf16 matrix unit that makes bf16 autocast faster than float32: Intel
-    AMX (``amx_bf16`` among the flags of ``cpuinfo``). Other CPUs, and systems without the file,
-    count as without (an AMD EPYC with AVX2 only has no bf16 path; docs/results.md)."""
+def cpu_bf16_unit(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The flag of this CPU's bf16 matrix instructions, which make bf16 autocast faster than float32:
+    Intel AMX (``amx_bf16``) or AVX-512 BF16 (``avx512_bf16``, e.g. an AMD EPYC of the Zen 4
+    generation), the first found among the flags of ``cpuinfo``; None for other CPUs (an AMD EPYC
+    with AVX2 only has no bf16 path) and systems without the file. Measurements: docs/results.md,
+    "Speed and memory"."""
     try:
         text = Path(cpuinfo).read_text()
     except OSError:
-        return False
+        return None
     flags = next((line.partition(":")[2].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return "amx_bf16" in flags
+    return next((flag for flag in BF16_FLAGS if flag in flags), None)
 
 
 def resolve_cpu_bf16(accelerator, precision, force: bool = False) -> str | None:
@@ -138,9 +145,10 @@ def resolve_cpu_bf16(accelerator, precision, force: bool = False) -> str | None:
         rank_zero_info(f"--cpu_bf16: not a float32 run on the CPU (accelerator {accelerator}, precision "
                        f"{precision}): trainer.precision as written")
         return None
-    use = force or cpu_bf16_unit()
-    unit = "AMX (amx_bf16)" if use else "no bf16 matrix unit (no amx_bf16)"
-    why = "true" if force else f"auto: this CPU has {unit}"
+    unit = None if force else cpu_bf16_unit()
+    use = force or bool(unit)
+    found = f"bf16 matrix instructions ({unit})" if unit else f"no bf16 matrix instructions (no {' or '.join(BF16_FLAGS)})"
+    why = "true" if force else f"auto: this CPU has {found}"
     rank_zero_info(f"--cpu_bf16 {why}: trainer.precision {'bf16-mixed' if use else '32-true'}")
     return "bf16-mixed" if use else None
 

@@ -84,9 +84,9 @@ class ICRLModule(L.LightningModule):
         compile: run the training forward passes (online and target network) through
             ``torch.compile``; the evaluation agent plays the eager model (its shapes change at
             every call). ``auto``: compile where ``fit`` runs bf16 autocast on the CPU
-            (``trainer.precision: bf16-mixed``, as ``--cpu_bf16 auto`` chooses on a CPU with AMX),
-            where it was measured faster; eager elsewhere (on a CPU without AMX it was slower in
-            float32). The first step pays the compilation (about 40 s on 2 cores); the log says
+            (``trainer.precision: bf16-mixed``, as ``--cpu_bf16 auto`` chooses on a CPU with AMX or
+            AVX-512 BF16), where it was measured faster; eager elsewhere (on an AVX2-only CPU it
+            was slower in float32). The first step pays the compilation (about 40 s on 2 cores); the log says
             which was chosen. Results and timings: docs/results.md, "Speed and memory".
     """
 

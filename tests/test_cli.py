@@ -156,32 +156,37 @@ def test_help_through_module_entry_point():
     assert "Polyak" in out.stdout  # argument docstrings become the help text
 
 
-def test_cpu_bf16_unit_reads_the_amx_flag(tmp_path):
+def test_cpu_bf16_unit_reads_the_bf16_flags(tmp_path):
     info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw\n")
+    assert cpu_bf16_unit(str(info)) is None  # AVX-512 without its BF16 extension does not count
     info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
-    assert not cpu_bf16_unit(str(info))  # AVX-512 bf16 instructions without AMX do not count
-    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16 amx_tile\n")
-    assert cpu_bf16_unit(str(info))
-    assert not cpu_bf16_unit(str(tmp_path / "absent"))
+    assert cpu_bf16_unit(str(info)) == "avx512_bf16"  # e.g. an AMD EPYC of the Zen 4 generation
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16 amx_bf16 amx_tile\n")
+    assert cpu_bf16_unit(str(info)) == "amx_bf16"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2\nbugs\t\t: avx512_bf16\n")
+    assert cpu_bf16_unit(str(info)) is None  # only the flags line counts
+    assert cpu_bf16_unit(str(tmp_path / "absent")) is None
 
 
-@pytest.mark.parametrize(("amx", "accelerator", "precision", "force", "want"), [
-    (True, "cpu", "32-true", False, "bf16-mixed"),
-    (True, "auto", None, False, "bf16-mixed"),
-    (False, "cpu", "32-true", False, None),
-    (False, "cpu", "32-true", True, "bf16-mixed"),  # true: on any CPU
-    (True, "cpu", "64-true", False, None),          # another precision than float32 is the user's choice
-    (True, "cpu", "bf16-mixed", True, None),
-    (True, "gpu", "32-true", True, None),           # not a CPU run
+@pytest.mark.parametrize(("unit", "accelerator", "precision", "force", "want"), [
+    ("amx_bf16", "cpu", "32-true", False, "bf16-mixed"),
+    ("avx512_bf16", "cpu", "32-true", False, "bf16-mixed"),
+    ("amx_bf16", "auto", None, False, "bf16-mixed"),
+    (None, "cpu", "32-true", False, None),
+    (None, "cpu", "32-true", True, "bf16-mixed"),  # true: on any CPU
+    ("amx_bf16", "cpu", "64-true", False, None),    # another precision than float32 is the user's choice
+    ("amx_bf16", "cpu", "bf16-mixed", True, None),
+    ("amx_bf16", "gpu", "32-true", True, None),     # not a CPU run
 ])
-def test_resolve_cpu_bf16(monkeypatch, amx, accelerator, precision, force, want):
-    monkeypatch.setattr("icrl_lightning.cli.cpu_bf16_unit", lambda: amx)
+def test_resolve_cpu_bf16(monkeypatch, unit, accelerator, precision, force, want):
+    monkeypatch.setattr("icrl_lightning.cli.cpu_bf16_unit", lambda: unit)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert resolve_cpu_bf16(accelerator, precision, force=force) == want
 
 
-@pytest.mark.parametrize("amx", [True, False])
+@pytest.mark.parametrize("amx", ["amx_bf16", None])
 def test_cpu_bf16_auto_trains_and_evaluates_in_the_resolved_precision(tmp_path, monkeypatch, amx):
     """Through the real entry point: the fit's report and its saved config.yaml say what ran; the
     saved config re-runs as it ran (cpu_bf16 false), and validate resolves the same way."""
