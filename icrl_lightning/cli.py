@@ -147,7 +147,8 @@ def resolve_cpu_bf16(accelerator, precision, force: bool = False) -> str | None:
         return None
     unit = None if force else cpu_bf16_unit()
     use = force or bool(unit)
-    found = f"bf16 matrix instructions ({unit})" if unit else f"no bf16 matrix instructions (no {' or '.join(BF16_FLAGS)})"
+    absent = " or ".join(BF16_FLAGS)
+    found = f"bf16 matrix instructions ({unit})" if unit else f"no bf16 matrix instructions (no {absent})"
     why = "true" if force else f"auto: this CPU has {found}"
     rank_zero_info(f"--cpu_bf16 {why}: trainer.precision {'bf16-mixed' if use else '32-true'}")
     return "bf16-mixed" if use else None
