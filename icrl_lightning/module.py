@@ -86,8 +86,9 @@ class ICRLModule(L.LightningModule):
             every call). ``auto``: compile where ``fit`` runs bf16 autocast on the CPU
             (``trainer.precision: bf16-mixed``, as ``--cpu_bf16 auto`` chooses on a CPU with AMX or
             AVX-512 BF16), where it was measured faster; eager elsewhere (on an AVX2-only CPU it
-            was slower in float32). The first step pays the compilation (about 40 s on 2 cores); the log says
-            which was chosen. Results and timings: docs/results.md, "Speed and memory".
+            was slower in float32). The first step pays the compilation (about 40 s on 2 cores);
+            the log says which was chosen. Results and timings: docs/results.md, "Speed and
+            memory".
     """
 
     def __init__(
