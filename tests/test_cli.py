@@ -186,14 +186,14 @@ def test_resolve_cpu_bf16(monkeypatch, unit, accelerator, precision, force, want
     assert resolve_cpu_bf16(accelerator, precision, force=force) == want
 
 
-@pytest.mark.parametrize("amx", ["amx_bf16", None])
-def test_cpu_bf16_auto_trains_and_evaluates_in_the_resolved_precision(tmp_path, monkeypatch, amx):
+@pytest.mark.parametrize("unit", ["amx_bf16", None])
+def test_cpu_bf16_auto_trains_and_evaluates_in_the_resolved_precision(tmp_path, monkeypatch, unit):
     """Through the real entry point: the fit's report and its saved config.yaml say what ran; the
     saved config re-runs as it ran (cpu_bf16 false), and validate resolves the same way."""
-    monkeypatch.setattr("icrl_lightning.cli.cpu_bf16_unit", lambda: amx)
+    monkeypatch.setattr("icrl_lightning.cli.cpu_bf16_unit", lambda: unit)
     main(["fit", *_tiny_args(tmp_path), "--trainer.max_steps", "1", "--cpu_bf16", "auto"])
     (report,) = _reports(tmp_path)
-    want = "bf16-mixed" if amx else "32-true"
+    want = "bf16-mixed" if unit else "32-true"
     assert report["config"]["trainer"]["precision"] == want
     (saved,) = (tmp_path / "logs").rglob("config.yaml")
     config = yaml.safe_load(saved.read_text())
