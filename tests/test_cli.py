@@ -236,14 +236,14 @@ def test_there_are_configs():
 
 
 QUICKSTART = REPO / "conf/experiment/quickstart.yaml"
-OVERLAY_PREFIXES = ("eval_", "quality_", "long", "permuted", "q7")
+OVERLAY_PREFIXES = ("eval_", "quality_", "long", "permuted", "q7", "q8")
 _QUICKSTART_CFG: dict[str, dict] = {}
 
 
 def _is_overlay(path: Path) -> bool:
     """Overlays are layered on a full experiment config: conf/experiment/eval_*.yaml, quality_*.yaml,
-    long.yaml, permuted.yaml and q7.yaml (evaluation scenarios, data-quality runs, the long recipe,
-    permuted observation tokens, the quickstart without its teacher) and every YAML with CLI
+    long.yaml, permuted.yaml, q7.yaml and q8.yaml (evaluation scenarios, data-quality runs, the long
+    recipe, permuted observation tokens, the quickstarts of sessions 30-34 and 35-39) and every YAML with CLI
     sections outside conf/experiment/ (e.g. conf/model/*.yaml). Everything else in conf/experiment/
     is a full experiment."""
     if path.parent.name == "experiment":
