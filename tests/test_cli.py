@@ -243,9 +243,9 @@ _QUICKSTART_CFG: dict[str, dict] = {}
 def _is_overlay(path: Path) -> bool:
     """Overlays are layered on a full experiment config: conf/experiment/eval_*.yaml, quality_*.yaml,
     long.yaml, permuted.yaml, q7.yaml and q8.yaml (evaluation scenarios, data-quality runs, the long
-    recipe, permuted observation tokens, the quickstarts of sessions 30-34 and 35-39) and every YAML with CLI
-    sections outside conf/experiment/ (e.g. conf/model/*.yaml). Everything else in conf/experiment/
-    is a full experiment."""
+    recipe, permuted observation tokens, the quickstarts of sessions 30-34 and 35-39) and every YAML
+    with CLI sections outside conf/experiment/ (e.g. conf/model/*.yaml). Everything else in
+    conf/experiment/ is a full experiment."""
     if path.parent.name == "experiment":
         return path.name.startswith(OVERLAY_PREFIXES)
     return True

@@ -152,6 +152,12 @@ def test_teacher_on_the_command_line(print_config):
     long = print_config(["fit", "-c", quickstart, "-c", str(REPO / "conf/experiment/long.yaml"), "--print_config"])
     assert long["model"]["teacher"] == {"weight": 3.0, "margin": 0.1}  # the long recipe keeps the teacher
     assert long["data"]["permute_observations"] == 0.5 and long["trainer"]["max_steps"] == 6600
+    # The quickstart (Q9) permutes a quarter of its sequences; Q7's and Q8's overlays none; Q8 keeps the teacher.
+    assert print_config(["fit", "-c", quickstart, "--print_config"])["data"]["permute_observations"] == 0.25
+    for name, teacher in (("q7", None), ("q8", {"weight": 3.0, "margin": 0.1})):
+        overlay = str(REPO / f"conf/experiment/{name}.yaml")
+        cfg = print_config(["fit", "-c", quickstart, "-c", overlay, "--print_config"])
+        assert cfg["data"]["permute_observations"] == 0.0 and cfg["model"]["teacher"] == teacher, name
     weight = print_config(["fit", "-c", quickstart, "-c", str(REPO / "conf/experiment/q7.yaml"),
                            "--model.teacher.weight", "1.5", "--print_config"])["model"]["teacher"]
     assert weight == {"weight": 1.5, "margin": 0.1}
