@@ -145,15 +145,15 @@ def test_a_sweep_setting_runs_an_experimental_command(tmp_path, capsys, monkeypa
 
 def test_teacher_on_the_command_line(print_config):
     quickstart = str(REPO / "conf/experiment/quickstart.yaml")
-    assert print_config(["fit", "-c", quickstart, "--print_config"])["model"]["teacher"] == {"weight": 3.0,
-                                                                                             "margin": 0.1}
+    base = print_config(["fit", "-c", quickstart, "--print_config"])
+    assert base["model"]["teacher"] == {"weight": 3.0, "margin": 0.1}
     for off in (["--model.teacher", "null"], ["-c", str(REPO / "conf/experiment/q7.yaml")]):
         assert print_config(["fit", "-c", quickstart, *off, "--print_config"])["model"]["teacher"] is None, off
     long = print_config(["fit", "-c", quickstart, "-c", str(REPO / "conf/experiment/long.yaml"), "--print_config"])
     assert long["model"]["teacher"] == {"weight": 3.0, "margin": 0.1}  # the long recipe keeps the teacher
     assert long["data"]["permute_observations"] == 0.5 and long["trainer"]["max_steps"] == 6600
     # The quickstart (Q9) permutes a quarter of its sequences; Q7's and Q8's overlays none; Q8 keeps the teacher.
-    assert print_config(["fit", "-c", quickstart, "--print_config"])["data"]["permute_observations"] == 0.25
+    assert base["data"]["permute_observations"] == 0.25
     for name, teacher in (("q7", None), ("q8", {"weight": 3.0, "margin": 0.1})):
         overlay = str(REPO / f"conf/experiment/{name}.yaml")
         cfg = print_config(["fit", "-c", quickstart, "-c", overlay, "--print_config"])
